@@ -1,0 +1,263 @@
+"""Typed run configuration, built once from the Hydra config at the entry point and validated.
+
+Every other module takes plain constructor arguments; nothing reads the Hydra config or the
+environment on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from iq_lightning.errors import ConfigError
+from iq_lightning.objective import REDUCTIONS
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """A randomly initialised Llama built in-process (tests, smoke runs). head_dim 64 for vLLM CPU."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    intermediate_size: int = 256
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from. source: 'pretrained' (hub id or local directory, optional
+    gguf_file), 'package_gguf' (a GGUF file shipped inside the pip package `name_or_path`),
+    or 'tiny'."""
+
+    source: str = "pretrained"
+    name_or_path: str = ""
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    tiny: TinySpec = field(default_factory=TinySpec)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Prompt source: 'bundled' (shipped with iq_lightning), 'hh_rlhf' (Anthropic/HH-RLHF prefixes)
+    or 'local' (JSONL/Parquet at `path` with `prompt` or `messages`)."""
+
+    source: str = "bundled"
+    path: str | None = None
+    split: str | None = "train"
+    hh_subsets: tuple[str, ...] = ("helpful-base", "harmless-base")
+    max_prompt_tokens: int = 512
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    """The winner guide pi_w. kind 'principle': the SFT model with `principle` inserted at
+    `placement` (system|user). kind 'aligned_model': a separate aligned `model` given the plain
+    prompt. pi_l is always the frozen initial policy given the plain prompt."""
+
+    kind: str = "principle"
+    principle: str | None = None
+    placement: str = "system"
+    model: ModelSpec | None = None
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """On-policy generation. temperature 0 means greedy."""
+
+    backend: str = "hf"
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    alpha: float = 1.5
+    beta: float = 0.1
+    seed: int = 0
+    epochs: int = 3
+    samples_per_epoch: int = 32
+    lr: float = 1e-4
+    micro_batch_size: int = 4
+    accumulate_grad_batches: int = 1
+    passes_per_epoch: int = 1
+    reduction: str = "token_mean"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    precision: str = "32-true"
+    save_final: bool = True
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str = "cpu"
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoggerSpec:
+    kind: str = "wandb"
+    project: str = "iq-lightning"
+    name: str | None = None
+    mode: str = "offline"
+    entity: str | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSpec
+    data: DataSpec
+    guide: GuideSpec
+    sampler: SamplerSpec
+    train: TrainSpec
+    strategy: StrategySpec
+    logger: LoggerSpec
+    run_dir: Path
+
+
+SAMPLER_BACKENDS = ("hf", "vllm")
+MODEL_SOURCES = ("pretrained", "package_gguf", "tiny")
+DATA_SOURCES = ("bundled", "hh_rlhf", "local")
+GUIDE_KINDS = ("principle", "aligned_model")
+PLACEMENTS = ("system", "user")
+LOGGERS = ("wandb", "csv", "none")
+
+
+def _build(cls: type, node: Any, where: str) -> Any:
+    """Construct dataclass `cls` from a mapping, naming the offending key on a mistake."""
+    if node is None:
+        return cls()
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {node!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(node) - set(fields) - {"_target_"})
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in node.items():
+        if name not in fields:
+            continue
+        if name == "tiny":
+            value = _build(TinySpec, value, f"{where}.tiny")
+        elif name == "model" and cls is GuideSpec:
+            value = None if value is None else _build(ModelSpec, value, f"{where}.model")
+        elif name == "hh_subsets":
+            value = tuple(value)
+        elif name == "options":
+            value = dict(value or {})
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSpec)}
+
+
+def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> RunConfig:
+    """Hydra config -> validated RunConfig. Raises ConfigError with one clear line."""
+    if isinstance(cfg, DictConfig):
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as exc:  # interpolation errors are user mistakes too
+            raise ConfigError(f"cannot resolve the config: {exc}") from None
+    else:
+        plain = dict(cfg)
+    top = {k: v for k, v in plain.items() if k in _TRAIN_KEYS}
+    groups = {"model", "data", "guide", "sampler", "strategy", "logger"}
+    stray = sorted(set(plain) - _TRAIN_KEYS - groups - {"hydra"})
+    if stray:
+        raise ConfigError(f"unknown top-level key {stray[0]!r} (known: {', '.join(sorted(_TRAIN_KEYS | groups))})")
+    try:
+        run = RunConfig(
+            model=_build(ModelSpec, plain.get("model"), "model"),
+            data=_build(DataSpec, plain.get("data"), "data"),
+            guide=_build(GuideSpec, plain.get("guide"), "guide"),
+            sampler=_build(SamplerSpec, plain.get("sampler"), "sampler"),
+            train=_build(TrainSpec, top, "train"),
+            strategy=_build(StrategySpec, plain.get("strategy"), "strategy"),
+            logger=_build(LoggerSpec, plain.get("logger"), "logger"),
+            run_dir=Path(run_dir),
+        )
+    except TypeError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+    validate(run)
+    return run
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    _check(value >= minimum, f"{key} must be >= {minimum}, got {value}")
+    return value
+
+
+def validate(run: RunConfig) -> None:
+    """Checks that need no model or file access beyond existence of the data file."""
+    t = run.train
+    _check(_number(t.alpha, "alpha") >= 0, f"alpha must be >= 0 (the paper uses 1.0-1.5), got {t.alpha}")
+    _number(t.beta, "beta")
+    _check(_number(t.lr, "lr") > 0, f"lr must be > 0, got {t.lr}")
+    _integer(t.epochs, "epochs", 1)
+    _integer(t.samples_per_epoch, "samples_per_epoch", 1)
+    _integer(t.micro_batch_size, "micro_batch_size", 1)
+    _integer(t.accumulate_grad_batches, "accumulate_grad_batches", 1)
+    _integer(t.passes_per_epoch, "passes_per_epoch", 1)
+    _integer(t.seed, "seed", 0)
+    _check(t.reduction in REDUCTIONS, f"reduction must be one of {', '.join(REDUCTIONS)}, got {t.reduction!r}")
+
+    m = run.model
+    _check(m.source in MODEL_SOURCES, f"model.source must be one of {', '.join(MODEL_SOURCES)}, got {m.source!r}")
+    _check(m.source == "tiny" or bool(m.name_or_path), "model.name_or_path is empty")
+
+    d = run.data
+    _check(d.source in DATA_SOURCES, f"data.source must be one of {', '.join(DATA_SOURCES)}, got {d.source!r}")
+    if d.source == "local":
+        _check(bool(d.path), "data=local needs data.path=/path/to/prompts.jsonl (or .parquet)")
+        _check(Path(d.path).is_file(), f"data.path={d.path}: no such file")
+    _integer(d.max_prompt_tokens, "data.max_prompt_tokens", 1)
+
+    g = run.guide
+    _check(g.kind in GUIDE_KINDS, f"guide.kind must be one of {', '.join(GUIDE_KINDS)}, got {g.kind!r}")
+    _check(g.placement in PLACEMENTS, f"guide.placement must be system or user, got {g.placement!r}")
+    if g.kind == "principle":
+        _check(bool(g.principle and str(g.principle).strip()), "guide=principle needs a non-empty guide.principle")
+    else:
+        _check(g.model is not None, "guide=aligned_model needs guide.model (the aligned model pi_w)")
+    _integer(g.batch_size, "guide.batch_size", 1)
+
+    s = run.sampler
+    _check(s.backend in SAMPLER_BACKENDS, f"sampler.backend must be one of {', '.join(SAMPLER_BACKENDS)}, got {s.backend!r}")
+    _integer(s.max_new_tokens, "sampler.max_new_tokens", 1)
+    _check(_number(s.temperature, "sampler.temperature") >= 0, f"sampler.temperature must be >= 0, got {s.temperature}")
+    top_p = _number(s.top_p, "sampler.top_p")
+    _check(0 < top_p <= 1, f"sampler.top_p must be in (0, 1], got {s.top_p}")
+    _integer(s.batch_size, "sampler.batch_size", 1)
+
+    _check(run.logger.kind in LOGGERS, f"logger must be one of {', '.join(LOGGERS)}, got {run.logger.kind!r}")

@@ -1,0 +1,233 @@
+"""Prompt data: the bundled prompt set, Anthropic HH-RLHF conversation prefixes (paper Sec. 5.1),
+and local JSONL/Parquet files; all become chat messages that end in a user turn."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from iq_lightning.config import DataSpec
+from iq_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Messages = tuple[dict[str, str], ...]
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt x: a conversation prefix ending in a user turn."""
+
+    id: str
+    messages: Messages
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    prompt: Prompt
+    input_ids: tuple[int, ...]
+
+
+@dataclass
+class PromptStats:
+    loaded: int = 0
+    kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def describe(self) -> str:
+        skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
+        return f"{self.kept} prompts kept of {self.loaded} (skipped: {skipped})"
+
+
+# --- HH-RLHF -----------------------------------------------------------------------------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def parse_hh_dialogue(text: str) -> list[dict[str, str]]:
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> chat messages (user/assistant)."""
+    if not text.startswith("\n\n"):
+        text = "\n\n" + text.lstrip("\n")
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise ValueError("text before the first 'Human:' turn")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        messages.append({"role": role, "content": content.strip()})
+    return messages
+
+
+def hh_rlhf_prefix(chosen: str, rejected: str) -> list[dict[str, str]] | None:
+    """The conversation prefix shared by a chosen/rejected pair, both final replies dropped.
+
+    Returns the longest common run of turns, cut back to end with a user turn; None if there
+    is none (such rows are skipped).
+    """
+    a, b = parse_hh_dialogue(chosen), parse_hh_dialogue(rejected)
+    shared = []
+    for turn_a, turn_b in zip(a, b):
+        if turn_a != turn_b:
+            # The last user turn can match while the replies differ; a differing reply ends the prefix.
+            break
+        shared.append(turn_a)
+    while shared and shared[-1]["role"] != "user":
+        shared.pop()
+    return shared or None
+
+
+def _hh_rows(spec: DataSpec) -> Iterator[dict[str, Any]]:
+    import datasets
+
+    split = spec.split or "train"
+    for subset in spec.hh_subsets:
+        try:
+            rows = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset, split=split)
+        except Exception as exc:  # datasets raises many types for offline / missing data
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"cannot load Anthropic/hh-rlhf ({subset}, split {split}); offline? {first}") from None
+        for i, row in enumerate(rows):
+            yield {"id": f"{subset}/{split}/{i}", **row}
+
+
+def _load_hh_rlhf(spec: DataSpec, stats: PromptStats) -> list[Prompt]:
+    prompts = []
+    for row in _hh_rows(spec):
+        stats.loaded += 1
+        try:
+            messages = hh_rlhf_prefix(row["chosen"], row["rejected"])
+        except (KeyError, ValueError, TypeError):
+            stats.skip("malformed")
+            continue
+        if messages is None:
+            stats.skip("no shared prefix")
+            continue
+        prompts.append(Prompt(id=row["id"], messages=tuple(messages), category=row["id"].split("/")[0]))
+    return prompts
+
+
+# --- JSONL / Parquet rows ------------------------------------------------------------------------
+
+
+def _messages_from_row(row: dict[str, Any], where: str) -> Messages:
+    if "messages" in row and row["messages"] is not None:
+        raw = row["messages"]
+        if not isinstance(raw, (list, tuple)) or not all(isinstance(m, dict) for m in raw):
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        messages = []
+        for m in raw:
+            if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: each message needs role in {_ROLES} and a string content")
+            messages.append({"role": m["role"], "content": m["content"]})
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()  # a trailing reply is what the policy must produce; drop it
+        return tuple(messages)
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise DataError(f"{where}: 'prompt' must be a string")
+        return ({"role": "user", "content": row["prompt"]},)
+    raise DataError(f"{where}: a row needs a 'prompt' string or a 'messages' list (keys: {sorted(row)})")
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            yield number, row
+
+
+def _read_table(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        yield from read_jsonl(path)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read Parquet ({exc})") from None
+        for number, row in enumerate(table.to_pylist(), start=1):
+            yield number, row
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .parquet")
+
+
+def _load_rows(path: Path, split: str | None, stats: PromptStats) -> list[Prompt]:
+    prompts = []
+    for number, row in _read_table(path):
+        if split is not None and "split" in row and row["split"] != split:
+            continue
+        stats.loaded += 1
+        messages = _messages_from_row(row, f"{path}:{number}")
+        prompts.append(Prompt(id=str(row.get("id", number)), messages=messages, category=row.get("category")))
+    return prompts
+
+
+def bundled_prompts_path() -> Path:
+    return Path(str(resources.files("iq_lightning") / "resources" / "prompts.jsonl"))
+
+
+def load_prompts(spec: DataSpec) -> tuple[list[Prompt], PromptStats]:
+    """Raw prompts from the configured source (not yet tokenized or filtered)."""
+    stats = PromptStats()
+    if spec.source == "hh_rlhf":
+        prompts = _load_hh_rlhf(spec, stats)
+    elif spec.source == "local":
+        prompts = _load_rows(Path(spec.path), spec.split if spec.split else None, stats)
+    else:
+        prompts = _load_rows(bundled_prompts_path(), spec.split, stats)
+    if spec.limit is not None:
+        prompts = prompts[: spec.limit]
+    return prompts, stats
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of the chat-formatted prompt with the assistant's generation header."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompts(
+    prompts: Iterable[Prompt], tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int, stats: PromptStats
+) -> list[EncodedPrompt]:
+    """Tokenize, skipping (and counting) empty and over-long prompts."""
+    kept = []
+    for prompt in prompts:
+        if not prompt.messages or prompt.messages[-1]["role"] != "user" or not prompt.messages[-1]["content"].strip():
+            stats.skip("empty")
+            continue
+        ids = encode_prompt(tokenizer, prompt.messages)
+        if len(ids) > max_prompt_tokens:
+            stats.skip("over-long")
+            continue
+        kept.append(EncodedPrompt(prompt=prompt, input_ids=tuple(ids)))
+    stats.kept = len(kept)
+    return kept
+
+
+def prepare_prompts(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[list[EncodedPrompt], PromptStats]:
+    prompts, stats = load_prompts(spec)
+    encoded = encode_prompts(prompts, tokenizer, spec.max_prompt_tokens, stats)
+    if not encoded:
+        raise DataError(f"no usable prompts from data.source={spec.source}: {stats.describe()}")
+    return encoded, stats

@@ -1,0 +1,135 @@
+"""The on-policy DataModule: every epoch it draws prompts, samples responses with the *current*
+policy, scores them with the frozen guides, stores the rollouts and serves micro-batches."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from iq_lightning.data import EncodedPrompt
+from iq_lightning.guides import GuideScorer
+from iq_lightning.rollouts import LengthGroupedBatches, Rollout, collate, read_rollouts, write_rollouts
+from iq_lightning.samplers import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def draw_prompts(prompts: Sequence[EncodedPrompt], count: int, seed: int) -> list[EncodedPrompt]:
+    """`count` prompts without replacement; cycles through reshuffled copies when count > len."""
+    rng = random.Random(seed)
+    drawn: list[EncodedPrompt] = []
+    while len(drawn) < count:
+        pool = list(prompts)
+        rng.shuffle(pool)
+        drawn.extend(pool[: count - len(drawn)])
+    return drawn
+
+
+class OnPolicyDataModule(L.LightningDataModule):
+    """Algorithm 1's outer loop body, run by Lightning at the start of each epoch
+    (the Trainer must reload dataloaders every epoch)."""
+
+    def __init__(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        sampler: Sampler,
+        tokenizer: PreTrainedTokenizerBase,
+        rollout_dir: str | Path,
+        samples_per_epoch: int,
+        micro_batch_size: int,
+        sampling: SamplingParams,
+        passes_per_epoch: int = 1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.prompts = list(prompts)
+        self.sampler = sampler
+        self.tokenizer = tokenizer
+        self.rollout_dir = Path(rollout_dir)
+        self.samples_per_epoch = samples_per_epoch
+        self.micro_batch_size = micro_batch_size
+        self.sampling = sampling
+        self.passes_per_epoch = passes_per_epoch
+        self.seed = seed
+        self.epoch_stats: dict[str, float] = {}
+
+    def rollout_path(self, epoch: int) -> Path:
+        rank, world = self._rank_world()
+        suffix = f".rank{rank}" if world > 1 else ""
+        return self.rollout_dir / f"epoch_{epoch:03d}{suffix}.jsonl"
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _epoch_seed(self, epoch: int) -> int:
+        return self.seed * 1_000_003 + epoch
+
+    def collect(self, policy, guide: GuideScorer, epoch: int) -> list[Rollout]:
+        """Sample this rank's share of the epoch's prompts with the current policy and score them."""
+        rank, world = self._rank_world()
+        prompts = draw_prompts(self.prompts, self.samples_per_epoch, self._epoch_seed(epoch))[rank::world]
+        params = SamplingParams(
+            max_new_tokens=self.sampling.max_new_tokens,
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            seed=self._epoch_seed(epoch) * 97 + rank,
+        )
+        started = time.perf_counter()
+        self.sampler.update_weights(policy)
+        generations = self.sampler.generate(policy, [p.input_ids for p in prompts], params, desc=f"epoch {epoch} sampling")
+        sampled = time.perf_counter()
+        scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring")
+        scored = time.perf_counter()
+        tokens = sum(len(g.response_ids) for g in generations)
+        self.epoch_stats = {
+            "time/sample_s": sampled - started,
+            "time/score_s": scored - sampled,
+            "throughput/sample_tokens_per_s": tokens / max(sampled - started, 1e-9),
+        }
+        return [
+            Rollout(
+                epoch=epoch,
+                prompt_id=p.prompt.id,
+                category=p.prompt.category,
+                messages=[dict(m) for m in p.prompt.messages],
+                prompt_ids=list(p.input_ids),
+                response_ids=g.response_ids,
+                response_text=self.tokenizer.decode(g.response_ids, skip_special_tokens=True),
+                finished=g.finished,
+                sampling_logprobs=g.sampling_logprobs,
+                target_logprobs=s.target_logprobs,
+                ref_logprobs=s.ref_logprobs,
+            )
+            for p, g, s in zip(prompts, generations, scores)
+        ]
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch
+        path = self.rollout_path(epoch)
+        if path.exists():
+            # A resumed run restarts this epoch from the checkpoint these samples were drawn with,
+            # so they are still on-policy; reuse them rather than sample again.
+            rollouts = read_rollouts(path)
+            self.epoch_stats = {"time/sample_s": 0.0, "time/score_s": 0.0}
+            log.info("epoch %d: reusing %d rollouts from %s", epoch, len(rollouts), path)
+        else:
+            module = self.trainer.lightning_module
+            rollouts = self.collect(module.policy, module.guide, epoch)
+            write_rollouts(path, rollouts)
+        lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+        batches = LengthGroupedBatches(lengths, self.micro_batch_size, self.passes_per_epoch, seed=self._epoch_seed(epoch))
+        return DataLoader(
+            rollouts, batch_sampler=batches, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id)
+        )
+
+    def teardown(self, stage: str) -> None:
+        self.sampler.close()

@@ -1,0 +1,21 @@
+"""Errors that are the user's to fix: the CLI prints them as one line, never a stack trace."""
+
+
+class UserError(Exception):
+    """A mistake in configuration, data or environment that the user can correct."""
+
+
+class ConfigError(UserError):
+    """An invalid configuration value."""
+
+
+class DataError(UserError):
+    """Prompt data that cannot be read."""
+
+
+class ModelLoadError(UserError):
+    """A model or tokenizer that cannot be loaded (missing, offline, incompatible)."""
+
+
+class MissingDependencyError(UserError):
+    """An optional package that the chosen configuration needs is not installed."""

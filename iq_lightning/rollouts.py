@@ -1,0 +1,92 @@
+"""Rollouts: each sampled response with its per-token targets, stored per epoch as JSONL, and
+collated into length-grouped micro-batches for training."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler as TorchSampler
+
+from iq_lightning.forward import pack
+
+
+@dataclass
+class Rollout:
+    """One on-policy sample: prompt x, response y and one float per response token for each of
+    the sampler's log-prob, the target log pi_hat(y_t) and the reference log pi_ref(y_t)."""
+
+    epoch: int
+    prompt_id: str
+    category: str | None
+    messages: list[dict[str, str]]
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_text: str
+    finished: bool
+    sampling_logprobs: list[float]
+    target_logprobs: list[float]
+    ref_logprobs: list[float]
+
+    def __post_init__(self) -> None:
+        n = len(self.response_ids)
+        if not (len(self.sampling_logprobs) == len(self.target_logprobs) == len(self.ref_logprobs) == n):
+            raise ValueError(f"rollout {self.prompt_id}: per-token lists differ in length from the response ({n})")
+
+
+def write_rollouts(path: Path, rollouts: Sequence[Rollout]) -> None:
+    """Atomic: a crash mid-write never leaves a truncated file that a resume would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for rollout in rollouts:
+            handle.write(json.dumps(asdict(rollout), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_rollouts(path: Path) -> list[Rollout]:
+    with path.open(encoding="utf-8") as handle:
+        return [Rollout(**json.loads(line)) for line in handle if line.strip()]
+
+
+def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Model inputs (left-padded prompts, right-padded responses) plus (B, T) targets."""
+    batch = pack([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id)
+    width = batch["response_ids"].shape[1]
+    for key in ("target_logprobs", "ref_logprobs"):
+        values = torch.zeros((len(rollouts), width), dtype=torch.float32)
+        for i, r in enumerate(rollouts):
+            values[i, : len(r.response_ids)] = torch.as_tensor(getattr(r, key), dtype=torch.float32)
+        batch[key] = values
+    return batch
+
+
+class LengthGroupedBatches(TorchSampler[list[int]]):
+    """Micro-batches of similar total length (little padding), in a seeded random order.
+
+    `passes` repeats the epoch's samples (METHOD.md: one pass by default)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, passes: int = 1, seed: int = 0):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.passes = passes
+        self.seed = seed
+
+    def _batches(self) -> list[list[int]]:
+        order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i])
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed)
+        for _ in range(self.passes):
+            batches = self._batches()
+            rng.shuffle(batches)
+            yield from batches
+
+    def __len__(self) -> int:
+        return self.passes * len(self._batches())

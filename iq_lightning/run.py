@@ -1,0 +1,167 @@
+"""The training recipe: build every component from a RunConfig, fit, export `final/`.
+
+Reads top to bottom: load models -> guides -> prompts -> sampler -> module, datamodule,
+trainer -> fit (resuming after the last completed epoch) -> export.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from iq_lightning.config import LoggerSpec, RunConfig, StrategySpec
+from iq_lightning.data import prepare_prompts
+from iq_lightning.datamodule import OnPolicyDataModule
+from iq_lightning.errors import ConfigError
+from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide
+from iq_lightning.models import export_pretrained, frozen_copy, load_model, same_tokenizer
+from iq_lightning.module import InverseQModule
+from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+ROLLOUT_DIR = "rollouts"
+FINAL_DIR = "final"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    module: InverseQModule
+    datamodule: OnPolicyDataModule
+    trainer: L.Trainer
+    final_dir: Path | None
+
+
+def build_guide(run: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, show_progress: bool) -> GuideScorer:
+    """pi_l (and pi_ref) is a frozen copy of the initial policy; pi_w per guide.kind."""
+    g, alpha = run.guide, run.train.alpha
+    lesser = frozen_copy(policy)
+    if g.kind == "principle":
+        return PrincipleGuide(lesser, tokenizer, g.principle, g.placement, alpha, g.batch_size, show_progress)
+    winner, winner_tokenizer = load_model(g.model)
+    if not same_tokenizer(tokenizer, winner_tokenizer):
+        raise ConfigError(
+            f"guide.model {g.model.name_or_path!r} has a different tokenizer from the policy "
+            f"{run.model.name_or_path!r}; pi_hat mixes log-probs per token id, so both must share one vocabulary"
+        )
+    winner.eval().requires_grad_(False)
+    return AlignedModelGuide(winner, lesser, tokenizer.pad_token_id, alpha, g.batch_size, show_progress)
+
+
+def strategy_kwargs(spec: StrategySpec) -> dict:
+    """Trainer arguments for the strategy, refusing early what this machine cannot run."""
+    if spec.strategy.startswith("deepspeed"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"strategy={spec.name} needs CUDA GPUs; none is visible (use strategy=cpu or ddp)")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"strategy={spec.name} needs deepspeed: pip install -e .[deepspeed]")
+    if spec.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"strategy={spec.name} asks for accelerator={spec.accelerator} but no CUDA GPU is visible")
+    return {
+        "accelerator": spec.accelerator,
+        "devices": spec.devices,
+        "num_nodes": spec.num_nodes,
+        "strategy": spec.strategy,
+        **dict(spec.options),
+    }
+
+
+def build_loggers(spec: LoggerSpec, run_dir: Path) -> list:
+    """csv: metrics.csv in the run directory; wandb: W&B (offline by default) plus that CSV."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    if spec.kind == "none":
+        return []
+    loggers = [CSVLogger(save_dir=str(run_dir), name="metrics", version="")]
+    if spec.kind == "wandb":
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logger=wandb needs wandb: pip install wandb (or use logger=csv)")
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.insert(
+            0,
+            WandbLogger(
+                project=spec.project,
+                name=spec.name or run_dir.name,
+                entity=spec.entity,
+                save_dir=str(run_dir),
+                offline=spec.mode == "offline",
+                mode=spec.mode,
+            ),
+        )
+    return loggers
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    path = run_dir / CHECKPOINT_DIR / "last.ckpt"
+    return path if path.is_file() else None
+
+
+def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
+    run_dir = run.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer_kwargs = strategy_kwargs(run.strategy)
+    loggers = build_loggers(run.logger, run_dir)
+    L.seed_everything(run.train.seed, workers=True, verbose=False)
+
+    policy, tokenizer = load_model(run.model)
+    guide = build_guide(run, policy, tokenizer, show_progress)
+    prompts, stats = prepare_prompts(run.data, tokenizer)
+    log.info("prompts (%s): %s", run.data.source, stats.describe())
+    eos = eos_ids(tokenizer, policy.generation_config.eos_token_id)
+    sampler = build_sampler(run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed)
+
+    t = run.train
+    module = InverseQModule(policy, guide, lr=t.lr, beta=t.beta, reduction=t.reduction, weight_decay=t.weight_decay)
+    datamodule = OnPolicyDataModule(
+        prompts,
+        sampler,
+        tokenizer,
+        rollout_dir=run_dir / ROLLOUT_DIR,
+        samples_per_epoch=t.samples_per_epoch,
+        micro_batch_size=t.micro_batch_size,
+        sampling=SamplingParams(run.sampler.max_new_tokens, run.sampler.temperature, run.sampler.top_p, t.seed),
+        passes_per_epoch=t.passes_per_epoch,
+        seed=t.seed,
+    )
+    # One checkpoint per completed epoch, overwritten: last.ckpt is what a restart resumes from.
+    checkpoint = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, save_last=True, save_top_k=0, every_n_epochs=1)
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        precision=t.precision,
+        max_epochs=t.epochs,
+        logger=loggers or False,
+        callbacks=[checkpoint],
+        reload_dataloaders_every_n_epochs=1,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.max_grad_norm,
+        default_root_dir=str(run_dir),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        enable_progress_bar=show_progress,
+    )
+    resume = last_checkpoint(run_dir)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+
+    final_dir = None
+    if t.save_final and trainer.is_global_zero:
+        final_dir = export_pretrained(module.policy, tokenizer, run_dir / FINAL_DIR)
+        log.info("exported the trained policy to %s", final_dir)
+    for logger in loggers:
+        if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
+    return TrainResult(run_dir, module, datamodule, trainer, final_dir)
