@@ -140,7 +140,7 @@ PLACEMENTS = ("system", "user")
 LOGGERS = ("wandb", "csv", "none")
 
 
-def _build(cls: type, node: Any, where: str) -> Any:
+def build_spec(cls: type, node: Any, where: str) -> Any:
     """Construct dataclass `cls` from a mapping, naming the offending key on a mistake."""
     if node is None:
         return cls()
@@ -155,9 +155,9 @@ def _build(cls: type, node: Any, where: str) -> Any:
         if name not in fields:
             continue
         if name == "tiny":
-            value = _build(TinySpec, value, f"{where}.tiny")
+            value = build_spec(TinySpec, value, f"{where}.tiny")
         elif name == "model" and cls is GuideSpec:
-            value = None if value is None else _build(ModelSpec, value, f"{where}.model")
+            value = None if value is None else build_spec(ModelSpec, value, f"{where}.model")
         elif name == "hh_subsets":
             value = tuple(value)
         elif name == "options":
@@ -185,13 +185,13 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
         raise ConfigError(f"unknown top-level key {stray[0]!r} (known: {', '.join(sorted(_TRAIN_KEYS | groups))})")
     try:
         run = RunConfig(
-            model=_build(ModelSpec, plain.get("model"), "model"),
-            data=_build(DataSpec, plain.get("data"), "data"),
-            guide=_build(GuideSpec, plain.get("guide"), "guide"),
-            sampler=_build(SamplerSpec, plain.get("sampler"), "sampler"),
-            train=_build(TrainSpec, top, "train"),
-            strategy=_build(StrategySpec, plain.get("strategy"), "strategy"),
-            logger=_build(LoggerSpec, plain.get("logger"), "logger"),
+            model=build_spec(ModelSpec, plain.get("model"), "model"),
+            data=build_spec(DataSpec, plain.get("data"), "data"),
+            guide=build_spec(GuideSpec, plain.get("guide"), "guide"),
+            sampler=build_spec(SamplerSpec, plain.get("sampler"), "sampler"),
+            train=build_spec(TrainSpec, top, "train"),
+            strategy=build_spec(StrategySpec, plain.get("strategy"), "strategy"),
+            logger=build_spec(LoggerSpec, plain.get("logger"), "logger"),
             run_dir=Path(run_dir),
         )
     except TypeError as exc:
@@ -252,12 +252,16 @@ def validate(run: RunConfig) -> None:
         _check(g.model is not None, "guide=aligned_model needs guide.model (the aligned model pi_w)")
     _integer(g.batch_size, "guide.batch_size", 1)
 
-    s = run.sampler
+    validate_sampler(run.sampler)
+
+    _check(run.logger.kind in LOGGERS, f"logger must be one of {', '.join(LOGGERS)}, got {run.logger.kind!r}")
+
+
+def validate_sampler(s: SamplerSpec) -> SamplerSpec:
     _check(s.backend in SAMPLER_BACKENDS, f"sampler.backend must be one of {', '.join(SAMPLER_BACKENDS)}, got {s.backend!r}")
     _integer(s.max_new_tokens, "sampler.max_new_tokens", 1)
     _check(_number(s.temperature, "sampler.temperature") >= 0, f"sampler.temperature must be >= 0, got {s.temperature}")
     top_p = _number(s.top_p, "sampler.top_p")
     _check(0 < top_p <= 1, f"sampler.top_p must be in (0, 1], got {s.top_p}")
     _integer(s.batch_size, "sampler.batch_size", 1)
-
-    _check(run.logger.kind in LOGGERS, f"logger must be one of {', '.join(LOGGERS)}, got {run.logger.kind!r}")
+    return s

@@ -133,8 +133,16 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
         passes_per_epoch=t.passes_per_epoch,
         seed=t.seed,
     )
-    # One checkpoint per completed epoch, overwritten: last.ckpt is what a restart resumes from.
-    checkpoint = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, save_last=True, save_top_k=0, every_n_epochs=1)
+    # After every completed epoch; only the newest is kept, and last.ckpt (a link to it) is what
+    # a restart in the same run directory resumes from.
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / CHECKPOINT_DIR,
+        filename="epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        save_top_k=1,
+        save_last="link",
+        every_n_epochs=1,
+    )
     trainer = L.Trainer(
         **trainer_kwargs,
         precision=t.precision,

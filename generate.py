@@ -1,0 +1,41 @@
+"""Write a model's responses for a prompt file to JSONL. Examples:
+
+    python generate.py                                        # bundled SmolLM2, held-out prompts
+    python generate.py run_dir=outputs/2026-11-23/10-00-00    # a training run's final/ policy
+    python generate.py model_path=/path/to/hf_dir data=local data.path=prompts.jsonl
+    python generate.py principle="Always reply in French."   # the Prompting baseline
+"""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from iq_lightning.cli import configure_environment, user_errors_as_one_line
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
+@user_errors_as_one_line
+def main(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    from iq_lightning.config import DataSpec, ModelSpec, SamplerSpec, build_spec, validate_sampler
+    from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    spec = GenerateSpec(
+        model=model_spec_for(plain["run_dir"], plain["model_path"], build_spec(ModelSpec, plain["model"], "model")),
+        data=build_spec(DataSpec, plain["data"], "data"),
+        sampler=validate_sampler(build_spec(SamplerSpec, plain["sampler"], "sampler")),
+        output=Path(plain["output"]),
+        seed=plain["seed"],
+        principle=plain["principle"],
+        placement=plain["placement"],
+        name=plain["name"],
+    )
+    generate_responses(spec)
+
+
+if __name__ == "__main__":
+    configure_environment()
+    main()

@@ -1,0 +1,83 @@
+"""Responses of any model (or a run's `final/`) for a prompt set, written to JSONL: the raw
+material for comparing models (before/after training, Prompting baseline, alpha sweeps)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from iq_lightning.config import DataSpec, ModelSpec, SamplerSpec
+from iq_lightning.data import EncodedPrompt, encode_prompt, prepare_prompts
+from iq_lightning.errors import ConfigError
+from iq_lightning.guides import with_principle
+from iq_lightning.models import load_model
+from iq_lightning.run import FINAL_DIR
+from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    model: ModelSpec
+    data: DataSpec
+    sampler: SamplerSpec
+    output: Path
+    seed: int = 0
+    principle: str | None = None
+    placement: str = "system"
+    name: str | None = None
+
+
+def model_spec_for(run_dir: str | None, model_path: str | None, fallback: ModelSpec) -> ModelSpec:
+    """`run_dir` (its final/) or `model_path` (any save_pretrained directory) or the model group."""
+    if run_dir and model_path:
+        raise ConfigError("give run_dir or model_path, not both")
+    if run_dir:
+        final = Path(run_dir) / FINAL_DIR
+        if not (final / "config.json").is_file():
+            raise ConfigError(f"run_dir={run_dir} has no exported policy at {final} (did the run finish?)")
+        return ModelSpec(source="pretrained", name_or_path=str(final))
+    if model_path:
+        if not Path(model_path).exists():
+            raise ConfigError(f"model_path={model_path}: no such directory")
+        return ModelSpec(source="pretrained", name_or_path=str(model_path))
+    return fallback
+
+
+def generate_responses(spec: GenerateSpec, show_progress: bool = True) -> Path:
+    model, tokenizer = load_model(spec.model)
+    prompts, stats = prepare_prompts(spec.data, tokenizer)
+    log.info("prompts: %s", stats.describe())
+    if spec.principle:
+        # The Prompting baseline: the principle in the prompt at inference time.
+        prompts = [
+            EncodedPrompt(p.prompt, tuple(encode_prompt(tokenizer, with_principle(p.prompt.messages, spec.principle, spec.placement))))
+            for p in prompts
+        ]
+    eos = eos_ids(tokenizer, model.generation_config.eos_token_id)
+    sampler = build_sampler(spec.sampler, tokenizer, eos, show_progress=show_progress, model_spec=spec.model, seed=spec.seed)
+    params = SamplingParams(spec.sampler.max_new_tokens, spec.sampler.temperature, spec.sampler.top_p, spec.seed)
+    try:
+        generations = sampler.generate(model, [p.input_ids for p in prompts], params, desc="generating")
+    finally:
+        sampler.close()
+    spec.output.parent.mkdir(parents=True, exist_ok=True)
+    name = spec.name or spec.model.name_or_path
+    with spec.output.open("w", encoding="utf-8") as handle:
+        for p, g in zip(prompts, generations):
+            row = {
+                "id": p.prompt.id,
+                "category": p.prompt.category,
+                "messages": list(p.prompt.messages),
+                "model": name,
+                "principle": spec.principle,
+                "response": tokenizer.decode(g.response_ids, skip_special_tokens=True),
+                "finished": g.finished,
+                "num_tokens": len(g.response_ids),
+            }
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    log.info("wrote %d responses to %s", len(generations), spec.output)
+    return spec.output

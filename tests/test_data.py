@@ -1,0 +1,135 @@
+"""Prompt data: HH-RLHF prefixes, the bundled set, local files and their errors."""
+
+import json
+
+import pytest
+
+from iq_lightning.config import DataSpec
+from iq_lightning.data import (
+    Prompt,
+    PromptStats,
+    encode_prompts,
+    hh_rlhf_prefix,
+    load_prompts,
+    parse_hh_dialogue,
+    prepare_prompts,
+)
+from iq_lightning.errors import DataError
+
+CHOSEN = (
+    "\n\nHuman: What is a good way to learn guitar?"
+    "\n\nAssistant: Start with a few chords and practise daily."
+    "\n\nHuman: How long each day?"
+    "\n\nAssistant: Twenty minutes is plenty at first."
+)
+REJECTED = (
+    "\n\nHuman: What is a good way to learn guitar?"
+    "\n\nAssistant: Start with a few chords and practise daily."
+    "\n\nHuman: How long each day?"
+    "\n\nAssistant: Eight hours, no breaks."
+)
+
+
+def test_parse_hh_dialogue_turns():
+    turns = parse_hh_dialogue(CHOSEN)
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert turns[0]["content"] == "What is a good way to learn guitar?"
+    assert turns[3]["content"] == "Twenty minutes is plenty at first."
+
+
+def test_hh_prefix_drops_both_final_replies():
+    prefix = hh_rlhf_prefix(CHOSEN, REJECTED)
+    assert prefix == [
+        {"role": "user", "content": "What is a good way to learn guitar?"},
+        {"role": "assistant", "content": "Start with a few chords and practise daily."},
+        {"role": "user", "content": "How long each day?"},
+    ]
+
+
+def test_hh_prefix_single_turn_and_divergence_earlier():
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Bye!"
+    rejected = "\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Bye\n\nAssistant: Whatever."
+    # The replies differ already at turn 2: the shared prefix is the first user turn only.
+    assert hh_rlhf_prefix(chosen, rejected) == [{"role": "user", "content": "Hi"}]
+
+
+def test_hh_prefix_none_when_nothing_shared():
+    assert hh_rlhf_prefix("\n\nHuman: A\n\nAssistant: x", "\n\nHuman: B\n\nAssistant: y") is None
+
+
+def test_hh_text_before_first_turn_is_malformed():
+    with pytest.raises(ValueError):
+        parse_hh_dialogue("preamble\n\nHuman: hi\n\nAssistant: yo")
+
+
+def test_bundled_prompts_load_with_categories_and_splits():
+    train, _ = load_prompts(DataSpec(source="bundled", split="train"))
+    test, _ = load_prompts(DataSpec(source="bundled", split="test"))
+    assert len(train) >= 90 and len(test) >= 20
+    assert not {p.id for p in train} & {p.id for p in test}
+    assert all(p.category for p in train + test)
+    assert all(p.messages[-1]["role"] == "user" for p in train)
+    categories = {p.category for p in train}
+    assert {"violence", "weapons", "fraud", "hacking", "drugs", "self_harm", "harassment", "privacy", "cooking", "coding"} <= categories
+
+
+def test_local_jsonl_prompt_and_messages(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [
+        {"id": "a", "prompt": "Tell me a joke."},
+        {"id": "b", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name a colour."}]},
+        {"id": "c", "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "final reply to drop"}]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    prompts, stats = load_prompts(DataSpec(source="local", path=str(path), split=None))
+    assert [p.id for p in prompts] == ["a", "b", "c"]
+    assert prompts[0].messages == ({"role": "user", "content": "Tell me a joke."},)
+    assert len(prompts[1].messages) == 3
+    assert prompts[2].messages == ({"role": "user", "content": "Q"},)
+    assert stats.loaded == 3
+
+
+def test_local_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["one", "two"], "category": ["x", "y"]}), path)
+    prompts, _ = load_prompts(DataSpec(source="local", path=str(path), split=None))
+    assert [p.messages[0]["content"] for p in prompts] == ["one", "two"]
+    assert [p.category for p in prompts] == ["x", "y"]
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_prompts(DataSpec(source="local", path=str(path), split=None))
+
+
+def test_row_without_prompt_or_messages(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "no prompt key"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:1: a row needs a 'prompt'"):
+        load_prompts(DataSpec(source="local", path=str(path), split=None))
+
+
+def test_empty_and_overlong_prompts_are_skipped_and_counted(tiny):
+    _, tokenizer = tiny
+    prompts = [
+        Prompt("ok", ({"role": "user", "content": "short"},)),
+        Prompt("empty", ({"role": "user", "content": "   "},)),
+        Prompt("long", ({"role": "user", "content": "x" * 500},)),
+    ]
+    stats = PromptStats(loaded=3)
+    kept = encode_prompts(prompts, tokenizer, max_prompt_tokens=100, stats=stats)
+    assert [p.prompt.id for p in kept] == ["ok"]
+    assert stats.skipped == {"empty": 1, "over-long": 1}
+    assert stats.describe() == "1 prompts kept of 3 (skipped: 1 empty, 1 over-long)"
+
+
+def test_no_usable_prompts_is_a_clear_error(tmp_path, tiny):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": ""}\n')
+    with pytest.raises(DataError, match="no usable prompts"):
+        prepare_prompts(DataSpec(source="local", path=str(path), split=None), tiny[1])

@@ -1,0 +1,96 @@
+"""Guide scoring: targets aligned by position inside the response, batched == one at a time."""
+
+import pytest
+import torch
+
+from iq_lightning.config import TinySpec
+from iq_lightning.data import EncodedPrompt, Prompt, encode_prompt
+from iq_lightning.guides import AlignedModelGuide, PrincipleGuide, with_principle
+from iq_lightning.models import build_tiny, frozen_copy
+from iq_lightning.objective import estimated_optimal_logprobs
+
+PRINCIPLE = "Always answer politely and briefly."
+TEXTS = ["Hi", "Explain rainbows to a child in two sentences.", "What is 2+2?"]
+
+
+def _prompts(tokenizer):
+    out = []
+    for i, text in enumerate(TEXTS):
+        prompt = Prompt(str(i), ({"role": "user", "content": text},))
+        out.append(EncodedPrompt(prompt, tuple(encode_prompt(tokenizer, prompt.messages))))
+    return out
+
+
+def _responses(tokenizer):
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 9]
+    responses = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in lengths]
+    responses[0][-1] = tokenizer.eos_token_id
+    return responses
+
+
+def _unpadded_logprobs(model, prompt_ids, response):
+    """log-softmax rows predicting each response token from one unpadded sequence."""
+    ids = torch.tensor([list(prompt_ids) + list(response)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    start = len(prompt_ids) - 1
+    return logits[start : start + len(response)]
+
+
+def test_with_principle_placements():
+    messages = ({"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"})
+    system = with_principle(messages, "P", "system")
+    assert system[0] == {"role": "system", "content": "P"} and system[1:] == messages
+    user = with_principle(messages, "P", "user")
+    assert user[0]["content"] == "Q1" and user[2]["content"] == "P\n\nQ2"
+    with_sys = with_principle(({"role": "system", "content": "S"},) + messages, "P", "system")
+    assert with_sys[0]["content"] == "S\n\nP" and len(with_sys) == 4
+    assert messages[2]["content"] == "Q2"  # input untouched
+
+
+@pytest.mark.parametrize("placement", ["system", "user"])
+def test_principle_guide_targets_match_unbatched_computation(tiny, placement):
+    model, tokenizer = tiny
+    guide = PrincipleGuide(frozen_copy(model), tokenizer, PRINCIPLE, placement, alpha=1.4, batch_size=8, show_progress=False)
+    prompts, responses = _prompts(tokenizer), _responses(tokenizer)
+    batched = guide.score(prompts, responses)
+    for prompt, response, scores in zip(prompts, responses, batched):
+        winner_ids = encode_prompt(tokenizer, with_principle(prompt.prompt.messages, PRINCIPLE, placement))
+        assert len(winner_ids) > len(prompt.input_ids)  # the principle lengthens x_w
+        logits_w = _unpadded_logprobs(guide.model, winner_ids, response)
+        logits_l = _unpadded_logprobs(guide.model, prompt.input_ids, response)
+        tokens = torch.tensor(response)
+        want_target = estimated_optimal_logprobs(logits_w, logits_l, 1.4).gather(-1, tokens[:, None]).squeeze(-1)
+        want_ref = torch.log_softmax(logits_l, -1).gather(-1, tokens[:, None]).squeeze(-1)
+        assert len(scores.target_logprobs) == len(response)
+        torch.testing.assert_close(torch.tensor(scores.target_logprobs), want_target, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(scores.ref_logprobs), want_ref, atol=2e-5, rtol=1e-5)
+    # One at a time gives the same numbers as the padded batch.
+    singles = [guide.score([p], [r])[0] for p, r in zip(prompts, responses)]
+    for one, many in zip(singles, batched):
+        torch.testing.assert_close(torch.tensor(one.target_logprobs), torch.tensor(many.target_logprobs), atol=2e-5, rtol=1e-5)
+
+
+def test_principle_changes_targets_and_alpha_zero_gives_pi_l(tiny):
+    model, tokenizer = tiny
+    prompts, responses = _prompts(tokenizer), _responses(tokenizer)
+    guide = PrincipleGuide(frozen_copy(model), tokenizer, PRINCIPLE, "system", alpha=0.0, show_progress=False)
+    for s in guide.score(prompts, responses):
+        torch.testing.assert_close(torch.tensor(s.target_logprobs), torch.tensor(s.ref_logprobs), atol=1e-5, rtol=1e-5)
+    guide.alpha = 1.5
+    moved = [abs(a - b) for s in guide.score(prompts, responses) for a, b in zip(s.target_logprobs, s.ref_logprobs)]
+    assert max(moved) > 1e-3
+
+
+def test_aligned_model_guide_uses_both_models(tiny):
+    lesser_model, tokenizer = tiny
+    winner_model, _ = build_tiny(TinySpec(seed=1))
+    guide = AlignedModelGuide(frozen_copy(winner_model), frozen_copy(lesser_model), tokenizer.pad_token_id, alpha=1.2, show_progress=False)
+    prompts, responses = _prompts(tokenizer), _responses(tokenizer)
+    for prompt, response, scores in zip(prompts, responses, guide.score(prompts, responses)):
+        logits_w = _unpadded_logprobs(winner_model, prompt.input_ids, response)
+        logits_l = _unpadded_logprobs(lesser_model, prompt.input_ids, response)
+        tokens = torch.tensor(response)
+        want = estimated_optimal_logprobs(logits_w, logits_l, 1.2).gather(-1, tokens[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(scores.target_logprobs), want, atol=2e-5, rtol=1e-5)
