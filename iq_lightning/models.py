@@ -112,6 +112,7 @@ def _load_pretrained(spec: ModelSpec) -> Loaded:
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
     where = spec.name_or_path + (f" (gguf_file={spec.gguf_file})" if spec.gguf_file else "")
+    _fail_fast_if_hub_unreachable(spec.name_or_path, spec.revision, where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.name_or_path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=_dtype(spec), **kwargs)
@@ -123,6 +124,29 @@ def _load_pretrained(spec: ModelSpec) -> Loaded:
     if spec.gguf_file:
         model = _dequantized_plain_copy(model)
     return model, tokenizer
+
+
+def _fail_fast_if_hub_unreachable(name_or_path: str, revision: str | None, where: str) -> None:
+    """A hub id that is not cached locally: probe the hub once with a short timeout, instead of
+    letting the download retry for a minute before failing offline."""
+    if Path(name_or_path).exists():
+        return
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        if huggingface_hub.try_to_load_from_cache(name_or_path, "config.json", revision=revision) or constants.HF_HUB_OFFLINE:
+            return
+    except Exception:  # not a valid repo id: let from_pretrained report it
+        return
+    try:
+        huggingface_hub.model_info(name_or_path, revision=revision, timeout=10)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"cannot load model {where}: not a local directory, not in the Hugging Face cache, "
+            f"and the hub is unreachable or refused it (offline?): {reason[:200]}"
+        ) from None
 
 
 def _dequantized_plain_copy(model: PreTrainedModel) -> PreTrainedModel:

