@@ -12,6 +12,7 @@ from conftest import compose
 from iq_lightning.config import TinySpec, build_run_config
 from iq_lightning.models import build_tiny
 from iq_lightning.rollouts import collate, read_rollouts
+from iq_lightning.forward import response_logprobs
 from iq_lightning.run import train
 
 TINY = [
@@ -110,8 +111,6 @@ def test_resume_continues_after_last_completed_epoch(tmp_path):
     trained = module.policy
     module.policy = build_tiny(TinySpec())[0]
     module.policy.load_state_dict(weights_after_1)
-    from iq_lightning.forward import response_logprobs
-
     batch = collate(rollouts, second.datamodule.tokenizer.pad_token_id)
     with torch.no_grad():
         lp = response_logprobs(module.policy, batch)
@@ -131,3 +130,31 @@ def test_interrupted_epoch_reuses_its_stored_rollouts(tmp_path):
     resumed = _run(tmp_path, "epochs=2", "logger=none", "save_final=false")
     assert (tmp_path / "rollouts" / "epoch_001.jsonl").read_text() == stored
     assert resumed.datamodule.epoch_stats["time/sample_s"] == 0.0
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("vllm"), reason="needs vllm")
+def test_two_epoch_run_with_vllm_sampler(tmp_path):
+    result = _run(tmp_path, "epochs=2", "logger=csv", "sampler=vllm", "sampler.options.kv_cache_gib=0.25")
+    for epoch in (0, 1):
+        rows = read_rollouts(tmp_path / "rollouts" / f"epoch_{epoch:03d}.jsonl")
+        assert len(rows) == 8 and all(r.response_ids for r in rows)
+    # Epoch 0 was sampled with the initial weights, epoch 1 after a weight sync: vLLM's own
+    # log-probs match the initial model on epoch 0 (float32 on the same CPU agree to ~1e-6) and
+    # must not on epoch 1, or the engine kept sampling from stale weights.
+    initial = build_tiny(TinySpec())[0]
+    pad = result.datamodule.tokenizer.pad_token_id
+    gaps = []
+    for epoch in (0, 1):
+        rows = read_rollouts(tmp_path / "rollouts" / f"epoch_{epoch:03d}.jsonl")
+        batch = collate(rows, pad)
+        with torch.no_grad():
+            lp = response_logprobs(initial, batch)
+        mask = batch["response_mask"].bool()
+        sampled = torch.zeros_like(lp)
+        for i, r in enumerate(rows):
+            sampled[i, : len(r.sampling_logprobs)] = torch.tensor(r.sampling_logprobs)
+        gaps.append((lp - sampled)[mask].abs().max().item())
+    assert gaps[0] < 1e-4 and gaps[1] > 1e-3, gaps
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert result.trainer.global_step == 4
