@@ -31,6 +31,19 @@ class TinySpec:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters via peft. With LoRA the guides and the reference are the policy's own base
+    weights with the adapter disabled, so no second copy of the model is held."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    merge_on_export: bool = True
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Where a model comes from. source: 'pretrained' (hub id or local directory, optional
     gguf_file), 'package_gguf' (a GGUF file shipped inside the pip package `name_or_path`),
@@ -43,6 +56,8 @@ class ModelSpec:
     trust_remote_code: bool = False
     revision: str | None = None
     tiny: TinySpec = field(default_factory=TinySpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,10 @@ def build_spec(cls: type, node: Any, where: str) -> Any:
             continue
         if name == "tiny":
             value = build_spec(TinySpec, value, f"{where}.tiny")
+        elif name == "lora":
+            value = build_spec(LoraSpec, value, f"{where}.lora")
+        elif name == "target_modules":
+            value = tuple(value)
         elif name == "model" and cls is GuideSpec:
             value = None if value is None else build_spec(ModelSpec, value, f"{where}.model")
         elif name == "hh_subsets":
@@ -235,6 +254,10 @@ def validate(run: RunConfig) -> None:
     m = run.model
     _check(m.source in MODEL_SOURCES, f"model.source must be one of {', '.join(MODEL_SOURCES)}, got {m.source!r}")
     _check(m.source == "tiny" or bool(m.name_or_path), "model.name_or_path is empty")
+    if m.lora.enabled:
+        _integer(m.lora.r, "model.lora.r", 1)
+        _check(0 <= _number(m.lora.dropout, "model.lora.dropout") < 1, "model.lora.dropout must be in [0, 1)")
+        _check(bool(m.lora.target_modules), "model.lora.target_modules is empty")
 
     d = run.data
     _check(d.source in DATA_SOURCES, f"data.source must be one of {', '.join(DATA_SOURCES)}, got {d.source!r}")

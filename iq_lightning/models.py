@@ -39,13 +39,17 @@ Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 
 def load_model(spec: ModelSpec) -> Loaded:
-    """Policy (trainable) and tokenizer for `spec`; pad token set, chat template present."""
+    """Policy (trainable; with LoRA adapters if enabled) and tokenizer; pad token set, chat template present."""
     loaders: dict[str, Callable[[ModelSpec], Loaded]] = {
         "pretrained": _load_pretrained,
         "package_gguf": _load_package_gguf,
         "tiny": lambda s: build_tiny(s.tiny),
     }
     model, tokenizer = loaders[spec.source](spec)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.lora.enabled:
+        model = apply_lora(model, spec.lora)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
@@ -206,3 +210,79 @@ def build_tiny(spec: TinySpec) -> Loaded:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
+
+
+def apply_lora(model: PreTrainedModel, spec) -> PreTrainedModel:
+    """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(f"model.lora: {exc}") from None
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class AdapterDisabled:
+    """The base model under a LoRA policy with the adapter switched off: pi_l, the principle-prompted
+    pi_w and pi_ref are these frozen base weights, shared with the policy instead of copied."""
+
+    def __init__(self, peft_model: PreTrainedModel):
+        self.peft_model = peft_model
+
+    def __call__(self, **kwargs):
+        was_training = self.peft_model.training
+        self.peft_model.eval()
+        try:
+            with self.peft_model.disable_adapter():
+                return self.peft_model(**kwargs)
+        finally:
+            self.peft_model.train(was_training)
+
+    def parameters(self):
+        return self.peft_model.parameters()
+
+    def to(self, device):  # moves with the policy
+        return self
+
+
+def frozen_reference(policy: PreTrainedModel):
+    """pi_l / pi_ref: the adapter-disabled base of a LoRA policy, else a frozen copy."""
+    return AdapterDisabled(policy) if is_peft(policy) else frozen_copy(policy)
+
+
+def plain_named_parameters(policy: PreTrainedModel):
+    """(name, tensor) pairs of the policy as a plain transformers model: LoRA adapters merged in
+    and peft's name prefixes removed. For pushing weights to an inference engine: the tensors are
+    views, valid only while iterating (the adapter is unmerged in place afterwards)."""
+    if not is_peft(policy):
+        yield from ((n, p.detach()) for n, p in policy.named_parameters())
+        return
+    policy.merge_adapter()
+    try:
+        for name, param in policy.named_parameters():
+            if "lora_" in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            yield name, param.detach()
+    finally:
+        policy.unmerge_adapter()
+
+
+def export_policy(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, merge: bool) -> Path:
+    """final/: a plain model, or for LoRA the adapter (+ final/merged with it merged in)."""
+    out = export_pretrained(policy, tokenizer, out_dir)
+    if is_peft(policy) and merge:
+        merged = copy.deepcopy(policy).merge_and_unload()
+        export_pretrained(merged, tokenizer, out / "merged")
+    return out

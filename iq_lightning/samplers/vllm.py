@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.config import ModelSpec, SamplerSpec
 from iq_lightning.errors import ConfigError, MissingDependencyError
+from iq_lightning.models import plain_named_parameters
 from iq_lightning.samplers.base import Generation, Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,9 @@ class VLLMSampler(Sampler):
         log.info("vLLM engine ready in %.1f s (%s, max_model_len %d)", self.startup_s, dtype, max_len)
 
     def _weights(self, policy: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
-        # Lazily, one tensor at a time: a sharded policy can gather each parameter as it is read.
-        for name, param in policy.named_parameters():
-            yield name, param.detach()
+        # Lazily, one tensor at a time (a sharded policy can gather each as it is read); LoRA
+        # adapters merged in, names as in the plain model.
+        yield from plain_named_parameters(policy)
 
     def update_weights(self, policy: PreTrainedModel) -> None:
         if self.llm is None:
