@@ -84,6 +84,7 @@ class GuideSpec:
     placement: str = "system"
     model: ModelSpec | None = None
     batch_size: int = 16
+    device: str | None = None  # None: the policy's device; e.g. "cpu" keeps the guides off the GPU
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ class InverseQModule(L.LightningModule):
         beta: float = 0.1,
         reduction: str = "token_mean",
         weight_decay: float = 0.0,
+        guide_device: str | None = None,
     ):
         super().__init__()
         self.policy = policy
@@ -37,11 +38,14 @@ class InverseQModule(L.LightningModule):
         self.beta = beta
         self.reduction = reduction
         self.weight_decay = weight_decay
+        self.guide_device = guide_device
         self.save_hyperparameters(ignore=["policy", "guide"])
         self._epoch_started = 0.0
 
     def on_fit_start(self) -> None:
-        self.guide.to(self.device)
+        # Targets are computed before each training phase, so the guides may live elsewhere
+        # (e.g. on CPU while the policy trains on the GPU).
+        self.guide.to(self.guide_device or self.device)
 
     def batch_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss and diagnostics on one micro-batch of rollouts."""
@@ -67,13 +71,15 @@ class InverseQModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         metrics = self.batch_metrics(batch)
         size = batch["response_ids"].shape[0]
-        self.log("train/loss", metrics["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        # sync_dist: with DDP the epoch figures average every rank's share, not rank 0's alone.
+        self.log("train/loss", metrics["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
         self.log_dict(
             {f"train/{k}": v for k, v in metrics.items() if k != "loss"},
             on_step=False,
             on_epoch=True,
             prog_bar=False,
             batch_size=size,
+            sync_dist=True,
         )
         return metrics["loss"]
 
@@ -83,7 +89,7 @@ class InverseQModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         stats = dict(getattr(self.trainer.datamodule, "epoch_stats", {}) or {})
         stats["time/train_s"] = time.perf_counter() - self._epoch_started
-        self.log_dict({k: float(v) for k, v in stats.items()}, on_epoch=True, sync_dist=False)
+        self.log_dict({k: float(v) for k, v in stats.items()}, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

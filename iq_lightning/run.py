@@ -60,9 +60,11 @@ def build_guide(run: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTo
 
 def strategy_kwargs(spec: StrategySpec) -> dict:
     """Trainer arguments for the strategy, refusing early what this machine cannot run."""
+    if spec.strategy.startswith(("deepspeed", "fsdp")):
+        # Lightning implements both for CUDA only; on CPU use strategy=ddp (gloo).
+        if not torch.cuda.is_available() or spec.accelerator == "cpu":
+            raise ConfigError(f"strategy={spec.name} needs CUDA GPUs, and none is in use here (use strategy=cpu or ddp)")
     if spec.strategy.startswith("deepspeed"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"strategy={spec.name} needs CUDA GPUs; none is visible (use strategy=cpu or ddp)")
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(f"strategy={spec.name} needs deepspeed: pip install -e .[deepspeed]")
     if spec.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -122,7 +124,9 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
     sampler = build_sampler(run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed)
 
     t = run.train
-    module = InverseQModule(policy, guide, lr=t.lr, beta=t.beta, reduction=t.reduction, weight_decay=t.weight_decay)
+    module = InverseQModule(
+        policy, guide, lr=t.lr, beta=t.beta, reduction=t.reduction, weight_decay=t.weight_decay, guide_device=run.guide.device
+    )
     datamodule = OnPolicyDataModule(
         prompts,
         sampler,

@@ -66,12 +66,14 @@ def test_validation_errors(override, message, tmp_path):
         build_run_config(compose(["model=tiny", override]), tmp_path)
 
 
-def test_deepspeed_without_cuda_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp"])
+def test_sharded_strategies_without_cuda_are_a_clear_error(tmp_path, strategy):
     from iq_lightning.run import strategy_kwargs
 
-    run = build_run_config(compose(["model=tiny", "strategy=deepspeed_zero3"]), tmp_path)
-    with pytest.raises(ConfigError, match="needs CUDA"):
-        strategy_kwargs(run.strategy)
+    for extra in ([], ["strategy.accelerator=cpu"]):
+        run = build_run_config(compose(["model=tiny", f"strategy={strategy}", *extra]), tmp_path)
+        with pytest.raises(ConfigError, match="needs CUDA"):
+            strategy_kwargs(run.strategy)
 
 
 def test_guide_with_another_tokenizer_is_refused(tmp_path, monkeypatch):
