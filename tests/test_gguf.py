@@ -49,3 +49,23 @@ def test_bundled_model_answers_in_french_when_prompted(smollm2):
         out = model.generate(torch.tensor([prompted]), max_new_tokens=24, do_sample=False)
     text = tokenizer.decode(out[0, len(prompted):], skip_special_tokens=True).lower()
     assert any(w in text.split() for w in ("pour", "les", "de", "vous", "un", "une", "le", "la")), text
+
+
+def test_default_config_trains_the_bundled_model(tmp_path):
+    """The README's default run, cut to one optimizer step: real model, real principle."""
+    from conftest import compose
+    from iq_lightning.config import build_run_config
+    from iq_lightning.run import train
+
+    cfg = compose(["epochs=1", "samples_per_epoch=4", "sampler.max_new_tokens=8", "logger=csv"])
+    result = train(build_run_config(cfg, tmp_path), show_progress=False)
+    assert result.trainer.global_step == 1
+    rows = (tmp_path / "rollouts" / "epoch_000.jsonl").read_text().splitlines()
+    assert len(rows) == 4
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    # The principle-prompted guide pulls the target away from the plain model on some tokens.
+    from iq_lightning.rollouts import read_rollouts
+
+    rollouts = read_rollouts(tmp_path / "rollouts" / "epoch_000.jsonl")
+    gaps = [abs(t - r) for ro in rollouts for t, r in zip(ro.target_logprobs, ro.ref_logprobs)]
+    assert max(gaps) > 0.1

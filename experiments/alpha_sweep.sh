@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Paper Fig. 7: alpha from 1.0 to 1.5, one run directory each under multirun/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python train.py -m alpha=1.0,1.1,1.2,1.3,1.4,1.5 "$@"

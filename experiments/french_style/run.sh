@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The CPU demo, measured: share of held-out answers in French without the principle in the prompt,
+# before training, with the principle in the prompt (Prompting baseline), and after training.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:-outputs/french_style}
+python train.py hydra.run.dir="$out/train"
+python generate.py name=sft output="$out/sft.jsonl" hydra.run.dir="$out/gen_sft"
+python generate.py name=prompting 'principle="Always reply in French, whatever language the user writes in."' \
+  output="$out/prompting.jsonl" hydra.run.dir="$out/gen_prompting"
+python generate.py name=trained run_dir="$out/train" output="$out/trained.jsonl" hydra.run.dir="$out/gen_trained"
+python experiments/french_style/measure.py "$out/sft.jsonl" "$out/prompting.jsonl" "$out/trained.jsonl"
