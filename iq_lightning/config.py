@@ -58,6 +58,7 @@ class ModelSpec:
     tiny: TinySpec = field(default_factory=TinySpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     gradient_checkpointing: bool = False
+    chat_template: str | None = None  # for tokenizers that ship none (Vicuna v1.5)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ DATA_SOURCES = ("bundled", "hh_rlhf", "local")
 GUIDE_KINDS = ("principle", "aligned_model")
 PLACEMENTS = ("system", "user")
 LOGGERS = ("wandb", "csv", "none")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
 
 
 def build_spec(cls: type, node: Any, where: str) -> Any:
@@ -214,7 +216,7 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
             logger=build_spec(LoggerSpec, plain.get("logger"), "logger"),
             run_dir=Path(run_dir),
         )
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config: {exc}") from None
     validate(run)
     return run
@@ -250,6 +252,7 @@ def validate(run: RunConfig) -> None:
     _integer(t.accumulate_grad_batches, "accumulate_grad_batches", 1)
     _integer(t.passes_per_epoch, "passes_per_epoch", 1)
     _integer(t.seed, "seed", 0)
+    _check(str(t.precision) in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(t.reduction in REDUCTIONS, f"reduction must be one of {', '.join(REDUCTIONS)}, got {t.reduction!r}")
 
     m = run.model

@@ -71,17 +71,21 @@ class OnPolicyDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _epoch_seed(self, epoch: int) -> int:
-        return self.seed * 1_000_003 + epoch
+        # Bounded: engines seed 64-bit generators with derived values.
+        return (self.seed * 1_000_003 + epoch) % 2**31
 
     def collect(self, policy, guide: GuideScorer, epoch: int) -> list[Rollout]:
         """Sample this rank's share of the epoch's prompts with the current policy and score them."""
         rank, world = self._rank_world()
-        prompts = draw_prompts(self.prompts, self.samples_per_epoch, self._epoch_seed(epoch))[rank::world]
+        # Every rank gets the same number of samples (rounded up), or ranks would run different
+        # numbers of optimizer steps and the gradient all-reduce would hang.
+        per_rank = -(-self.samples_per_epoch // world)
+        prompts = draw_prompts(self.prompts, per_rank * world, self._epoch_seed(epoch))[rank::world]
         params = SamplingParams(
             max_new_tokens=self.sampling.max_new_tokens,
             temperature=self.sampling.temperature,
             top_p=self.sampling.top_p,
-            seed=self._epoch_seed(epoch) * 97 + rank,
+            seed=(self._epoch_seed(epoch) * 97 + rank) % 2**31,
         )
         started = time.perf_counter()
         self.sampler.update_weights(policy)
@@ -125,6 +129,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             module = self.trainer.lightning_module
             rollouts = self.collect(module.policy, module.guide, epoch)
             write_rollouts(path, rollouts)
+            self.sampler.sleep()
         lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
         batches = LengthGroupedBatches(lengths, self.micro_batch_size, self.passes_per_epoch, seed=self._epoch_seed(epoch))
         return DataLoader(

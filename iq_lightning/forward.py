@@ -58,7 +58,8 @@ def response_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> t
         logits_to_keep=response_len + 1,
         use_cache=False,
     )
-    return out.logits[:, :-1]
+    # Sliced explicitly: a model that ignores logits_to_keep still lines up.
+    return out.logits[:, -(response_len + 1) : -1]
 
 
 def response_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+
+import torch
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,18 +39,38 @@ def model_spec_for(run_dir: str | None, model_path: str | None, fallback: ModelS
         raise ConfigError("give run_dir or model_path, not both")
     if run_dir:
         final = Path(run_dir) / FINAL_DIR
-        if not (final / "config.json").is_file():
-            raise ConfigError(f"run_dir={run_dir} has no exported policy at {final} (did the run finish?)")
-        return ModelSpec(source="pretrained", name_or_path=str(final))
+        # A LoRA run's final/ holds the adapter; its merged model sits in final/merged.
+        for candidate in (final, final / "merged"):
+            if (candidate / "config.json").is_file():
+                return ModelSpec(source="pretrained", name_or_path=str(candidate), dtype=fallback.dtype)
+        hint = " (a LoRA run without model.lora.merge_on_export?)" if (final / "adapter_config.json").exists() else " (did the run finish?)"
+        raise ConfigError(f"run_dir={run_dir} has no loadable model at {final}{hint}")
     if model_path:
         if not Path(model_path).exists():
             raise ConfigError(f"model_path={model_path}: no such directory")
-        return ModelSpec(source="pretrained", name_or_path=str(model_path))
+        return ModelSpec(source="pretrained", name_or_path=str(model_path), dtype=fallback.dtype)
     return fallback
 
 
+def validate_generate(spec: GenerateSpec) -> GenerateSpec:
+    """The same checks as training's, for the parts generation uses."""
+    from iq_lightning.config import MODEL_SOURCES, PLACEMENTS, DataSpec
+
+    if spec.model.source not in MODEL_SOURCES:
+        raise ConfigError(f"model.source must be one of {', '.join(MODEL_SOURCES)}, got {spec.model.source!r}")
+    if spec.placement not in PLACEMENTS:
+        raise ConfigError(f"placement must be system or user, got {spec.placement!r}")
+    d: DataSpec = spec.data
+    if d.source == "local" and not (d.path and Path(d.path).is_file()):
+        raise ConfigError(f"data.path={d.path}: no such file")
+    return spec
+
+
 def generate_responses(spec: GenerateSpec, show_progress: bool = True) -> Path:
+    validate_generate(spec)
     model, tokenizer = load_model(spec.model)
+    if torch.cuda.is_available():
+        model.to("cuda")
     prompts, stats = prepare_prompts(spec.data, tokenizer)
     log.info("prompts: %s", stats.describe())
     if spec.principle:

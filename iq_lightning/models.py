@@ -52,8 +52,13 @@ def load_model(spec: ModelSpec) -> Loaded:
         model = apply_lora(model, spec.lora)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.chat_template:
+        tokenizer.chat_template = spec.chat_template
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError(f"model {spec.name_or_path!r} has no chat template; use an instruction-tuned model")
+        raise ModelLoadError(
+            f"model {spec.name_or_path!r} has no chat template; set model.chat_template (a Jinja template) "
+            "or use an instruction-tuned model"
+        )
     return model, tokenizer
 
 
@@ -68,6 +73,10 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
     """Guides and policy must index the same vocabulary: pi_hat mixes their log-probs per token id."""
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def output_vocab_size(model: PreTrainedModel) -> int:
+    return model.get_output_embeddings().weight.shape[0]
 
 
 def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
@@ -262,21 +271,31 @@ def frozen_reference(policy: PreTrainedModel):
 
 
 def plain_named_parameters(policy: PreTrainedModel):
-    """(name, tensor) pairs of the policy as a plain transformers model: LoRA adapters merged in
-    and peft's name prefixes removed. For pushing weights to an inference engine: the tensors are
-    views, valid only while iterating (the adapter is unmerged in place afterwards)."""
+    """(name, tensor) pairs of the policy as a plain transformers model: LoRA deltas added and
+    peft's name prefixes removed. For pushing weights to an inference engine.
+
+    The merge is out of place: peft's merge_adapter/unmerge_adapter would round the shared base
+    weights (which are also the frozen guides) a little more on every push in bf16."""
     if not is_peft(policy):
         yield from ((n, p.detach()) for n, p in policy.named_parameters())
         return
-    policy.merge_adapter()
-    try:
+    lora_layers = {
+        name: module
+        for name, module in policy.named_modules()
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
+    }
+    with torch.no_grad():
         for name, param in policy.named_parameters():
             if "lora_" in name:
                 continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            yield name, param.detach()
-    finally:
-        policy.unmerge_adapter()
+            owner, _, leaf = name.rpartition(".")
+            layer = lora_layers.get(owner.removesuffix(".base_layer"))
+            plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            if layer is not None and leaf == "weight" and owner.endswith(".base_layer"):
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                yield plain, (param + delta).to(param.dtype)
+            else:
+                yield plain, param.detach()
 
 
 def export_policy(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, merge: bool) -> Path:

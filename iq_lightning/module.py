@@ -73,14 +73,17 @@ class InverseQModule(L.LightningModule):
         size = batch["response_ids"].shape[0]
         # sync_dist: with DDP the epoch figures average every rank's share, not rank 0's alone.
         self.log("train/loss", metrics["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
+        per_token = {"loss_token_mean", "log_ratio_mean", "kl_policy_pi_hat", "credit_mean"}
+        tokens = int(batch["response_mask"].sum().item())
+        # Token-level figures are averaged over the epoch's tokens, not its micro-batches.
         self.log_dict(
-            {f"train/{k}": v for k, v in metrics.items() if k != "loss"},
+            {f"train/{k}": v for k, v in metrics.items() if k in per_token},
             on_step=False,
             on_epoch=True,
-            prog_bar=False,
-            batch_size=size,
+            batch_size=max(tokens, 1),
             sync_dist=True,
         )
+        self.log("train/response_length", metrics["response_length"], on_epoch=True, batch_size=size, sync_dist=True)
         return metrics["loss"]
 
     def on_train_epoch_start(self) -> None:

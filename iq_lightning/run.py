@@ -7,6 +7,7 @@ trainer -> fit (resuming after the last completed epoch) -> export.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from iq_lightning.data import prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError
 from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide
-from iq_lightning.models import export_policy, frozen_reference, load_model, same_tokenizer
+from iq_lightning.models import export_policy, frozen_reference, load_model, output_vocab_size, same_tokenizer
 from iq_lightning.module import InverseQModule
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 
@@ -49,13 +50,25 @@ def build_guide(run: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTo
     if g.kind == "principle":
         return PrincipleGuide(lesser, tokenizer, g.principle, g.placement, alpha, g.batch_size, show_progress)
     winner, winner_tokenizer = load_model(g.model)
-    if not same_tokenizer(tokenizer, winner_tokenizer):
+    if not same_tokenizer(tokenizer, winner_tokenizer) or output_vocab_size(winner) != output_vocab_size(policy):
         raise ConfigError(
             f"guide.model {g.model.name_or_path!r} has a different tokenizer from the policy "
             f"{run.model.name_or_path!r}; pi_hat mixes log-probs per token id, so both must share one vocabulary"
         )
     winner.eval().requires_grad_(False)
     return AlignedModelGuide(winner, lesser, tokenizer.pad_token_id, alpha, g.batch_size, show_progress)
+
+
+def check_principle_prompt(guide: PrincipleGuide, prompt) -> None:
+    """Render one x_w now: a chat template that rejects the placement fails here, not after an
+    epoch of sampling."""
+    try:
+        guide.winner_prompt_ids(prompt)
+    except Exception as exc:
+        raise ConfigError(
+            f"the chat template cannot render the principle with guide.placement={guide.placement} ({exc}); "
+            f"try guide.placement={'user' if guide.placement == 'system' else 'system'}"
+        ) from None
 
 
 def strategy_kwargs(spec: StrategySpec) -> dict:
@@ -106,22 +119,64 @@ def build_loggers(spec: LoggerSpec, run_dir: Path) -> list:
 
 def last_checkpoint(run_dir: Path) -> Path | None:
     path = run_dir / CHECKPOINT_DIR / "last.ckpt"
-    return path if path.is_file() else None
+    return path if path.exists() else None  # DeepSpeed checkpoints are directories
+
+
+# Settings whose change makes a run directory's stored rollouts and checkpoint meaningless.
+def _fingerprint(run: RunConfig) -> dict:
+    return {
+        "model": run.model.name_or_path,
+        "lora": run.model.lora.enabled,
+        "alpha": run.train.alpha,
+        "guide": [run.guide.kind, run.guide.principle, run.guide.placement],
+        "sampler": [run.sampler.max_new_tokens, run.sampler.temperature, run.sampler.top_p],
+        "samples_per_epoch": run.train.samples_per_epoch,
+        "seed": run.train.seed,
+        "data": [run.data.source, run.data.path, run.data.split],
+    }
+
+
+def check_resumable(run: RunConfig) -> None:
+    """A restart in an existing run directory must continue the same run: refuse one whose
+    settings changed, rather than silently training on targets computed for other settings."""
+    path = run.run_dir / "run_fingerprint.json"
+    current = _fingerprint(run)
+    if path.exists():
+        stored = json.loads(path.read_text())
+        changed = sorted(k for k in current if stored.get(k) != current[k])
+        if changed:
+            raise ConfigError(
+                f"{run.run_dir} holds a run with different {', '.join(changed)}; "
+                "start a new run directory (hydra.run.dir=...) instead of resuming this one"
+            )
+    else:
+        path.write_text(json.dumps(current, indent=1))
+
+
+SHARDED = ("deepspeed", "fsdp")
 
 
 def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
     run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer_kwargs = strategy_kwargs(run.strategy)
+    sharded = run.strategy.strategy.startswith(SHARDED)
+    if sharded and run.sampler.backend == "vllm":
+        raise ConfigError(f"sampler=vllm with strategy={run.strategy.name} is not supported yet (sharded weights are not gathered for the push); use sampler=hf")
+    check_resumable(run)
     loggers = build_loggers(run.logger, run_dir)
     L.seed_everything(run.train.seed, workers=True, verbose=False)
 
     policy, tokenizer = load_model(run.model)
-    guide = build_guide(run, policy, tokenizer, show_progress)
     prompts, stats = prepare_prompts(run.data, tokenizer)
     log.info("prompts (%s): %s", run.data.source, stats.describe())
+    guide = build_guide(run, policy, tokenizer, show_progress)
+    if isinstance(guide, PrincipleGuide):
+        check_principle_prompt(guide, prompts[0])
     eos = eos_ids(tokenizer, policy.generation_config.eos_token_id)
-    sampler = build_sampler(run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed)
+    sampler = build_sampler(
+        run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharded
+    )
 
     t = run.train
     module = InverseQModule(

@@ -59,6 +59,7 @@ def test_user_overrides_win_over_paper_settings(tmp_path):
         ("guide.principle=''", "non-empty guide.principle"),
         ("+model.colour=red", "unknown key model.colour"),
         ("lr=fast", "lr must be a number"),
+        ("precision=bf17", "precision must be one of"),
     ],
 )
 def test_validation_errors(override, message, tmp_path):

@@ -73,3 +73,33 @@ def test_lora_run_trains_only_adapters_and_exports_adapter_and_merged(tmp_path):
     x = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, result.module.policy(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_pushing_lora_weights_never_touches_the_shared_base_in_bf16():
+    policy, _, _ = _lora_policy_with_active_adapter()
+    policy = policy.to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" not in n}
+    for _ in range(3):
+        for _name, _tensor in plain_named_parameters(policy):
+            pass
+    for n, p in policy.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, before[n]), n
+
+
+def test_generate_uses_the_merged_model_of_a_lora_run(tmp_path):
+    import pytest
+
+    from iq_lightning.config import ModelSpec
+    from iq_lightning.errors import ConfigError
+    from iq_lightning.generation import model_spec_for
+
+    fallback = ModelSpec(source="tiny", dtype="bfloat16")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="merge_on_export"):
+        model_spec_for(str(tmp_path), None, fallback)
+    (tmp_path / "final" / "merged").mkdir()
+    (tmp_path / "final" / "merged" / "config.json").write_text("{}")
+    spec = model_spec_for(str(tmp_path), None, fallback)
+    assert spec.name_or_path == str(tmp_path / "final" / "merged") and spec.dtype == "bfloat16"

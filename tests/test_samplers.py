@@ -10,6 +10,12 @@ from iq_lightning.samplers.hf import HFSampler
 PROMPTS = [[1, 87, 85, 71, 84, 201], [1, 67, 201], [1, 90, 91, 92, 93, 94, 95, 201]]
 
 
+def _logprobs_of(model, prompts, responses, pad_id):
+    batch = pack(prompts, responses, pad_id)
+    with torch.no_grad():
+        return response_logprobs(model, batch)
+
+
 def _sampler(tokenizer, batch_size=2):
     return HFSampler(batch_size, [tokenizer.eos_token_id], tokenizer.pad_token_id, show_progress=False)
 
@@ -84,11 +90,6 @@ def vllm_sampler(tiny):
     yield sampler
     sampler.close()
 
-
-def _logprobs_of(model, prompts, responses, pad_id):
-    batch = pack(prompts, responses, pad_id)
-    with torch.no_grad():
-        return response_logprobs(model, batch)
 
 
 @pytest.mark.vllm
@@ -175,3 +176,19 @@ def test_vllm_samples_from_a_lora_policy_with_adapter_merged(vllm_sampler):
         n = len(g.response_ids)
         torch.testing.assert_close(torch.tensor(g.sampling_logprobs), with_adapter[i, :n], atol=1e-4, rtol=1e-4)
         assert (torch.tensor(g.sampling_logprobs) - base[i, :n]).abs().max() > 1e-2
+
+
+def test_hf_sampler_ignores_the_checkpoints_generation_defaults(tiny):
+    """A generation_config.json with penalties must not change what is sampled: pi_theta only."""
+    import copy
+
+    model, tokenizer = tiny
+    policy = copy.deepcopy(model)
+    policy.generation_config.repetition_penalty = 50.0
+    policy.generation_config.min_p = 0.5
+    policy.generation_config.no_repeat_ngram_size = 1
+    generations = _sampler(tokenizer, batch_size=3).generate(policy, PROMPTS, SamplingParams(8, 1.0, 1.0, seed=0))
+    trainer_lp = _logprobs_of(policy, PROMPTS, [g.response_ids for g in generations], tokenizer.pad_token_id)
+    for i, g in enumerate(generations):
+        torch.testing.assert_close(trainer_lp[i, : len(g.response_ids)], torch.tensor(g.sampling_logprobs), atol=1e-4, rtol=1e-4)
+    assert policy.generation_config.repetition_penalty == 50.0  # restored afterwards

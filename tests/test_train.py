@@ -1,6 +1,7 @@
 """End to end on the tiny model: weights move, rollouts/checkpoints/final are written, the loss on
 fixed samples goes down, and a restart in the same directory resumes after the last epoch."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -158,3 +159,40 @@ def test_two_epoch_run_with_vllm_sampler(tmp_path):
     assert gaps[0] < 1e-4 and gaps[1] > 1e-3, gaps
     assert (tmp_path / "final" / "model.safetensors").exists()
     assert result.trainer.global_step == 4
+
+
+def test_run_can_be_read_back_for_analysis(two_epochs):
+    from iq_lightning.analysis import credit_html, epoch_metrics, rollouts
+
+    metrics = epoch_metrics(two_epochs.run_dir)
+    assert [int(m["epoch"]) for m in metrics] == [0, 1]
+    stored = rollouts(two_epochs.run_dir)
+    assert [r.epoch for r in stored] == [0] * 8 + [1] * 8
+    page = credit_html(stored[0], two_epochs.datamodule.tokenizer, beta=0.5)
+    assert page.count("<span title=") == len(stored[0].response_ids)
+    first = 0.5 * (stored[0].target_logprobs[0] - stored[0].ref_logprobs[0])
+    assert f'title="{first:+.3f}"' in page
+
+
+def test_restart_with_changed_settings_is_refused(tmp_path):
+    from iq_lightning.errors import ConfigError
+
+    _run(tmp_path, "epochs=1", "logger=none", "save_final=false")
+    with pytest.raises(ConfigError, match="different alpha"):
+        _run(tmp_path, "epochs=2", "logger=none", "alpha=1.0")
+
+
+def test_a_chat_template_that_rejects_the_placement_is_a_config_error(tiny):
+    from iq_lightning.data import EncodedPrompt, Prompt
+    from iq_lightning.errors import ConfigError
+    from iq_lightning.guides import PrincipleGuide
+    from iq_lightning.run import check_principle_prompt
+
+    model, tokenizer = tiny
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    guide = PrincipleGuide(model, strict, "Be kind.", "system", alpha=1.0, show_progress=False)
+    prompt = EncodedPrompt(Prompt("x", ({"role": "user", "content": "hi"},)), (1, 2))
+    with pytest.raises(ConfigError, match="guide.placement=user"):
+        check_principle_prompt(guide, prompt)
+    check_principle_prompt(PrincipleGuide(model, strict, "Be kind.", "user", alpha=1.0, show_progress=False), prompt)

@@ -43,6 +43,9 @@ class Sampler(ABC):
         self, policy: PreTrainedModel, prompts: Sequence[Sequence[int]], params: SamplingParams, desc: str = "sampling"
     ) -> list[Generation]: ...
 
+    def sleep(self) -> None:
+        """Release sampling memory while the policy trains (a backend with an engine may)."""
+
     def close(self) -> None:
         """Release engine resources at the end of a run."""
 

@@ -14,15 +14,23 @@ from iq_lightning.samplers.base import Generation, Sampler, SamplingParams, cut_
 class HFSampler(Sampler):
     """Reads the policy module directly, so it always samples with the current weights."""
 
-    def __init__(self, batch_size: int, eos_token_ids: Sequence[int], pad_token_id: int, show_progress: bool = True):
+    def __init__(
+        self,
+        batch_size: int,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        show_progress: bool = True,
+        synced_gpus: bool = False,
+    ):
         self.batch_size = batch_size
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.show_progress = show_progress
+        # ZeRO-3 / FSDP: every rank must run the same number of forward passes (its shards are
+        # gathered collectively), so ranks keep stepping until all have finished.
+        self.synced_gpus = synced_gpus
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
-        # A fresh config so a checkpoint's generation_config.json (top_k=50, penalties, ...) cannot
-        # silently change what the sampling parameters mean.
         greedy = params.temperature == 0
         return GenerationConfig(
             do_sample=not greedy,
@@ -43,6 +51,12 @@ class HFSampler(Sampler):
         device = next(policy.parameters()).device
         was_training = policy.training
         policy.eval()
+        # transformers fills every unset field of the passed config from the model's own
+        # generation_config.json (repetition_penalty, min_p, no_repeat_ngram_size, ...), which would
+        # sample from something other than pi_theta. Swap in a neutral one while generating.
+        owner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy  # peft wraps it
+        saved_config = owner.generation_config
+        owner.generation_config = GenerationConfig(eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
         results: list[Generation] = []
         eos = set(self.eos_token_ids)
         try:
@@ -53,6 +67,7 @@ class HFSampler(Sampler):
                     chunk = prompts[start : start + self.batch_size]
                     results.extend(self._generate_batch(policy, chunk, config, eos, device))
         finally:
+            owner.generation_config = saved_config
             policy.train(was_training)
         return results
 
@@ -64,12 +79,22 @@ class HFSampler(Sampler):
             input_ids[i, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
             attention_mask[i, width - len(prompt) :] = 1
         out = policy.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            synced_gpus=self.synced_gpus,
         )
-        generated = out.sequences[:, width:].cpu()
-        # scores are the processed logits (temperature, top-p) the tokens were drawn from.
-        step_logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1).cpu() for s in out.scores], dim=1)
-        chosen = step_logprobs.gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        generated = out.sequences[:, width:]
+        # scores are the processed logits (temperature, top-p) the tokens were drawn from; keep
+        # one gathered float per step, never a stacked (B, steps, V) copy.
+        chosen = torch.stack(
+            [
+                torch.log_softmax(step.float(), dim=-1).gather(-1, generated[:, t : t + 1]).squeeze(-1)
+                for t, step in enumerate(out.scores)
+            ],
+            dim=1,
+        ).cpu()
+        generated = generated.cpu()
         results = []
         for row in range(len(prompts)):
             tokens = generated[row].tolist()

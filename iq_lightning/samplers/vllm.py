@@ -155,7 +155,7 @@ class VLLMSampler(Sampler):
                 max_tokens=params.max_new_tokens,
                 temperature=0.0 if greedy else params.temperature,
                 top_p=1.0 if greedy else params.top_p,
-                seed=params.seed * 100_003 + i,
+                seed=(params.seed * 100_003 + i) % 2**63,
                 stop_token_ids=self.eos_token_ids,
                 logprobs=0,
                 detokenize=False,

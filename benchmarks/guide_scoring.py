@@ -1,0 +1,64 @@
+"""Guide scoring cost: both guides' targets (principle-prompted pi_w and plain pi_l, one pass)
+against two plain no-grad transformers forward passes over the same tokens.
+
+    python benchmarks/guide_scoring.py                 # SmolLM2-135M, 32 samples x 32 tokens
+    python benchmarks/guide_scoring.py --model tiny
+
+The baseline is what a straightforward implementation does: model(x_w + y) and model(x + y),
+full logits over every position, batched the same way. Goal: ratio <= 1.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from iq_lightning.forward import pack, to_device
+    from iq_lightning.guides import PrincipleGuide
+    from iq_lightning.models import frozen_copy
+
+    model, tokenizer = common.load(args.model)
+    model = frozen_copy(model)
+    prompts = common.prompts(tokenizer, args.samples)
+    responses = common.random_responses(tokenizer, args.samples, args.tokens)
+    guide = PrincipleGuide(model, tokenizer, "Always reply in French.", "system", alpha=1.5, batch_size=args.batch, show_progress=False)
+    winner = [guide.winner_prompt_ids(p) for p in prompts]
+
+    def ours():
+        guide.score(prompts, responses)
+
+    @torch.inference_mode()
+    def two_plain_forwards():
+        for start in range(0, args.samples, args.batch):
+            chunk = slice(start, start + args.batch)
+            for prompt_ids in (winner[chunk], [p.input_ids for p in prompts[chunk]]):
+                batch = to_device(pack(prompt_ids, responses[chunk], tokenizer.pad_token_id), model.device)
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+
+    tokens = sum(len(w) + len(p.input_ids) + 2 * args.tokens for w, p in zip(winner, prompts))
+    base = common.median_seconds(two_plain_forwards, args.repeats)
+    mine = common.median_seconds(ours, args.repeats)
+    print(f"model={args.model} samples={args.samples} response_tokens={args.tokens} batch={args.batch} threads={torch.get_num_threads()}")
+    print(f"two plain forwards : {base:.2f} s ({tokens / base:.0f} tokens/s)")
+    print(f"guide scoring      : {mine:.2f} s ({tokens / mine:.0f} tokens/s)")
+    print(f"ratio scoring/plain: {mine / base:.2f} (goal <= 1.1)")
+
+
+if __name__ == "__main__":
+    main()
