@@ -204,7 +204,12 @@ def load_prompts(spec: DataSpec) -> tuple[list[Prompt], PromptStats]:
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
     """Token ids of the chat-formatted prompt with the assistant's generation header."""
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # Templates that leave BOS to the tokenizer (Zephyr's, Mistral's) would lose it here.
+    bos = tokenizer.bos_token_id
+    if getattr(tokenizer, "add_bos_token", False) and bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    return ids
 
 
 def encode_prompts(

@@ -133,3 +133,20 @@ def test_no_usable_prompts_is_a_clear_error(tmp_path, tiny):
     path.write_text('{"prompt": ""}\n')
     with pytest.raises(DataError, match="no usable prompts"):
         prepare_prompts(DataSpec(source="local", path=str(path), split=None), tiny[1])
+
+
+def test_bos_is_kept_when_the_template_leaves_it_to_the_tokenizer(tiny):
+    import copy
+
+    from iq_lightning.data import encode_prompt
+
+    tokenizer = copy.deepcopy(tiny[1])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    messages = ({"role": "user", "content": "hi"},)
+    plain = encode_prompt(tokenizer, messages)
+    assert plain[0] != tokenizer.bos_token_id
+    tokenizer.add_bos_token = True
+    assert encode_prompt(tokenizer, messages) == [tokenizer.bos_token_id] + plain
+    # A template that writes BOS itself gets no second one.
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert encode_prompt(tokenizer, messages).count(tokenizer.bos_token_id) == 1

@@ -196,3 +196,21 @@ def test_a_chat_template_that_rejects_the_placement_is_a_config_error(tiny):
     with pytest.raises(ConfigError, match="guide.placement=user"):
         check_principle_prompt(guide, prompt)
     check_principle_prompt(PrincipleGuide(model, strict, "Be kind.", "user", alpha=1.0, show_progress=False), prompt)
+
+
+@pytest.mark.parametrize("extra", [["model.gradient_checkpointing=true"], ["precision=bf16-mixed"], ["model.gradient_checkpointing=true", "model.lora.enabled=true"]])
+def test_precision_and_gradient_checkpointing_train(tmp_path, extra):
+    result = _run(tmp_path, "epochs=1", "logger=none", "save_final=false", *extra)
+    assert result.trainer.global_step == 2
+    initial = build_tiny(TinySpec())[0].state_dict()
+    trainable = [(n.removeprefix("base_model.model."), p) for n, p in result.module.policy.named_parameters() if p.requires_grad]
+    assert trainable
+    for name, p in trainable:
+        if name in initial:
+            assert not torch.equal(p.detach(), initial[name]), name
+        else:  # LoRA: B starts at zero
+            assert "lora_A" in name or p.abs().sum() > 0, name
+    if "model.gradient_checkpointing=true" in extra:
+        base = result.module.policy
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        assert base.is_gradient_checkpointing
