@@ -93,11 +93,11 @@ def strategy_kwargs(spec: StrategySpec) -> dict:
 
 def build_loggers(spec: LoggerSpec, run_dir: Path) -> list:
     """csv: metrics.csv in the run directory; wandb: W&B (offline by default) plus that CSV."""
-    from lightning.pytorch.loggers import CSVLogger
+    from iq_lightning.logging_csv import ResumableCSVLogger
 
     if spec.kind == "none":
         return []
-    loggers = [CSVLogger(save_dir=str(run_dir), name="metrics", version="")]
+    loggers = [ResumableCSVLogger(save_dir=str(run_dir))]
     if spec.kind == "wandb":
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("logger=wandb needs wandb: pip install wandb (or use logger=csv)")

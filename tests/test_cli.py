@@ -77,3 +77,34 @@ def test_multirun_alpha_sweep_gets_one_directory_per_run(tmp_path):
         config = (run / ".hydra" / "config.yaml").read_text()
         alphas.append(next(line for line in config.splitlines() if line.startswith("alpha:")))
     assert alphas == ["alpha: 1.0", "alpha: 1.2", "alpha: 1.4"]
+
+
+def test_ctrl_c_then_same_command_resumes(tmp_path):
+    """A real SIGINT mid-run: graceful stop, then the same command continues where it stopped."""
+    import signal
+    import time
+
+    args = [sys.executable, str(REPO / "train.py"), "model=tiny", "epochs=30", "samples_per_epoch=16",
+            "sampler.max_new_tokens=16", "logger=csv", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in out, out[-2000:]
+    done = sorted(p.name for p in (tmp_path / "rollouts").glob("epoch_*.jsonl"))
+    assert 1 <= len(done) < 30
+    kept = {name: (tmp_path / "rollouts" / name).read_bytes() for name in done}
+
+    resumed = _train(tmp_path, *args[2:-1])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    after = sorted(p.name for p in (tmp_path / "rollouts").glob("epoch_*.jsonl"))
+    assert after == [f"epoch_{e:03d}.jsonl" for e in range(30)]
+    assert all((tmp_path / "rollouts" / name).read_bytes() == data for name, data in kept.items())
+    epochs = [line.split(",")[0] for line in (tmp_path / "metrics" / "metrics.csv").read_text().splitlines()[1:]]
+    assert sorted({int(e) for e in epochs}) == list(range(30))
