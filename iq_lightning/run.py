@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,10 @@ def build_loggers(spec: LoggerSpec, run_dir: Path) -> list:
             raise ConfigError("logger=wandb needs wandb: pip install wandb (or use logger=csv)")
         from lightning.pytorch.loggers import WandbLogger
 
+        # One W&B run per run directory: a resumed run continues the same W&B run.
+        id_file = run_dir / "wandb_run_id"
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])
         loggers.insert(
             0,
             WandbLogger(
@@ -112,6 +117,8 @@ def build_loggers(spec: LoggerSpec, run_dir: Path) -> list:
                 save_dir=str(run_dir),
                 offline=spec.mode == "offline",
                 mode=spec.mode,
+                id=id_file.read_text().strip(),
+                resume="allow",
             ),
         )
     return loggers
