@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from iq_lightning.config import TinySpec
 from iq_lightning.forward import pack, response_logprobs
 from iq_lightning.samplers import SamplingParams, cut_at_eos
 from iq_lightning.samplers.hf import HFSampler
@@ -192,3 +193,32 @@ def test_hf_sampler_ignores_the_checkpoints_generation_defaults(tiny):
     for i, g in enumerate(generations):
         torch.testing.assert_close(trainer_lp[i, : len(g.response_ids)], torch.tensor(g.sampling_logprobs), atol=1e-4, rtol=1e-4)
     assert policy.generation_config.repetition_penalty == 50.0  # restored afterwards
+
+
+@pytest.mark.vllm
+@vllm_only
+def test_vllm_with_tied_embeddings_uses_the_pushed_head():
+    """SmolLM2 ties its LM head to the embedding; the head must follow the pushed weights (vLLM's
+    CPU backend keeps a packed copy of it that a plain weight reload does not refresh)."""
+    from transformers import LlamaForCausalLM
+
+    from iq_lightning.models import build_tiny
+    from iq_lightning.samplers.vllm import VLLMSampler
+
+    untied, tokenizer = build_tiny(TinySpec())
+    config = untied.config.__class__(**{**untied.config.to_dict(), "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(config)
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    sampler = VLLMSampler([tokenizer.eos_token_id], options={"kv_cache_gib": 0.25}, show_progress=False)
+    try:
+        for step in range(2):  # the first push and a later one after the weights moved
+            gens = sampler.generate(tied, PROMPTS, SamplingParams(8, 1.0, 1.0, seed=step))
+            want = _logprobs_of(tied, PROMPTS, [g.response_ids for g in gens], tokenizer.pad_token_id)
+            for i, g in enumerate(gens):
+                torch.testing.assert_close(torch.tensor(g.sampling_logprobs), want[i, : len(g.response_ids)], atol=1e-4, rtol=1e-4)
+            with torch.no_grad():
+                tied.model.embed_tokens.weight.mul_(1.5)
+            sampler.update_weights(tied)
+    finally:
+        sampler.close()

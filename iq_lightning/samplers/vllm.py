@@ -39,6 +39,16 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
 }
 
 
+def _refresh_tied_lm_head(model: torch.nn.Module) -> None:
+    """A tied LM head shares the embedding's weight, so no weight for it arrives in a push, and its
+    post-load processing (vLLM's CPU backend packs the weight for its GEMM) would keep the stale,
+    dummy-initialised copy: logits from random weights. Redo that processing from the new weight."""
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+
+
 def _import_vllm():
     try:
         import vllm  # noqa: F401
@@ -131,6 +141,8 @@ class VLLMSampler(Sampler):
             self.llm.wake_up(tags=["weights"])
         started = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._weights(policy)})
+        if getattr(policy.config, "tie_word_embeddings", False):
+            self.llm.apply_model(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         if self._sleeping:
             self.llm.wake_up(tags=["kv_cache"])
