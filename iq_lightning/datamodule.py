@@ -88,16 +88,18 @@ class OnPolicyDataModule(L.LightningDataModule):
             seed=(self._epoch_seed(epoch) * 97 + rank) % 2**31,
         )
         started = time.perf_counter()
-        self.sampler.update_weights(policy)
+        self.sampler.update_weights(policy)  # an engine's first call also starts it
+        synced = time.perf_counter()
         generations = self.sampler.generate(policy, [p.input_ids for p in prompts], params, desc=f"epoch {epoch} sampling")
         sampled = time.perf_counter()
         scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring")
         scored = time.perf_counter()
         tokens = sum(len(g.response_ids) for g in generations)
         self.epoch_stats = {
-            "time/sample_s": sampled - started,
+            "time/weight_sync_s": synced - started,
+            "time/sample_s": sampled - synced,
             "time/score_s": scored - sampled,
-            "throughput/sample_tokens_per_s": tokens / max(sampled - started, 1e-9),
+            "throughput/sample_tokens_per_s": tokens / max(sampled - synced, 1e-9),
         }
         return [
             Rollout(

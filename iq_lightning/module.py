@@ -83,7 +83,7 @@ class InverseQModule(L.LightningModule):
             batch_size=max(tokens, 1),
             sync_dist=True,
         )
-        self.log("train/response_length", metrics["response_length"], on_epoch=True, batch_size=size, sync_dist=True)
+        self.log("train/response_length", metrics["response_length"], on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         return metrics["loss"]
 
     def on_train_epoch_start(self) -> None:

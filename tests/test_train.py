@@ -57,8 +57,11 @@ def test_run_directory_layout(two_epochs):
             assert all(v <= 0 for v in row["target_logprobs"] + row["sampling_logprobs"])
             assert row["messages"][-1]["role"] == "user" and row["prompt_ids"]
     metrics = (run_dir / "metrics" / "metrics.csv").read_text()
-    for name in ("train/loss_epoch", "train/kl_policy_pi_hat", "train/credit_mean", "time/sample_s", "time/train_s"):
-        assert name in metrics.splitlines()[0]
+    header = metrics.splitlines()[0].split(",")
+    for name in ("train/loss_epoch", "train/loss_token_mean", "train/kl_policy_pi_hat", "train/log_ratio_mean",
+                 "train/credit_mean", "train/response_length", "time/weight_sync_s", "time/sample_s",
+                 "time/score_s", "time/train_s"):
+        assert name in header, name
 
 
 def test_policy_weights_change_and_final_is_plain_transformers(two_epochs):
