@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from iq_lightning.cli import configure_environment, user_errors_as_one_line
+from iq_lightning.cli import configure_environment, single_log_stream, user_errors_as_one_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
@@ -21,6 +21,8 @@ def main(cfg: DictConfig) -> None:
 
     from iq_lightning.config import DataSpec, ModelSpec, SamplerSpec, build_spec, validate_sampler
     from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
+
+    single_log_stream()  # after Lightning's import has attached its handlers
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     spec = GenerateSpec(

@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from iq_lightning.cli import configure_environment, user_errors_as_one_line
+from iq_lightning.cli import configure_environment, single_log_stream, user_errors_as_one_line
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,6 +17,8 @@ from iq_lightning.cli import configure_environment, user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
     from iq_lightning.config import build_run_config
     from iq_lightning.run import train
+
+    single_log_stream()  # after Lightning's import has attached its handlers
 
     run = build_run_config(cfg, HydraConfig.get().runtime.output_dir)
     train(run)

@@ -17,6 +17,17 @@ def configure_environment() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def single_log_stream() -> None:
+    """Hydra already logs every record to the console and the run's log file; Lightning's own
+    console handlers would print each of its lines a second time."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def user_errors_as_one_line(func: Callable) -> Callable:
     """Print a UserError as `error: ...` and exit 2 instead of a stack trace."""
 
