@@ -63,8 +63,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Prompt source: 'bundled' (shipped with iq_lightning), 'hh_rlhf' (Anthropic/HH-RLHF prefixes)
-    or 'local' (JSONL/Parquet at `path` with `prompt` or `messages`)."""
+    """Prompt source: 'bundled' (shipped with iq_lightning), 'hh_rlhf' (Anthropic/HH-RLHF prefixes),
+    'beavertails' (BeaverTails-Evaluation, harmful queries by category) or 'local' (JSONL/Parquet at `path` with `prompt` or `messages`)."""
 
     source: str = "bundled"
     path: str | None = None
@@ -116,6 +116,8 @@ class TrainSpec:
     max_grad_norm: float | None = 1.0
     precision: str = "32-true"
     save_final: bool = True
+    save_epoch_policies: bool = False  # policies/epoch_NNN after every epoch (reward curves, Fig. 6)
+    credit_maps_per_epoch: int = 2  # credit/epoch_NNN/*.html heat maps of the first samples (Fig. 8)
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class RunConfig:
 
 SAMPLER_BACKENDS = ("hf", "vllm")
 MODEL_SOURCES = ("pretrained", "package_gguf", "tiny")
-DATA_SOURCES = ("bundled", "hh_rlhf", "local")
+DATA_SOURCES = ("bundled", "hh_rlhf", "beavertails", "local")
 GUIDE_KINDS = ("principle", "aligned_model")
 PLACEMENTS = ("system", "user")
 LOGGERS = ("wandb", "csv", "none")
@@ -252,6 +254,7 @@ def validate(run: RunConfig) -> None:
     _integer(t.accumulate_grad_batches, "accumulate_grad_batches", 1)
     _integer(t.passes_per_epoch, "passes_per_epoch", 1)
     _integer(t.seed, "seed", 0)
+    _integer(t.credit_maps_per_epoch, "credit_maps_per_epoch", 0)
     _check(str(t.precision) in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(t.reduction in REDUCTIONS, f"reduction must be one of {', '.join(REDUCTIONS)}, got {t.reduction!r}")
 

@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from iq_lightning.config import LoggerSpec, RunConfig, StrategySpec
+from iq_lightning.callbacks import CreditMaps, EpochPolicyExport
+from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, StrategySpec
 from iq_lightning.data import prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError
@@ -43,10 +44,11 @@ class TrainResult:
     final_dir: Path | None
 
 
-def build_guide(run: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, show_progress: bool) -> GuideScorer:
+def build_guide(
+    g: GuideSpec, alpha: float, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, show_progress: bool, policy_name: str | None = None
+) -> GuideScorer:
     """pi_l (and pi_ref) is the frozen initial policy (with LoRA: its adapter-disabled base);
     pi_w per guide.kind."""
-    g, alpha = run.guide, run.train.alpha
     lesser = frozen_reference(policy)
     if g.kind == "principle":
         return PrincipleGuide(lesser, tokenizer, g.principle, g.placement, alpha, g.batch_size, show_progress)
@@ -54,7 +56,7 @@ def build_guide(run: RunConfig, policy: PreTrainedModel, tokenizer: PreTrainedTo
     if not same_tokenizer(tokenizer, winner_tokenizer) or output_vocab_size(winner) != output_vocab_size(policy):
         raise ConfigError(
             f"guide.model {g.model.name_or_path!r} has a different tokenizer from the policy "
-            f"{run.model.name_or_path!r}; pi_hat mixes log-probs per token id, so both must share one vocabulary"
+            f"{policy_name!r}; pi_hat mixes log-probs per token id, so both must share one vocabulary"
         )
     winner.eval().requires_grad_(False)
     return AlignedModelGuide(winner, lesser, tokenizer.pad_token_id, alpha, g.batch_size, show_progress)
@@ -177,7 +179,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
     policy, tokenizer = load_model(run.model)
     prompts, stats = prepare_prompts(run.data, tokenizer)
     log.info("prompts (%s): %s", run.data.source, stats.describe())
-    guide = build_guide(run, policy, tokenizer, show_progress)
+    guide = build_guide(run.guide, run.train.alpha, policy, tokenizer, show_progress, run.model.name_or_path)
     if isinstance(guide, PrincipleGuide):
         check_principle_prompt(guide, prompts[0])
     eos = eos_ids(tokenizer, policy.generation_config.eos_token_id)
@@ -210,12 +212,17 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
         save_last="link",
         every_n_epochs=1,
     )
+    callbacks = [checkpoint]
+    if t.credit_maps_per_epoch:
+        callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta))
+    if t.save_epoch_policies:
+        callbacks.append(EpochPolicyExport(run_dir, tokenizer))
     trainer = L.Trainer(
         **trainer_kwargs,
         precision=t.precision,
         max_epochs=t.epochs,
         logger=loggers or False,
-        callbacks=[checkpoint],
+        callbacks=callbacks,
         reload_dataloaders_every_n_epochs=1,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.max_grad_norm,

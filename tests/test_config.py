@@ -89,7 +89,7 @@ def test_guide_with_another_tokenizer_is_refused(tmp_path, monkeypatch):
     assert not same_tokenizer(tokenizer, other)
     monkeypatch.setattr(run_module, "load_model", lambda spec: (build_tiny(spec.tiny)[0], other))
     with pytest.raises(ConfigError, match="different tokenizer"):
-        run_module.build_guide(run, policy, tokenizer, show_progress=False)
+        run_module.build_guide(run.guide, run.train.alpha, policy, tokenizer, show_progress=False, policy_name=run.model.name_or_path)
 
 
 def test_missing_bundled_package_names_the_install_command():

@@ -165,13 +165,13 @@ def test_two_epoch_run_with_vllm_sampler(tmp_path):
 
 
 def test_run_can_be_read_back_for_analysis(two_epochs):
-    from iq_lightning.analysis import credit_html, epoch_metrics, rollouts
+    from iq_lightning.analysis import rollout_credit_html, epoch_metrics, rollouts
 
     metrics = epoch_metrics(two_epochs.run_dir)
     assert [int(m["epoch"]) for m in metrics] == [0, 1]
     stored = rollouts(two_epochs.run_dir)
     assert [r.epoch for r in stored] == [0] * 8 + [1] * 8
-    page = credit_html(stored[0], two_epochs.datamodule.tokenizer, beta=0.5)
+    page = rollout_credit_html(stored[0], two_epochs.datamodule.tokenizer, beta=0.5)
     assert page.count("<span title=") == len(stored[0].response_ids)
     first = 0.5 * (stored[0].target_logprobs[0] - stored[0].ref_logprobs[0])
     assert f'title="{first:+.3f}"' in page
