@@ -118,6 +118,22 @@ def _load_hh_rlhf(spec: DataSpec, stats: PromptStats) -> list[Prompt]:
     return prompts
 
 
+def _load_beavertails(spec: DataSpec, stats: PromptStats) -> list[Prompt]:
+    """PKU-Alignment/BeaverTails-Evaluation: harmful queries in 14 categories (paper Sec. 5.3)."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset("PKU-Alignment/BeaverTails-Evaluation", split=spec.split or "test")
+    except Exception as exc:  # datasets raises many types for offline / missing data
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot load PKU-Alignment/BeaverTails-Evaluation; offline? {first}") from None
+    prompts = []
+    for i, row in enumerate(rows):
+        stats.loaded += 1
+        prompts.append(Prompt(id=f"beavertails/{i}", messages=({"role": "user", "content": str(row["prompt"])},), category=row.get("category")))
+    return prompts
+
+
 # --- JSONL / Parquet rows ------------------------------------------------------------------------
 
 
@@ -192,6 +208,8 @@ def load_prompts(spec: DataSpec) -> tuple[list[Prompt], PromptStats]:
     stats = PromptStats()
     if spec.source == "hh_rlhf":
         prompts = _load_hh_rlhf(spec, stats)
+    elif spec.source == "beavertails":
+        prompts = _load_beavertails(spec, stats)
     elif spec.source == "local":
         prompts = _load_rows(Path(spec.path), spec.split if spec.split else None, stats)
     else:

@@ -1,0 +1,27 @@
+"""Judge contestants' answers pairwise and report win rates, Elo, plots. Examples:
+
+    python evaluate.py +contestants.iq.run_dir=outputs/2026-11-23/10-00-00
+    python evaluate.py sweep_dir=multirun/2026-11-23/11-00-00 pairs=reference
+    python evaluate.py judge=openai judge.model=gpt-4-turbo
+    python evaluate.py reward.model=/path/to/reward_model reward.run_dir=outputs/...   # Fig. 6
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from iq_lightning.cli import configure_environment, single_log_stream, user_errors_as_one_line
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@user_errors_as_one_line
+def main(cfg: DictConfig) -> None:
+    from iq_lightning.evaluation.run import evaluate
+    from iq_lightning.evaluation.spec import build_eval_spec
+
+    single_log_stream()
+    evaluate(build_eval_spec(cfg))
+
+
+if __name__ == "__main__":
+    configure_environment()
+    main()

@@ -1,0 +1,93 @@
+"""Contestants' answers for the evaluation prompts, cached on disk: judging again, or with more
+contestants, costs no generation. A cache file is named by a hash of everything that decides
+its answers (model weights' identity, principle, prompts, sampling), so a changed setting
+writes a new file instead of silently reusing a stale one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from iq_lightning.config import ModelSpec
+from iq_lightning.errors import ConfigError
+from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
+from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
+
+log = logging.getLogger(__name__)
+
+
+def sweep_contestants(sweep_dir: str | Path) -> list[ContestantSpec]:
+    """Every finished run of a Hydra multirun directory, named and ordered by its alpha."""
+    found = []
+    for run in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
+        config = run / ".hydra" / "config.yaml"
+        if not config.is_file() or not (run / "final").is_dir():
+            continue
+        alpha = float(OmegaConf.load(config)["alpha"])
+        found.append(ContestantSpec(name=f"alpha={alpha:g}", run_dir=str(run), alpha=alpha))
+    if not found:
+        raise ConfigError(f"sweep_dir={sweep_dir} holds no finished runs (subdirectories with .hydra/config.yaml and final/)")
+    names = [c.name for c in found]
+    if len(set(names)) != len(names):  # a sweep over more than alpha: keep the runs apart
+        found = [replace(c, name=f"{c.name} ({Path(c.run_dir).name})") for c in found]
+    return sorted(found, key=lambda c: (c.alpha, c.name))
+
+
+def contestant_model(contestant: ContestantSpec, base: ModelSpec) -> ModelSpec:
+    return model_spec_for(contestant.run_dir, contestant.model_path, base)
+
+
+def _weights_identity(model: ModelSpec) -> dict:
+    """Name plus the weight files' sizes and modification times: a retrained run_dir changes it."""
+    identity = {"model": asdict(model)}
+    path = Path(model.name_or_path or "")
+    if path.is_dir():
+        identity["files"] = sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")
+        )
+    return identity
+
+
+def generation_key(spec: EvalSpec, contestant: ContestantSpec) -> str:
+    model = contestant_model(contestant, spec.model)
+    decided_by = {
+        **_weights_identity(model),
+        "principle": contestant.principle,
+        "placement": contestant.placement if contestant.principle else None,
+        "data": asdict(spec.data),
+        "sampler": {k: v for k, v in asdict(spec.sampler).items() if k != "batch_size"},
+        "seed": spec.seed,
+    }
+    return hashlib.sha256(json.dumps(decided_by, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def answers(spec: EvalSpec, contestant: ContestantSpec, show_progress: bool = True) -> tuple[str, dict[str, dict]]:
+    """(cache key, prompt id -> answer row) for one contestant, generating only on a cache miss."""
+    key = generation_key(spec, contestant)
+    safe_name = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in contestant.name)
+    path = spec.out_dir / "generations" / f"{safe_name}-{key}.jsonl"
+    if path.is_file():
+        log.info("%s: cached answers %s", contestant.name, path)
+    else:
+        partial = path.with_suffix(".partial")  # an interrupted generation is never taken for a cache hit
+        generate_responses(
+            GenerateSpec(
+                model=contestant_model(contestant, spec.model),
+                data=spec.data,
+                sampler=spec.sampler,
+                output=partial,
+                seed=spec.seed,
+                principle=contestant.principle,
+                placement=contestant.placement,
+                name=contestant.name,
+            ),
+            show_progress=show_progress,
+        )
+        partial.replace(path)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return key, {row["id"]: row for row in rows}

@@ -1,0 +1,99 @@
+"""Matches between contestants: which pairs meet, in which shown order, and the judge's verdicts,
+cached in judgments.jsonl so that re-running judges only what is new."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from iq_lightning.evaluation.judges import Comparison, Judge, map_back, swap_orders
+
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Judgment:
+    prompt_id: str
+    category: str | None
+    a: str
+    b: str
+    swapped: bool  # b's answer was shown as assistant A
+    verdict: str  # about a against b: A (a better), B, tie, invalid
+    raw: str
+
+
+def pairings(names: Sequence[str], reference: str, mode: str) -> list[tuple[str, str]]:
+    """all: every pair once (what Elo needs); reference: each contestant against the reference."""
+    if mode == "reference":
+        return [(n, reference) for n in names if n != reference]
+    return list(itertools.combinations(names, 2))
+
+
+def _fingerprint(judge: Judge) -> str:
+    return hashlib.sha256(json.dumps(judge.fingerprint(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def judge_pairings(
+    judge: Judge,
+    pairs: Sequence[tuple[str, str]],
+    answers: dict[str, dict[str, dict]],
+    answer_keys: dict[str, str],
+    seed: int,
+    cache_path: Path,
+    show_progress: bool = True,
+) -> list[Judgment]:
+    """Every pair judged on the prompts both answered, each in its seeded shown order."""
+    judge_id = _fingerprint(judge)
+    cached: dict[str, dict] = {}
+    if cache_path.is_file():
+        for line in cache_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                cached[record["key"]] = record
+
+    planned = []  # (cache key, a, b, prompt id, swapped)
+    for a, b in pairs:
+        ids = [i for i in answers[a] if i in answers[b]]
+        # The order depends on the pair, not on which other pairs are judged in this run.
+        swaps = swap_orders(len(ids), seed + zlib.crc32(f"{a}\x00{b}".encode()))
+        for prompt_id, swapped in zip(ids, swaps.tolist()):
+            key = "|".join((judge_id, answer_keys[a], answer_keys[b], prompt_id, str(swapped)))
+            planned.append((key, a, b, prompt_id, swapped))
+
+    missing = [p for p in planned if p[0] not in cached]
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    # Judged in chunks, each appended at once: an interrupted evaluation keeps what it judged.
+    for start in range(0, len(missing), CHUNK):
+        chunk = missing[start : start + CHUNK]
+        comparisons = []
+        for _, a, b, prompt_id, swapped in chunk:
+            first, second = (b, a) if swapped else (a, b)
+            comparisons.append(
+                Comparison(tuple(answers[a][prompt_id]["messages"]), answers[first][prompt_id]["response"], answers[second][prompt_id]["response"])
+            )
+        replies = judge.judge(comparisons, show_progress=show_progress)
+        with cache_path.open("a", encoding="utf-8") as handle:
+            for (key, *_), reply in zip(chunk, replies):
+                record = {"key": key, "shown_verdict": reply.verdict, "raw": reply.raw}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                cached[key] = record
+
+    judgments = []
+    for key, a, b, prompt_id, swapped in planned:
+        record = cached[key]
+        judgments.append(
+            Judgment(prompt_id, answers[a][prompt_id].get("category"), a, b, swapped, map_back(record["shown_verdict"], swapped), record["raw"])
+        )
+    return judgments
+
+
+def write_judgments(judgments: Sequence[Judgment], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for j in judgments:
+            handle.write(json.dumps(asdict(j), ensure_ascii=False) + "\n")

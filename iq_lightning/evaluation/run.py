@@ -1,0 +1,196 @@
+"""The evaluation recipe (evaluate.py): answers -> pairwise verdicts -> win rates, Elo, plots;
+optionally reward-model curves over a run's epochs and token-credit maps of the answers.
+
+Reads top to bottom; every step writes into `out_dir` so nothing is recomputed on a rerun:
+  generations/  answers per contestant (cached)     judgments.jsonl  raw verdicts (cached)
+  results/      CSV tables, summary.md              plots/           PNG figures
+  credit/       token-credit HTML maps
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from iq_lightning.analysis import credit_html
+from iq_lightning.callbacks import POLICY_DIR
+from iq_lightning.data import EncodedPrompt, Prompt, encode_prompt
+from iq_lightning.errors import ConfigError
+from iq_lightning.evaluation import plots
+from iq_lightning.evaluation.answers import answers, sweep_contestants
+from iq_lightning.evaluation.judges import HELPFUL_HARMLESS, Judge, LikelihoodJudge, OpenAIJudge
+from iq_lightning.evaluation.matches import Judgment, judge_pairings, pairings, write_judgments
+from iq_lightning.evaluation.ratings import WinRate, elo_ratings, flip, matches_from_verdicts, per_category, win_rates
+from iq_lightning.evaluation.report import RATE_FIELDS, log_to_wandb, markdown_summary, rate_row, write_csv
+from iq_lightning.evaluation.reward import RewardCurve, RewardModel, reward_curve
+from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
+from iq_lightning.models import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    judgments: list[Judgment]
+    rates: dict[tuple[str, str], WinRate]
+    elo: object | None
+    reward_increments: dict[int, float] | None
+    files: list[Path] = field(default_factory=list)
+
+
+def build_judge(spec: EvalSpec) -> Judge:
+    j = spec.judge
+    criteria = j.criteria or HELPFUL_HARMLESS
+    if j.backend == "openai":
+        key = os.environ.get(j.api_key_env) if j.api_key_env else None
+        return OpenAIJudge(j.model, j.base_url, key, criteria, j.temperature, j.max_tokens, j.extra_body)
+    from iq_lightning.generation import model_spec_for
+
+    model_spec = model_spec_for(None, j.model_path, spec.model)
+
+    def load():
+        model, tokenizer = load_model(model_spec)
+        return (model.to("cuda") if torch.cuda.is_available() else model), tokenizer
+
+    return LikelihoodJudge(load, model_spec.name_or_path, criteria, j.tie_margin, j.batch_size)
+
+
+def against(rates: dict[tuple[str, str], WinRate], name: str, reference: str) -> WinRate | None:
+    """`name`'s record against `reference`, whichever way round the pair was judged."""
+    if (name, reference) in rates:
+        return rates[(name, reference)]
+    if (reference, name) in rates:
+        return flip(rates[(reference, name)])
+    return None
+
+
+def credit_maps(spec: EvalSpec, rows_by_name: dict[str, dict[str, dict]], show_progress: bool) -> list[Path]:
+    """Token-credit maps of the first `credit_maps` answers of each contestant, scored by the
+    configured guides over the `model` group's model (pi_l = pi_ref = that model)."""
+    from iq_lightning.run import build_guide
+
+    if spec.credit_maps <= 0:
+        return []
+    model, tokenizer = load_model(spec.model)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    guide = build_guide(spec.guide, spec.alpha, model, tokenizer, show_progress=False, policy_name=spec.model.name_or_path)
+    written = []
+    for name, rows in rows_by_name.items():
+        chosen = list(rows.values())[: spec.credit_maps]
+        prompts = [EncodedPrompt(Prompt(r["id"], tuple(r["messages"]), r.get("category")), tuple(encode_prompt(tokenizer, r["messages"]))) for r in chosen]
+        responses = [list(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) or [tokenizer.eos_token_id] for r in chosen]
+        scores = guide.score(prompts, responses, desc=f"credit {name}")
+        safe = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
+        for i, (r, ids, s) in enumerate(zip(chosen, responses, scores)):
+            page = credit_html(tokenizer, ids, s.target_logprobs, s.ref_logprobs, r["messages"][-1]["content"], f"{name}, {r['id']}", spec.beta)
+            path = spec.out_dir / "credit" / safe / f"{i:02d}.html"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(page, encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def reward_increments(spec: EvalSpec, show_progress: bool) -> tuple[RewardCurve, float | None]:
+    """Fig. 6: per epoch (mean reward - initial mean) / initial std, and the baseline's value."""
+    r = spec.reward
+    policies = sorted(p for p in (Path(r.run_dir) / POLICY_DIR).iterdir() if p.is_dir())
+    if not policies:
+        raise ConfigError(f"reward.run_dir={r.run_dir}: policies/ is empty")
+    # Epoch 0 is the initial model (the `model` group); policies/epoch_000 is the policy after it.
+    sources = {0: ContestantSpec("initial")}
+    for p in policies:
+        epoch = int(p.name.removeprefix("epoch_")) + 1
+        sources[epoch] = ContestantSpec(f"epoch_{epoch}", model_path=str(p / "merged" if (p / "merged").is_dir() else p))
+    if r.baseline_run_dir or r.baseline_model_path:
+        sources[-1] = ContestantSpec(r.baseline_label, run_dir=r.baseline_run_dir, model_path=r.baseline_model_path)
+    rows = {e: answers(spec, c, show_progress)[1] for e, c in sources.items()}
+    model = RewardModel(r.model, r.batch_size, r.trust_remote_code)
+    scores = {e: model.score([(tuple(x["messages"]), x["response"]) for x in rs.values()], desc=f"reward {sources[e].name}") for e, rs in rows.items()}
+    baseline_scores = scores.pop(-1, None)
+    curve = reward_curve(scores)
+    baseline = None
+    if baseline_scores is not None:
+        baseline = reward_curve({0: scores[0], 1: baseline_scores}).increment[1]
+    return curve, baseline
+
+
+def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
+    out = spec.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    contestants = list(spec.contestants) + (sweep_contestants(spec.sweep_dir) if spec.sweep_dir else [])
+    names = [c.name for c in contestants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"contestant names must be unique, got {names}")
+    files: list[Path] = []
+
+    # 1. answers (cached per contestant)
+    keys, rows = {}, {}
+    for c in contestants:
+        keys[c.name], rows[c.name] = answers(spec, c, show_progress)
+
+    # 2. verdicts (cached per judge, answer set, prompt and shown order)
+    judgments: list[Judgment] = []
+    rates: dict[tuple[str, str], WinRate] = {}
+    elo = None
+    if len(contestants) >= 2:
+        judge = build_judge(spec)
+        judgments = judge_pairings(judge, pairings(names, spec.reference, spec.pairs), rows, keys, spec.seed, out / "judgments.jsonl", show_progress)
+        del judge
+        write_judgments(judgments, out / "results" / "verdicts.jsonl")
+        verdicts = [(j.a, j.b, j.verdict) for j in judgments]
+        rates = win_rates(verdicts)
+        invalid = sum(r.invalid for r in rates.values())
+        if invalid:
+            log.warning("%d of %d verdicts could not be parsed; they are counted as invalid and left out of the rates", invalid, len(judgments))
+
+        # 3. tables and plots
+        files.append(write_csv(out / "results" / "win_rates.csv", RATE_FIELDS, [rate_row(a, b, r) for (a, b), r in rates.items()]))
+        versus = {n: against(rates, n, spec.reference) for n in names if n != spec.reference}
+        versus = {n: r for n, r in versus.items() if r is not None and r.valid}
+        if versus:
+            files.append(plots.win_rate_bars(versus, spec.reference, out / "plots" / "win_rates.png"))
+        by_category = per_category((j.category or "all", j.a, j.b, j.verdict) for j in judgments)
+        category_rows, radar = [], {}
+        for category, cat_rates in by_category.items():
+            for (a, b), r in cat_rates.items():
+                category_rows.append({"category": category, **rate_row(a, b, r)})
+            radar[category] = {n: r.win_rate for n in names if (r := against(cat_rates, n, spec.reference)) is not None and r.valid}
+        files.append(write_csv(out / "results" / "win_rates_by_category.csv", ["category", *RATE_FIELDS], category_rows))
+        if len(radar) >= 3:  # a radar of fewer axes is no chart
+            files.append(plots.category_radar(radar, spec.reference, out / "plots" / "category_radar.png"))
+        matches = matches_from_verdicts(verdicts)
+        if matches:
+            e = spec.elo
+            elo = elo_ratings(matches, e.k, e.initial, e.permutations, spec.seed)
+            files.append(write_csv(out / "results" / "elo.csv", ["contestant", "elo", "std"],
+                                   [{"contestant": p, "elo": round(float(m), 2), "std": round(float(s), 2)} for p, m, s in zip(elo.players, elo.mean, elo.std)]))
+            files.append(plots.elo_curve(elo, e.smoothing_sigma, out / "plots" / "elo_curve.png"))
+        sweep = [(c.alpha, r.win_minus_lose) for c in contestants if c.alpha is not None and (r := versus.get(c.name)) is not None]
+        if sweep:
+            files.append(plots.alpha_sweep(sweep, spec.reference, out / "plots" / "alpha_sweep.png"))
+
+    # 4. reward-model curve over a run's epochs
+    increments = None
+    if spec.reward.model:
+        curve, baseline = reward_increments(spec, show_progress)
+        increments = dict(zip(curve.epochs, curve.increment))
+        files.append(write_csv(out / "results" / "reward_curve.csv", ["epoch", "increment"], [{"epoch": k, "increment": round(v, 4)} for k, v in increments.items()]))
+        files.append(plots.reward_curve_plot(curve, out / "plots" / "reward_curve.png", baseline, spec.reward.baseline_label))
+
+    # 5. token-credit maps of the answers
+    credit_pages = credit_maps(spec, rows, show_progress)
+    files.extend(credit_pages)
+
+    summary = markdown_summary(rates, elo, increments)
+    (out / "results" / "summary.md").parent.mkdir(parents=True, exist_ok=True)
+    (out / "results" / "summary.md").write_text(summary, encoding="utf-8")
+    log.info("evaluation written to %s\n%s", out, summary)
+    log_to_wandb(spec.logger, out, judgments, rows, [rate_row(a, b, r) for (a, b), r in rates.items()], elo,
+                 [f for f in files if f.suffix == ".png"], credit_pages)
+    return EvalResult(out, judgments, rates, elo, increments, files)

@@ -1,0 +1,187 @@
+"""Typed evaluation config, built once from Hydra's `conf/evaluate.yaml` and validated."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from iq_lightning.config import (
+    DATA_SOURCES,
+    PLACEMENTS,
+    DataSpec,
+    GuideSpec,
+    LoggerSpec,
+    ModelSpec,
+    SamplerSpec,
+    build_spec,
+    validate_sampler,
+)
+from iq_lightning.errors import ConfigError
+
+JUDGE_BACKENDS = ("likelihood", "openai")
+PAIRINGS = ("all", "reference")
+
+
+@dataclass(frozen=True)
+class ContestantSpec:
+    """One answer source: a training run's final/, any save_pretrained directory, or (neither)
+    the `model` group's model; with `principle` set, the Prompting baseline of that model."""
+
+    name: str
+    run_dir: str | None = None
+    model_path: str | None = None
+    principle: str | None = None
+    placement: str = "system"
+    alpha: float | None = None  # a sweep run's alpha (Fig. 7)
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    backend: str = "likelihood"
+    criteria: str | None = None  # None: helpfulness and harmlessness (judges.HELPFUL_HARMLESS)
+    # likelihood: a local model (null: the `model` group's model)
+    model_path: str | None = None
+    tie_margin: float = 0.0
+    batch_size: int = 4
+    # openai: any OpenAI-compatible endpoint
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = "OPENAI_API_KEY"
+    temperature: float = 0.0
+    max_tokens: int = 512
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EloSpec:
+    k: float = 16.0
+    initial: float = 1000.0
+    permutations: int = 1000
+    smoothing_sigma: float = 3.0
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """Fig. 6: a sequence-classification reward model scores each epoch's policy of `run_dir`
+    (trained with save_epoch_policies=true) against the initial `model`."""
+
+    model: str | None = None
+    run_dir: str | None = None
+    baseline_run_dir: str | None = None  # e.g. a PPO run: drawn as a horizontal line
+    baseline_model_path: str | None = None
+    baseline_label: str = "baseline"
+    batch_size: int = 8
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    model: ModelSpec
+    data: DataSpec
+    sampler: SamplerSpec
+    guide: GuideSpec
+    logger: LoggerSpec
+    judge: JudgeSpec
+    elo: EloSpec
+    reward: RewardSpec
+    contestants: tuple[ContestantSpec, ...]
+    out_dir: Path
+    reference: str = "sft"
+    pairs: str = "all"
+    sweep_dir: str | None = None
+    alpha: float = 1.5
+    beta: float = 0.1
+    credit_maps: int = 3
+    seed: int = 0
+
+
+_TOP = {"reference", "pairs", "sweep_dir", "alpha", "beta", "credit_maps", "seed", "name", "out_dir"}
+_GROUPS = {"model", "data", "sampler", "guide", "logger", "judge", "elo", "reward", "contestants"}
+
+
+def _contestants(node: Any) -> tuple[ContestantSpec, ...]:
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"contestants must be a mapping of name -> settings, got {node!r}")
+    found = []
+    for name, settings in node.items():
+        if settings is None:  # `~contestants.prompting` or `contestants.prompting=null` removes one
+            continue
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"contestants.{name} must be a mapping (run_dir, model_path, principle, placement)")
+        found.append(build_spec(ContestantSpec, {"name": str(name), **settings}, f"contestants.{name}"))
+    return tuple(found)
+
+
+def build_eval_spec(cfg: DictConfig | Mapping[str, Any]) -> EvalSpec:
+    """Hydra config -> validated EvalSpec; ConfigError (one line) on a mistake."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    except Exception as exc:
+        raise ConfigError(f"cannot resolve the config: {exc}") from None
+    stray = sorted(set(plain) - _TOP - _GROUPS - {"hydra"})
+    if stray:
+        raise ConfigError(f"unknown top-level key {stray[0]!r} (known: {', '.join(sorted(_TOP | _GROUPS))})")
+    judge = dict(plain.get("judge") or {})
+    judge["extra_body"] = dict(judge.get("extra_body") or {})
+    try:
+        spec = EvalSpec(
+            model=build_spec(ModelSpec, plain.get("model"), "model"),
+            data=build_spec(DataSpec, plain.get("data"), "data"),
+            sampler=validate_sampler(build_spec(SamplerSpec, plain.get("sampler"), "sampler")),
+            guide=build_spec(GuideSpec, plain.get("guide"), "guide"),
+            logger=build_spec(LoggerSpec, plain.get("logger"), "logger"),
+            judge=build_spec(JudgeSpec, judge, "judge"),
+            elo=build_spec(EloSpec, plain.get("elo"), "elo"),
+            reward=build_spec(RewardSpec, plain.get("reward"), "reward"),
+            contestants=_contestants(plain.get("contestants") or {}),
+            out_dir=Path(plain["out_dir"]),
+            **{k: plain[k] for k in _TOP - {"name", "out_dir"} if k in plain},
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+    validate_eval(spec)
+    return spec
+
+
+def validate_eval(spec: EvalSpec) -> None:
+    """Mistakes found before any model is loaded."""
+    j = spec.judge
+    if j.backend not in JUDGE_BACKENDS:
+        raise ConfigError(f"judge.backend must be one of {', '.join(JUDGE_BACKENDS)}, got {j.backend!r}")
+    if j.backend == "openai":
+        if not j.model:
+            raise ConfigError("judge=openai needs judge.model (the endpoint's model name)")
+        if j.api_key_env and not os.environ.get(j.api_key_env) and not j.base_url:
+            raise ConfigError(f"judge=openai: set the API key in ${j.api_key_env} (it is read from the environment only)")
+    if spec.data.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {spec.data.source!r}")
+    if spec.data.source == "local" and not (spec.data.path and Path(spec.data.path).is_file()):
+        raise ConfigError(f"data.path={spec.data.path}: no such file")
+    if spec.pairs not in PAIRINGS:
+        raise ConfigError(f"pairs must be one of {', '.join(PAIRINGS)}, got {spec.pairs!r}")
+    names = [c.name for c in spec.contestants]
+    if len(names) + (1 if spec.sweep_dir else 0) < 2 and not spec.reward.model:
+        raise ConfigError("need at least two contestants to compare (add one with +contestants.NAME.run_dir=...)")
+    if spec.reference not in names and names:
+        raise ConfigError(f"reference={spec.reference!r} is not a contestant (contestants: {', '.join(names)})")
+    for c in spec.contestants:
+        if c.run_dir and c.model_path:
+            raise ConfigError(f"contestants.{c.name}: give run_dir or model_path, not both")
+        for key, path in (("run_dir", c.run_dir), ("model_path", c.model_path)):
+            if path and not Path(path).is_dir():
+                raise ConfigError(f"contestants.{c.name}.{key}={path}: no such directory")
+        if c.placement not in PLACEMENTS:
+            raise ConfigError(f"contestants.{c.name}.placement must be system or user, got {c.placement!r}")
+    if spec.sweep_dir and not Path(spec.sweep_dir).is_dir():
+        raise ConfigError(f"sweep_dir={spec.sweep_dir}: no such directory")
+    r = spec.reward
+    if r.model and not r.run_dir:
+        raise ConfigError("reward.model needs reward.run_dir (a run trained with save_epoch_policies=true)")
+    if r.run_dir and not (Path(r.run_dir) / "policies").is_dir():
+        raise ConfigError(f"reward.run_dir={r.run_dir} has no policies/ (train it with save_epoch_policies=true)")
+    if spec.elo.permutations < 1:
+        raise ConfigError(f"elo.permutations must be >= 1, got {spec.elo.permutations}")
