@@ -22,6 +22,7 @@ from transformers import (
 
 from iq_lightning.config import ModelSpec, TinySpec
 from iq_lightning.errors import ConfigError, ModelLoadError
+from iq_lightning.sharded import full_named_parameters, is_lora_layer, plain_name
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,17 @@ def output_vocab_size(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Save a directory that plain `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+def export_pretrained(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save a directory that plain `transformers.AutoModelForCausalLM.from_pretrained` loads
+    (with `state_dict`: those weights, e.g. gathered from a sharded model, instead of the model's)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     return out
 
@@ -270,22 +277,24 @@ def frozen_reference(policy: PreTrainedModel):
     return AdapterDisabled(policy) if is_peft(policy) else frozen_copy(policy)
 
 
-def plain_named_parameters(policy: PreTrainedModel):
+def plain_named_parameters(policy: PreTrainedModel, device: torch.device | str | None = None):
     """(name, tensor) pairs of the policy as a plain transformers model: LoRA deltas added and
-    peft's name prefixes removed. For pushing weights to an inference engine.
+    peft's name prefixes removed. For pushing weights to an inference engine or exporting them.
 
-    The merge is out of place: peft's merge_adapter/unmerge_adapter would round the shared base
-    weights (which are also the frozen guides) a little more on every push in bf16."""
+    A sharded policy (ZeRO-3, FSDP) is gathered piece by piece (`sharded.full_named_parameters`):
+    every rank must exhaust the iterator. The merge is out of place: peft's
+    merge_adapter/unmerge_adapter would round the shared base weights (which are also the frozen
+    guides) a little more on every push in bf16."""
     if not is_peft(policy):
-        yield from ((n, p.detach()) for n, p in policy.named_parameters())
+        yield from full_named_parameters(policy, device)
         return
     lora_layers = {
-        name: module
-        for name, module in policy.named_modules()
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
+        plain_name(name): module for name, module in policy.named_modules() if is_lora_layer(module)
     }
     with torch.no_grad():
-        for name, param in policy.named_parameters():
+        # The layer's own weights are whole while its base weight is being read (see
+        # full_named_parameters), so get_delta_weight sees whole adapters.
+        for name, tensor in full_named_parameters(policy, device):
             if "lora_" in name:
                 continue
             owner, _, leaf = name.rpartition(".")
@@ -293,15 +302,58 @@ def plain_named_parameters(policy: PreTrainedModel):
             plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
             if layer is not None and leaf == "weight" and owner.endswith(".base_layer"):
                 delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-                yield plain, (param + delta).to(param.dtype)
+                yield plain, (tensor + delta.to(tensor.device)).to(tensor.dtype)
             else:
-                yield plain, param.detach()
+                yield plain, tensor
 
 
-def export_policy(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, merge: bool) -> Path:
-    """final/: a plain model, or for LoRA the adapter (+ final/merged with it merged in)."""
-    out = export_pretrained(policy, tokenizer, out_dir)
-    if is_peft(policy) and merge:
-        merged = copy.deepcopy(policy).merge_and_unload()
-        export_pretrained(merged, tokenizer, out / "merged")
+def export_policy(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    merge: bool,
+    is_writer: bool = True,
+) -> Path:
+    """final/: a plain model, or for LoRA the adapter (+ final/merged with it merged in).
+
+    Every rank must call this (a sharded policy is gathered collectively); only `is_writer`
+    (global rank zero) keeps the gathered CPU tensors and writes."""
+    out = Path(out_dir)
+    if is_peft(policy):
+        adapter = {name: t for name, t in full_named_parameters(policy, "cpu") if is_writer and "lora_" in name}
+        if is_writer:
+            _save_adapter(policy, adapter, out)
+            tokenizer.save_pretrained(out)
+    if not is_peft(policy) or merge:
+        weights = {name: t for name, t in plain_named_parameters(policy, "cpu") if is_writer}
+        if is_writer:
+            plain = policy.get_base_model() if is_peft(policy) else policy
+            # Only the base model's config and the state dict's (adapter-free) names are written.
+            export_pretrained(plain, tokenizer, out / "merged" if is_peft(policy) else out, {**weights, **_persistent_buffers(policy)})
     return out
+
+
+def _save_adapter(policy, weights: dict[str, torch.Tensor], out: Path) -> None:
+    """peft's adapter directory (adapter_config.json, adapter_model.safetensors) from gathered
+    weights. Not peft's own save_pretrained: it picks the adapter's tensors by the model's module
+    names, which nested FSDP units change, and then silently saves none."""
+    from safetensors.torch import save_file
+
+    name = policy.active_adapter
+    config = copy.deepcopy(policy.peft_config[name])
+    config.inference_mode = True  # as peft saves it
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    # peft's file format drops the adapter name from the keys (lora_A.default.weight -> lora_A.weight).
+    tensors = {k.replace(f".{name}.", "."): t.contiguous() for k, t in weights.items() if f".{name}." in k}
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def _persistent_buffers(policy: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict's buffers, named as in the plain model; buffers are never sharded."""
+    return {
+        plain_name(f"{module_name}.{name}").removeprefix("base_model.model."): buffer.detach().cpu()
+        for module_name, module in policy.named_modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if name not in module._non_persistent_buffers_set
+    }

@@ -3,6 +3,7 @@
 import copy
 
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import compose
@@ -70,9 +71,12 @@ def test_lora_run_trains_only_adapters_and_exports_adapter_and_merged(tmp_path):
     final = tmp_path / "final"
     assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
     merged = AutoModelForCausalLM.from_pretrained(final / "merged")
+    adapter = PeftModel.from_pretrained(build_tiny(TinySpec())[0], final)  # the adapter on a fresh base
     x = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=x).logits, result.module.policy(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+        trained = result.module.policy(input_ids=x).logits
+        torch.testing.assert_close(merged(input_ids=x).logits, trained, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(adapter(input_ids=x).logits, trained, atol=1e-5, rtol=1e-5)
 
 
 def test_pushing_lora_weights_never_touches_the_shared_base_in_bf16():

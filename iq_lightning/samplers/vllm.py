@@ -130,8 +130,9 @@ class VLLMSampler(Sampler):
         log.info("vLLM engine ready in %.1f s (%s, max_model_len %d)", self.startup_s, dtype, max_len)
 
     def _weights(self, policy: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
-        # Lazily, one tensor at a time (a sharded policy can gather each as it is read); LoRA
-        # adapters merged in, names as in the plain model.
+        # Lazily: a sharded policy (ZeRO-3, FSDP) is gathered one group at a time as vLLM reads,
+        # so no rank ever holds the whole model twice. Those gathers are collectives: every rank
+        # pushes into its own engine, in step. LoRA adapters merged in, names as in the plain model.
         yield from plain_named_parameters(policy)
 
     def update_weights(self, policy: PreTrainedModel) -> None:
