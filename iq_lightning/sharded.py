@@ -37,10 +37,6 @@ def is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return _kind(model) != "plain"
-
-
 def full_named_parameters(model: nn.Module, device: torch.device | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every parameter of `model`, whole, named as in the unwrapped model.
 
