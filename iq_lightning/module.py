@@ -6,6 +6,7 @@ import time
 
 import lightning as L
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from transformers import PreTrainedModel
 
 from iq_lightning.forward import response_logprobs
@@ -96,4 +97,13 @@ class InverseQModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=self._fused_adamw(params))
+
+    def _fused_adamw(self, params: list[torch.Tensor]) -> bool:
+        """The fused AdamW kernel makes one pass over each parameter's state: on 2 CPU cores it
+        steps SmolLM2-135M in 0.07 s instead of foreach's 0.38 s (benchmarks/README.md), the same
+        update. Lightning's mixed-precision plugins refuse gradient clipping with a fused
+        optimizer (they cannot unscale its gradients first), so mixed precision keeps foreach."""
+        supported = _get_fused_kernels_supported_devices()
+        mixed = str(self.trainer.precision).endswith("-mixed")
+        return not mixed and all(p.device.type in supported and p.is_floating_point() for p in params)
