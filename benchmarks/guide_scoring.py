@@ -48,7 +48,7 @@ def main() -> None:
         for start in range(0, args.samples, args.batch):
             chunk = slice(start, start + args.batch)
             for prompt_ids in (winner[chunk], [p.input_ids for p in prompts[chunk]]):
-                batch = to_device(pack(prompt_ids, responses[chunk], tokenizer.pad_token_id), model.device)
+                batch = to_device(pack(prompt_ids, responses[chunk], tokenizer.pad_token_id, share_prefix=False), model.device)
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
 
     tokens = sum(len(w) + len(p.input_ids) + 2 * args.tokens for w, p in zip(winner, prompts))

@@ -3,6 +3,11 @@
 Layout: prompts are left-padded to a common length P, responses right-padded to T, so response
 token t sits at column P + t for every row whatever its prompt length. The guide with the
 principle in its prompt (x_w longer than x) and the plain guide therefore line up token by token.
+
+The tokens every prompt of a batch starts with (a chat template's system prompt, the principle)
+are kept apart as `prefix_ids` and run through the model once, their keys and values shared by
+all rows; the rows hold only the rest of each prompt. Same attention, same positions, so the same
+logits as running the prefix in every row, for B - 1 prefix copies fewer.
 """
 
 from __future__ import annotations
@@ -15,30 +20,48 @@ from transformers import PreTrainedModel
 from iq_lightning.logprobs import token_logprobs
 
 
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Leading tokens common to every prompt, leaving each at least its last token: that
+    position predicts the first response token and must be among the row's own inputs."""
+    if len(prompts) < 2:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    length = 0
+    while length < limit and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length
+
+
 def pack(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, share_prefix: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Left-padded prompts + right-padded responses -> model inputs and the response mask."""
+    """Shared prefix + per row [left-padded rest of prompt, right-padded response] -> model inputs
+    and the response mask. attention_mask covers prefix and row (K + P + T columns)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    prefix_len = shared_prefix_length(prompts) if share_prefix else 0
+    prefix_ids = torch.as_tensor(list(prompts[0][:prefix_len]) if prompts else [], dtype=torch.long)
+    prompts = [p[prefix_len:] for p in prompts]
     prompt_len = max(len(p) for p in prompts)
     response_len = max(1, max(len(r) for r in responses))
     batch = len(prompts)
     input_ids = torch.full((batch, prompt_len + response_len), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
+    attention_mask = torch.zeros((batch, prefix_len + prompt_len + response_len), dtype=torch.long)
+    attention_mask[:, :prefix_len] = 1
     response_ids = torch.full((batch, response_len), pad_id, dtype=torch.long)
     response_mask = torch.zeros((batch, response_len), dtype=torch.float32)
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         start = prompt_len - len(prompt)
         input_ids[i, start:prompt_len] = torch.as_tensor(prompt, dtype=torch.long)
-        attention_mask[i, start : prompt_len + len(response)] = 1
+        attention_mask[i, prefix_len + start : prefix_len + prompt_len + len(response)] = 1
         if len(response):
             input_ids[i, prompt_len : prompt_len + len(response)] = torch.as_tensor(response, dtype=torch.long)
             response_ids[i, : len(response)] = torch.as_tensor(response, dtype=torch.long)
             response_mask[i, : len(response)] = 1.0
     # Positions count real tokens only, so left padding does not shift the rotary positions.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
     return {
+        "prefix_ids": prefix_ids,
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
@@ -47,24 +70,42 @@ def pack(
     }
 
 
-def response_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def can_share_prefix(model: PreTrainedModel) -> bool:
+    """Gradient-checkpointed layers drop a passed cache while training, so there the prefix is
+    run in every row instead. (A LoRA policy's adapter-disabled base is no nn.Module: it runs in
+    eval mode.)"""
+    return not (getattr(model, "training", False) and getattr(model, "is_gradient_checkpointing", False))
+
+
+def response_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> torch.Tensor:
     """Logits (B, T, V) predicting each response token; only the last T+1 positions are projected
-    onto the vocabulary (`logits_to_keep`), never the prompt's."""
-    response_len = batch["response_ids"].shape[1]
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=response_len + 1,
-        use_cache=False,
-    )
+    onto the vocabulary (`logits_to_keep`), never the prompt's.
+
+    With `share_prefix` the prefix runs once (batch 1) and its keys and values, repeated over the
+    batch, are the cache the rows attend to; gradients flow back through them. Otherwise the prefix
+    is prepended to every row: the same computation, B times over."""
+    prefix = batch["prefix_ids"]
+    rows, response_len = batch["input_ids"].shape[0], batch["response_ids"].shape[1]
+    inputs = {"attention_mask": batch["attention_mask"], "logits_to_keep": response_len + 1}
+    if prefix.numel() and share_prefix and can_share_prefix(model):
+        cache = model(input_ids=prefix[None], logits_to_keep=1, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(rows)
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], past_key_values=cache, use_cache=True, **inputs)
+    else:
+        prefix_positions = torch.arange(prefix.numel(), device=prefix.device)
+        out = model(
+            input_ids=torch.cat([prefix.expand(rows, -1), batch["input_ids"]], dim=1),
+            position_ids=torch.cat([prefix_positions.expand(rows, -1), batch["position_ids"]], dim=1),
+            use_cache=False,
+            **inputs,
+        )
     # Sliced explicitly: a model that ignores logits_to_keep still lines up.
     return out.logits[:, -(response_len + 1) : -1]
 
 
-def response_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def response_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> torch.Tensor:
     """log pi(y_t | x, y_<t) for every response position, (B, T); padding positions are junk."""
-    return token_logprobs(response_logits(model, batch), batch["response_ids"])
+    return token_logprobs(response_logits(model, batch, share_prefix), batch["response_ids"])
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -96,7 +96,10 @@ class GuideScorer(ABC):
 
 class PrincipleGuide(GuideScorer):
     """pi_w = SFT model given x_w (principle inserted), pi_l = the same model given x.
-    One forward pass over the stacked [x_w + y ; x + y] batch scores both guides."""
+
+    One forward pass per guide, not one over the stacked [x_w + y ; x + y] batch: x_w and x
+    differ in length and in their common prefix (the principle replaces SmolLM2's default system
+    prompt), so apart each pass shares its own prefix and pads no row to the other's length."""
 
     def __init__(
         self,
@@ -127,12 +130,9 @@ class PrincipleGuide(GuideScorer):
         return self._winner_ids[key]
 
     def _guide_logits(self, prompts, responses):
-        winner = [self.winner_prompt_ids(p) for p in prompts]
-        lesser = [p.input_ids for p in prompts]
-        batch = to_device(pack(winner + lesser, list(responses) * 2, self.pad_id), self.device)
-        logits = response_logits(self.model, batch)
-        n = len(prompts)
-        return logits[:n], logits[n:], batch["response_ids"][:n]
+        winner = to_device(pack([self.winner_prompt_ids(p) for p in prompts], responses, self.pad_id), self.device)
+        lesser = to_device(pack([p.input_ids for p in prompts], responses, self.pad_id), self.device)
+        return response_logits(self.model, winner), response_logits(self.model, lesser), lesser["response_ids"]
 
 
 class AlignedModelGuide(GuideScorer):

@@ -5,6 +5,7 @@ import torch
 
 from iq_lightning.config import TinySpec
 from iq_lightning.data import EncodedPrompt, Prompt, encode_prompt
+from iq_lightning.forward import pack, response_logits, shared_prefix_length
 from iq_lightning.guides import AlignedModelGuide, PrincipleGuide, with_principle
 from iq_lightning.models import build_tiny, frozen_copy
 from iq_lightning.objective import estimated_optimal_logprobs
@@ -94,3 +95,48 @@ def test_aligned_model_guide_uses_both_models(tiny):
         tokens = torch.tensor(response)
         want = estimated_optimal_logprobs(logits_w, logits_l, 1.2).gather(-1, tokens[:, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(scores.target_logprobs), want, atol=2e-5, rtol=1e-5)
+
+
+def test_shared_prefix_length_keeps_each_prompts_last_token():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9, 9]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter keeps its last token
+    assert shared_prefix_length([[1, 2], [5, 2]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 0  # nothing to share with one row
+
+
+def test_shared_prefix_forward_equals_prefix_in_every_row(tiny):
+    """The prefix run once as a cache gives the logits and the gradients of running it per row."""
+    model, tokenizer = tiny
+    model = frozen_copy(model).requires_grad_(True)
+    prompts = [list(p.input_ids) for p in _prompts(tokenizer)]
+    batch = pack(prompts, _responses(tokenizer), tokenizer.pad_token_id)
+    assert batch["prefix_ids"].numel() >= 3  # the chat template's opening is shared
+    flat = pack(prompts, _responses(tokenizer), tokenizer.pad_token_id, share_prefix=False)
+    assert flat["prefix_ids"].numel() == 0
+
+    def logits_and_grads(b, share):
+        model.zero_grad()
+        logits = response_logits(model, b, share_prefix=share)
+        (logits * b["response_mask"][..., None]).square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    mask = batch["response_mask"].bool()
+    for other, share in ((flat, True), (batch, False)):  # the flat layout, and the prefix per row
+        want, want_grads = logits_and_grads(other, share)
+        got, got_grads = logits_and_grads(batch, True)
+        torch.testing.assert_close(got[mask], want[mask], atol=2e-5, rtol=1e-5)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointed_training_forward_keeps_the_prefix(tiny):
+    """Checkpointed layers drop a passed cache in training mode: the prefix must go in every row."""
+    model = frozen_copy(tiny[0])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    prompts, responses = [list(p.input_ids) for p in _prompts(tiny[1])], _responses(tiny[1])
+    batch = pack(prompts, responses, tiny[1].pad_token_id)
+    flat = pack(prompts, responses, tiny[1].pad_token_id, share_prefix=False)
+    mask = batch["response_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(response_logits(model, batch)[mask], response_logits(model, flat)[mask], atol=2e-5, rtol=1e-5)

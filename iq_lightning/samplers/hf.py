@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel
 
+from iq_lightning.forward import shared_prefix_length
 from iq_lightning.samplers.base import Generation, Sampler, SamplingParams, cut_at_eos
 
 
@@ -72,15 +73,29 @@ class HFSampler(Sampler):
         return results
 
     def _generate_batch(self, policy, prompts, config, eos, device) -> list[Generation]:
-        width = max(len(p) for p in prompts)
+        # Rows are [prefix shared by every prompt, left padding, rest of the prompt]. generate
+        # prefills only what the passed cache does not hold, so the prefix (a chat template's
+        # system prompt) is computed once, not once per row. ZeRO-3 / FSDP ranks must make the
+        # same forward calls whatever their prompts, so there every row prefills it.
+        prefix_len = 0 if self.synced_gpus else shared_prefix_length(prompts)
+        width = prefix_len + max(len(p) - prefix_len for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for i, prompt in enumerate(prompts):
-            input_ids[i, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
-            attention_mask[i, width - len(prompt) :] = 1
+            start = width - len(prompt) + prefix_len
+            input_ids[i, :prefix_len] = torch.as_tensor(prompt[:prefix_len], dtype=torch.long)
+            input_ids[i, start:] = torch.as_tensor(prompt[prefix_len:], dtype=torch.long)
+            attention_mask[i, :prefix_len] = 1
+            attention_mask[i, start:] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        cache = None
+        if prefix_len:
+            cache = policy(input_ids=input_ids[:1, :prefix_len], use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(prompts))
         out = policy.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
             generation_config=config,
             synced_gpus=self.synced_gpus,
         )
