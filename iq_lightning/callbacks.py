@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from transformers import PreTrainedTokenizerBase
 
-from iq_lightning.analysis import rollout_credit_html
+from iq_lightning.analysis import rollout_credit_html, safe_filename
 from iq_lightning.models import export_policy
 from iq_lightning.rollouts import read_rollouts
 
@@ -32,8 +32,9 @@ class EpochPolicyExport(Callback):
         self.run_dir, self.tokenizer = Path(run_dir), tokenizer
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            export_policy(pl_module.policy, self.tokenizer, epoch_policy_dir(self.run_dir, trainer.current_epoch), merge=True)
+        # Every rank takes part: a sharded policy is gathered collectively; rank zero writes.
+        out = epoch_policy_dir(self.run_dir, trainer.current_epoch)
+        export_policy(pl_module.policy, self.tokenizer, out, merge=True, is_writer=trainer.is_global_zero)
 
 
 class CreditMaps(Callback):
@@ -53,8 +54,7 @@ class CreditMaps(Callback):
         pages = []
         for i, rollout in enumerate(read_rollouts(path)[: self.per_epoch]):
             page = rollout_credit_html(rollout, self.tokenizer, self.beta)
-            safe_id = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in rollout.prompt_id)
-            (out / f"{i:02d}_{safe_id}.html").write_text(page, encoding="utf-8")
+            (out / f"{i:02d}_{safe_filename(rollout.prompt_id)}.html").write_text(page, encoding="utf-8")
             pages.append(page)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger" and pages:

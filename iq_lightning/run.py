@@ -165,18 +165,30 @@ def check_resumable(run: RunConfig) -> None:
 SHARDED = ("deepspeed", "fsdp")
 
 
+def fsdp_strategy(policy: PreTrainedModel):
+    """FSDP with the policy and each of its decoder layers as units of their own: exporting and
+    pushing weights gather the policy unit by unit (sharded.py), which needs the policy wrapped
+    by itself rather than sliced out of one unit spanning the whole LightningModule."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    layer_names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = {type(m) for m in base.modules() if type(m).__name__ in layer_names}
+    return FSDPStrategy(auto_wrap_policy={type(policy), *layers})
+
+
 def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
     run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer_kwargs = strategy_kwargs(run.strategy)
     sharded = run.strategy.strategy.startswith(SHARDED)
-    if sharded and run.sampler.backend == "vllm":
-        raise ConfigError(f"sampler=vllm with strategy={run.strategy.name} is not supported yet (sharded weights are not gathered for the push); use sampler=hf")
     check_resumable(run)
     loggers = build_loggers(run.logger, run_dir)
     L.seed_everything(run.train.seed, workers=True, verbose=False)
 
     policy, tokenizer = load_model(run.model)
+    if run.strategy.strategy == "fsdp":
+        trainer_kwargs["strategy"] = fsdp_strategy(policy)
     prompts, stats = prepare_prompts(run.data, tokenizer)
     log.info("prompts (%s): %s", run.data.source, stats.describe())
     guide = build_guide(run.guide, run.train.alpha, policy, tokenizer, show_progress, run.model.name_or_path)
@@ -240,9 +252,14 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
     final_dir = None
-    if t.save_final and trainer.is_global_zero:
-        final_dir = export_policy(module.policy, tokenizer, run_dir / FINAL_DIR, merge=run.model.lora.merge_on_export)
-        log.info("exported the trained policy to %s", final_dir)
+    if t.save_final:
+        # Every rank takes part: a sharded policy is gathered collectively; rank zero writes.
+        out = export_policy(
+            module.policy, tokenizer, run_dir / FINAL_DIR, merge=run.model.lora.merge_on_export, is_writer=trainer.is_global_zero
+        )
+        if trainer.is_global_zero:
+            final_dir = out
+            log.info("exported the trained policy to %s", final_dir)
     for logger in loggers:
         if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
             logger.experiment.finish()

@@ -195,3 +195,17 @@ def test_a_plain_model_yields_its_own_parameters_without_copies():
 def test_wrapper_segments_are_removed_from_names():
     name = "_orig_mod.model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.up_proj.weight"
     assert plain_name(name) == "model.layers.0.mlp.up_proj.weight"
+
+
+def test_fsdp_strategy_makes_the_policy_and_its_layers_units_of_their_own(tiny):
+    """Lightning's plain `fsdp` wraps the LightningModule as one unit, which the gather refuses."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM
+
+    from iq_lightning.config import LoraSpec
+    from iq_lightning.models import apply_lora, frozen_copy
+    from iq_lightning.run import fsdp_strategy
+
+    model, _ = tiny
+    assert fsdp_strategy(model).kwargs["auto_wrap_policy"]._module_classes == {LlamaForCausalLM, LlamaDecoderLayer}
+    peft_model = apply_lora(frozen_copy(model).requires_grad_(True), LoraSpec(enabled=True))
+    assert fsdp_strategy(peft_model).kwargs["auto_wrap_policy"]._module_classes == {type(peft_model), LlamaDecoderLayer}
