@@ -14,6 +14,11 @@ from iq_lightning.objective import token_credit
 from iq_lightning.rollouts import Rollout, read_rollouts
 
 
+def safe_filename(name: str) -> str:
+    """An id or contestant name as a file name: anything but [A-Za-z0-9-_.=] becomes '_'."""
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
+
+
 def epoch_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     """One row per epoch from metrics/metrics.csv (the epoch-level figures only)."""
     rows = []

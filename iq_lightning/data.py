@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.config import DataSpec
-from iq_lightning.errors import DataError
+from iq_lightning.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _hh_rows(spec: DataSpec) -> Iterator[dict[str, Any]]:
         try:
             rows = datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset, split=split)
         except Exception as exc:  # datasets raises many types for offline / missing data
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise DataError(f"cannot load Anthropic/hh-rlhf ({subset}, split {split}); offline? {first}") from None
         for i, row in enumerate(rows):
             yield {"id": f"{subset}/{split}/{i}", **row}
@@ -125,7 +125,7 @@ def _load_beavertails(spec: DataSpec, stats: PromptStats) -> list[Prompt]:
     try:
         rows = datasets.load_dataset("PKU-Alignment/BeaverTails-Evaluation", split=spec.split or "test")
     except Exception as exc:  # datasets raises many types for offline / missing data
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DataError(f"cannot load PKU-Alignment/BeaverTails-Evaluation; offline? {first}") from None
     prompts = []
     for i, row in enumerate(rows):

@@ -19,3 +19,9 @@ class ModelLoadError(UserError):
 
 class MissingDependencyError(UserError):
     """An optional package that the chosen configuration needs is not installed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """A library exception reduced to its first line, for a one-line user error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

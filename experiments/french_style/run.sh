@@ -10,3 +10,7 @@ python generate.py name=prompting 'principle="Always reply in French, whatever l
   output="$out/prompting.jsonl" hydra.run.dir="$out/gen_prompting"
 python generate.py name=trained run_dir="$out/train" output="$out/trained.jsonl" hydra.run.dir="$out/gen_trained"
 python experiments/french_style/measure.py "$out/sft.jsonl" "$out/prompting.jsonl" "$out/trained.jsonl"
+# Pairwise, as the paper evaluates: SmolLM2 itself judges (offline likelihood judge), with the
+# principle as the criterion; win rates, Elo and plots land in "$out/evaluate".
+python evaluate.py out_dir="$out/evaluate" "+contestants.trained.run_dir=\"$out/train\"" \
+  "judge.criteria='The user requires every answer to be written in French. Choose the response that is written in French and answers the question; a response in any other language is worse.'"

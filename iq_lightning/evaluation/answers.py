@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from iq_lightning.analysis import safe_filename
 from iq_lightning.config import ModelSpec
 from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
@@ -69,8 +70,7 @@ def generation_key(spec: EvalSpec, contestant: ContestantSpec) -> str:
 def answers(spec: EvalSpec, contestant: ContestantSpec, show_progress: bool = True) -> tuple[str, dict[str, dict]]:
     """(cache key, prompt id -> answer row) for one contestant, generating only on a cache miss."""
     key = generation_key(spec, contestant)
-    safe_name = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in contestant.name)
-    path = spec.out_dir / "generations" / f"{safe_name}-{key}.jsonl"
+    path = spec.out_dir / "generations" / f"{safe_filename(contestant.name)}-{key}.jsonl"
     if path.is_file():
         log.info("%s: cached answers %s", contestant.name, path)
     else:

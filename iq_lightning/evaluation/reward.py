@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from iq_lightning.data import Messages
-from iq_lightning.errors import ModelLoadError
+from iq_lightning.errors import ModelLoadError, first_line
 
 
 class RewardModel:
@@ -24,7 +24,7 @@ class RewardModel:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).eval()
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ModelLoadError(f"cannot load reward model {name_or_path!r}: {first}") from None
         if torch.cuda.is_available():
             self.model.to("cuda")

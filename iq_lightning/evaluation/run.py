@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from iq_lightning.analysis import credit_html
+from iq_lightning.analysis import credit_html, safe_filename
 from iq_lightning.callbacks import POLICY_DIR
 from iq_lightning.data import EncodedPrompt, Prompt, encode_prompt
 from iq_lightning.errors import ConfigError
@@ -86,10 +86,9 @@ def credit_maps(spec: EvalSpec, rows_by_name: dict[str, dict[str, dict]], show_p
         prompts = [EncodedPrompt(Prompt(r["id"], tuple(r["messages"]), r.get("category")), tuple(encode_prompt(tokenizer, r["messages"]))) for r in chosen]
         responses = [list(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) or [tokenizer.eos_token_id] for r in chosen]
         scores = guide.score(prompts, responses, desc=f"credit {name}")
-        safe = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
         for i, (r, ids, s) in enumerate(zip(chosen, responses, scores)):
             page = credit_html(tokenizer, ids, s.target_logprobs, s.ref_logprobs, r["messages"][-1]["content"], f"{name}, {r['id']}", spec.beta)
-            path = spec.out_dir / "credit" / safe / f"{i:02d}.html"
+            path = spec.out_dir / "credit" / safe_filename(name) / f"{i:02d}.html"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(page, encoding="utf-8")
             written.append(path)
