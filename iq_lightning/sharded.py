@@ -192,3 +192,18 @@ def _refuse_units_inside(lora_layer: nn.Module, prefix: str) -> None:
                 f"{plain_name(prefix + name)} is an FSDP unit inside a LoRA layer; wrap whole LoRA layers "
                 "(or larger blocks) so that a base weight and its adapters are gathered together"
             )
+
+
+@contextlib.contextmanager
+def ready_for_generate(model: nn.Module):
+    """`model.generate` under FSDP1: generate calls the wrapped module directly, past the FSDP
+    wrapper's forward, so the root unit's own weights (embeddings, final norm, LM head) would stay
+    sharded; they are gathered for the call (inner units still gather in their own forward).
+    FSDP2 and ZeRO-3 gather through module hooks, and plain models need nothing."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
+            yield
+    else:
+        yield

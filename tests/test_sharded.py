@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from conftest import has_module
 from iq_lightning.config import LoraSpec, TinySpec
 from iq_lightning.models import apply_lora, build_tiny, export_policy, is_peft, plain_named_parameters
-from iq_lightning.sharded import full_named_parameters, plain_name
+from iq_lightning.sharded import full_named_parameters, plain_name, ready_for_generate
 
 
 def _tiny(lora: bool):
@@ -95,6 +95,21 @@ def _fsdp1(rank: int, out: Path, lora: bool, use_orig_params: bool) -> None:
     assert sum(p.numel() for p in sharded.parameters()) == shards  # resharded afterwards
 
 
+def _fsdp1_generate(rank: int, out: Path) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model, tokenizer = _tiny(lora=False)
+    reference = copy.deepcopy(model)
+    sharded = FSDP(model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), use_orig_params=True)
+    ids = torch.tensor([[5, 17, 29, 41, 53]])
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with ready_for_generate(sharded):
+        got = sharded.generate(ids, **kwargs)
+    assert torch.equal(got, reference.generate(ids, **kwargs))
+
+
 def _fsdp1_unit_outside() -> None:
     # As Lightning's FSDPStrategy wraps the LightningModule with no wrap policy: the policy is a
     # slice of the LightningModule's unit, which the policy alone cannot gather.
@@ -153,6 +168,7 @@ SCENARIOS = {
         _fsdp1(rank, out / "lora", lora=True, use_orig_params=True),
     ),
     "deepspeed_zero3": _deepspeed_all,
+    "fsdp1_generate": _fsdp1_generate,
 }
 
 
@@ -178,6 +194,7 @@ def _free_port() -> int:
         "fsdp2",
         "fsdp1_flat_params",
         "fsdp1_orig_params",
+        "fsdp1_generate",
         pytest.param("deepspeed_zero3", marks=pytest.mark.skipif(not has_module("deepspeed"), reason="deepspeed is not installed")),
     ],
 )
