@@ -222,3 +222,25 @@ def test_vllm_with_tied_embeddings_uses_the_pushed_head():
             sampler.update_weights(tied)
     finally:
         sampler.close()
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.7)])
+def test_token_draw_samples_the_tempered_nucleus_distribution(temperature, top_p):
+    """Draw frequencies match softmax(logits / T) renormalised over the top-p nucleus, the kept
+    log-probs are that distribution's, and generate is handed a one-hot score."""
+    from iq_lightning.samplers.hf import TokenDraw
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:  # the smallest set of most likely tokens holding top_p of the mass
+        keep = (probs.cumsum(-1) - probs) < top_p
+        probs = torch.where(keep, probs, 0.0) / probs[keep].sum()
+    torch.manual_seed(0)
+    draw = TokenDraw(SamplingParams(8, temperature, top_p))
+    rows = 40_000
+    scores = draw(torch.zeros(rows, 1, dtype=torch.long), logits.expand(rows, -1).clone())
+    tokens = scores.argmax(-1)
+    assert torch.equal(scores.isfinite().sum(-1), torch.ones(rows, dtype=torch.long))
+    freq = torch.bincount(tokens, minlength=5).float() / rows
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    torch.testing.assert_close(draw.logprobs[0].squeeze(-1).exp(), probs[tokens])
