@@ -224,3 +224,22 @@ def test_likelihood_judge_compares_the_two_verdict_continuations(tiny):
         assert reply.verdict == ("A" if logps[0] > logps[1] else "B")
     tie_judge = LikelihoodJudge(lambda: (model, tokenizer), "tiny", tie_margin=1e9)
     assert {r.verdict for r in tie_judge.judge(comparisons, show_progress=False)} == {"tie"}
+
+
+def test_balanced_likelihood_judge_averages_both_orders(tiny):
+    model, tokenizer = tiny
+    plain = LikelihoodJudge(lambda: (model, tokenizer), "tiny", batch_size=4)
+    balanced = LikelihoodJudge(lambda: (model, tokenizer), "tiny", batch_size=4, balanced=True)
+    comparisons = [Comparison(({"role": "user", "content": f"q{i}"},), f"answer number {i}", "x") for i in range(4)]
+    exchanged = [Comparison(c.conversation, c.second, c.first) for c in comparisons]
+    forward = plain.judge(comparisons, show_progress=False)
+    backward = plain.judge(exchanged, show_progress=False)
+    both = balanced.judge(comparisons, show_progress=False)
+    flipped = balanced.judge(exchanged, show_progress=False)
+    for f, b, r, fl in zip(forward, backward, both, flipped):
+        (fa, fb), (ba, bb) = [[float(v) for v in x.raw.replace("log p(A)=", "").replace("log p(B)=", "").split()] for x in (f, b)]
+        log_odds = ((fa - fb) - (ba - bb)) / 2
+        assert r.verdict == ("A" if log_odds > 0 else "B")
+        assert r.raw.startswith(f.raw) and b.raw in r.raw
+        # exchanging the answers exchanges a balanced verdict exactly
+        assert fl.verdict == {"A": "B", "B": "A"}[r.verdict]

@@ -172,7 +172,12 @@ class LikelihoodJudge(Judge):
     """A local causal LM as judge, offline: the judge chat is rendered with the model's chat
     template, the reply is started with the fixed verdict format, and the verdict is the more
     likely of the two continuations "A]]" and "B]]" (sum of their token log-probs). A tie when
-    they differ by less than `tie_margin` nats."""
+    they differ by less than `tie_margin` nats.
+
+    With `balanced`, each comparison is also scored with the answers exchanged and the verdict
+    follows the mean of the two log-odds (balanced position calibration, Wang et al. 2023): a small
+    judge's fixed preference for one position then cancels within each match instead of only
+    across matches, leaving what it sees in the answers."""
 
     def __init__(
         self,
@@ -181,6 +186,7 @@ class LikelihoodJudge(Judge):
         criteria: str = HELPFUL_HARMLESS,
         tie_margin: float = 0.0,
         batch_size: int = 8,
+        balanced: bool = False,
         reply_prefix: str = "Final verdict: [[",
     ):
         super().__init__(criteria)
@@ -188,10 +194,13 @@ class LikelihoodJudge(Judge):
         self._load, self.name = load, name
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        self.tie_margin, self.batch_size, self.reply_prefix = tie_margin, batch_size, reply_prefix
+        self.tie_margin, self.batch_size, self.balanced, self.reply_prefix = tie_margin, batch_size, balanced, reply_prefix
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"backend": "likelihood", "model": self.name, "criteria": self.criteria, "tie_margin": self.tie_margin, "reply_prefix": self.reply_prefix}
+        return {
+            "backend": "likelihood", "model": self.name, "criteria": self.criteria, "tie_margin": self.tie_margin,
+            "balanced": self.balanced, "reply_prefix": self.reply_prefix,
+        }
 
     def _prompt_and_continuations(self, comparison: Comparison) -> tuple[list[int], list[list[int]]]:
         messages = judge_messages(comparison.conversation, comparison.first, comparison.second, self.criteria)
@@ -206,14 +215,11 @@ class LikelihoodJudge(Judge):
         cut = min(s for s, _ in continuations)
         return prompt[:cut], [full[cut:] for _, full in continuations]
 
-    @torch.inference_mode()
-    def judge(self, comparisons: Sequence[Comparison], show_progress: bool = True) -> list[JudgeReply]:
-        if self.model is None:
-            model, self.tokenizer = self._load()
-            self.model = model.eval()
+    def _verdict_logprobs(self, comparisons: Sequence[Comparison], show_progress: bool) -> list[tuple[float, float]]:
+        """(log p("A]]"), log p("B]]")) after each comparison's judge prompt."""
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        replies = []
+        found: list[tuple[float, float]] = []
         starts = range(0, len(comparisons), self.batch_size)
         for start in tqdm(starts, desc="judging", unit="batch", disable=not show_progress):
             prompts, continuations = [], []
@@ -223,10 +229,27 @@ class LikelihoodJudge(Judge):
                 continuations += [cont_a, cont_b]
             batch = to_device(pack(prompts, continuations, pad), device)
             logprobs = (response_logprobs(self.model, batch) * batch["response_mask"]).sum(-1).float().cpu()
-            for logp_a, logp_b in logprobs.view(-1, 2).tolist():
-                if abs(logp_a - logp_b) < self.tie_margin:
-                    verdict = "tie"
-                else:
-                    verdict = "A" if logp_a > logp_b else "B"
-                replies.append(JudgeReply(verdict, f"log p(A)={logp_a:.4f} log p(B)={logp_b:.4f}"))
+            found.extend((a, b) for a, b in logprobs.view(-1, 2).tolist())
+        return found
+
+    @torch.inference_mode()
+    def judge(self, comparisons: Sequence[Comparison], show_progress: bool = True) -> list[JudgeReply]:
+        if self.model is None:
+            model, self.tokenizer = self._load()
+            self.model = model.eval()
+        shown = self._verdict_logprobs(comparisons, show_progress)
+        exchanged = self._verdict_logprobs([Comparison(c.conversation, c.second, c.first) for c in comparisons], show_progress) if self.balanced else None
+        replies = []
+        for i, (logp_a, logp_b) in enumerate(shown):
+            raw = f"log p(A)={logp_a:.4f} log p(B)={logp_b:.4f}"
+            log_odds = logp_a - logp_b
+            if exchanged is not None:
+                swapped_a, swapped_b = exchanged[i]
+                raw += f"; exchanged: log p(A)={swapped_a:.4f} log p(B)={swapped_b:.4f}"
+                log_odds = (log_odds - (swapped_a - swapped_b)) / 2
+            if abs(log_odds) < self.tie_margin:
+                verdict = "tie"
+            else:
+                verdict = "A" if log_odds > 0 else "B"
+            replies.append(JudgeReply(verdict, raw))
         return replies

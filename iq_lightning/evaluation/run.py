@@ -57,7 +57,7 @@ def build_judge(spec: EvalSpec) -> Judge:
         model, tokenizer = load_model(model_spec)
         return (model.to("cuda") if torch.cuda.is_available() else model), tokenizer
 
-    return LikelihoodJudge(load, model_spec.name_or_path, criteria, j.tie_margin, j.batch_size)
+    return LikelihoodJudge(load, model_spec.name_or_path, criteria, j.tie_margin, j.batch_size, j.balanced)
 
 
 def against(rates: dict[tuple[str, str], WinRate], name: str, reference: str) -> WinRate | None:
