@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tqdm.auto import tqdm
+
 from iq_lightning.evaluation.judges import Comparison, Judge, map_back, swap_orders
 
 CHUNK = 64
@@ -68,6 +70,7 @@ def judge_pairings(
     missing = [p for p in planned if p[0] not in cached]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     # Judged in chunks, each appended at once: an interrupted evaluation keeps what it judged.
+    bar = tqdm(total=len(missing), desc="judging", unit="match", disable=not show_progress or not missing)
     for start in range(0, len(missing), CHUNK):
         chunk = missing[start : start + CHUNK]
         comparisons = []
@@ -76,12 +79,14 @@ def judge_pairings(
             comparisons.append(
                 Comparison(tuple(answers[a][prompt_id]["messages"]), answers[first][prompt_id]["response"], answers[second][prompt_id]["response"])
             )
-        replies = judge.judge(comparisons, show_progress=show_progress)
+        replies = judge.judge(comparisons, show_progress=False)
         with cache_path.open("a", encoding="utf-8") as handle:
             for (key, *_), reply in zip(chunk, replies):
                 record = {"key": key, "shown_verdict": reply.verdict, "raw": reply.raw}
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 cached[key] = record
+        bar.update(len(chunk))
+    bar.close()
 
     judgments = []
     for key, a, b, prompt_id, swapped in planned:
