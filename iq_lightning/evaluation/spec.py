@@ -47,7 +47,7 @@ class JudgeSpec:
     model_path: str | None = None
     tie_margin: float = 0.0
     batch_size: int = 4
-    balanced: bool = False
+    balanced: bool = True  # likelihood: average both orders within each match
     # openai: any OpenAI-compatible endpoint
     model: str | None = None
     base_url: str | None = None
