@@ -6,7 +6,6 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from transformers import PreTrainedModel
 
@@ -51,7 +50,7 @@ class InverseQModule(L.LightningModule):
 
     def batch_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss and diagnostics on one micro-batch of rollouts."""
-        policy_logprobs = response_logprobs(self.policy, batch, share_prefix=self._shares_prefix())
+        policy_logprobs = response_logprobs(self.policy, batch)
         mask = batch["response_mask"]
         targets = batch["target_logprobs"]
         loss = inverse_q_loss(policy_logprobs, targets, mask, self.reduction)
@@ -69,13 +68,6 @@ class InverseQModule(L.LightningModule):
                 "response_length": mask.sum(-1).mean(),
             }
         return {"loss": loss, **metrics}
-
-    def _shares_prefix(self) -> bool:
-        """Run the micro-batch's common prompt prefix once (forward.response_logits). Not under
-        FSDP or DeepSpeed: their per-call gathering of sharded weights is untested with two
-        policy calls per step, so there every row carries the prefix."""
-        trainer = self._trainer
-        return trainer is None or not isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         metrics = self.batch_metrics(batch)

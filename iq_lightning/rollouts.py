@@ -55,8 +55,11 @@ def read_rollouts(path: Path) -> list[Rollout]:
 
 
 def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
-    """Model inputs (left-padded prompts, right-padded responses) plus (B, T) targets."""
-    batch = pack([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id)
+    """Model inputs (left-padded prompts, right-padded responses) plus (B, T) targets.
+
+    The prompts' common prefix stays in every row: at micro-batch 4 running it once saves no
+    time with gradients (1.92 s vs 1.98 s per SmolLM2 step), unlike the no-grad guide passes."""
+    batch = pack([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id, share_prefix=False)
     width = batch["response_ids"].shape[1]
     for key in ("target_logprobs", "ref_logprobs"):
         values = torch.zeros((len(rollouts), width), dtype=torch.float32)
