@@ -9,7 +9,8 @@ batch sizes unless overridden) and reads each epoch's phase seconds from its met
 token counts from the stored rollouts. Tokens per second count, per phase:
   sampling - generated response tokens;
   scoring  - response tokens scored (each by both guides), and the prompt+response tokens the
-             guide forward passes read (x_w + y and x + y);
+             guide passes cover (x_w + y and x + y, counted in full though a prefix shared by
+             a batch is computed once);
   training - response tokens trained on, and the prompt+response tokens of the policy's forwards.
 Peak RSS is the process's maximum (model loading included), and per phase the largest RSS
 polled every 10 ms while that phase ran. The first epoch pays one-off warm-up costs; the summary
