@@ -195,15 +195,16 @@ def _refuse_units_inside(lora_layer: nn.Module, prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def ready_for_generate(model: nn.Module):
-    """`model.generate` under FSDP1: generate calls the wrapped module directly, past the FSDP
-    wrapper's forward, so the root unit's own weights (embeddings, final norm, LM head) would stay
-    sharded; they are gathered for the call (inner units still gather in their own forward).
-    FSDP2 and ZeRO-3 gather through module hooks, and plain models need nothing."""
+def ready_for_generate(model: nn.Module) -> Iterator[nn.Module]:
+    """The module to call `generate` on. Under FSDP1 generate would run the wrapped module past
+    the wrapper's forward, leaving the root unit's own weights (embeddings, final norm, LM head)
+    sharded: they are gathered for the call, and the wrapped module is returned (settings such
+    as its generation_config live there). Inner units still gather in their own forward. FSDP2
+    and ZeRO-3 gather through module hooks, and plain models need nothing."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if isinstance(model, FullyShardedDataParallel):
         with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
-            yield
+            yield model.module
     else:
-        yield
+        yield model

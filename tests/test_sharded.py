@@ -105,9 +105,20 @@ def _fsdp1_generate(rank: int, out: Path) -> None:
     sharded = FSDP(model, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), use_orig_params=True)
     ids = torch.tensor([[5, 17, 29, 41, 53]])
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    with ready_for_generate(sharded):
-        got = sharded.generate(ids, **kwargs)
+    with ready_for_generate(sharded) as inner:
+        got = inner.generate(ids, **kwargs)
     assert torch.equal(got, reference.generate(ids, **kwargs))
+    with ready_for_generate(reference) as same:
+        assert same is reference
+    # The HF sampler, as a sharded run uses it: sampled tokens and log-probs as unsharded.
+    from iq_lightning.samplers.base import SamplingParams
+    from iq_lightning.samplers.hf import HFSampler
+
+    sampler = HFSampler(batch_size=2, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, show_progress=False, synced_gpus=True)
+    prompts, params = [[5, 17, 29], [7, 9, 11, 13]], SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1.0, seed=3)
+    for got_g, want_g in zip(sampler.generate(sharded, prompts, params), sampler.generate(reference, prompts, params)):
+        assert got_g.response_ids == want_g.response_ids
+        assert got_g.sampling_logprobs == pytest.approx(want_g.sampling_logprobs, abs=1e-5)
 
 
 def _fsdp1_unit_outside() -> None:

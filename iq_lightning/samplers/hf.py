@@ -11,6 +11,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from iq_lightning.forward import shared_prefix_length
 from iq_lightning.samplers.base import Generation, Sampler, SamplingParams, cut_at_eos
+from iq_lightning.sharded import ready_for_generate
 
 
 class HFSampler(Sampler):
@@ -44,6 +45,10 @@ class HFSampler(Sampler):
 
     @torch.inference_mode()
     def generate(self, policy: PreTrainedModel, prompts, params: SamplingParams, desc: str = "sampling") -> list[Generation]:
+        with ready_for_generate(policy) as model:
+            return self._generate(model, prompts, params, desc)
+
+    def _generate(self, policy: PreTrainedModel, prompts, params: SamplingParams, desc: str) -> list[Generation]:
         config = self._generation_config(params)
         device = next(policy.parameters()).device
         was_training = policy.training
