@@ -78,10 +78,11 @@ def test_evaluate_writes_every_table_and_plot_and_reuses_its_caches(runs, monkey
         f"reward.run_dir='{runs['high']}'",
         f"reward.baseline_run_dir='{runs['low']}'",
         "credit_maps=2",
+        "focus=iq",
     ]
     result = evaluate(build_eval_spec(compose_eval(overrides)), show_progress=False)
 
-    for plot in ("win_rates", "category_radar", "elo_curve", "alpha_sweep", "reward_curve"):
+    for plot in ("win_rates", "win_rates_iq", "category_radar", "elo_curve", "alpha_sweep", "reward_curve"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 5000, plot
     contestants = ["sft", "prompting", "iq", "alpha=1", "alpha=3"]
     # all pairs of 5 contestants on 6 prompts

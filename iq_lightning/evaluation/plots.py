@@ -25,8 +25,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def win_rate_bars(rates: Mapping[str, WinRate], reference: str, path: Path) -> Path:
-    """Fig. 2: each contestant's win / tie / lose rate against the reference, stacked to 100%."""
+def win_rate_bars(rates: Mapping[str, WinRate], xlabel: str, path: Path) -> Path:
+    """Win / tie / lose rates stacked to 100%, one bar per labelled pairing (Fig. 2: one method
+    against each baseline; or each contestant against one reference)."""
     names = list(rates)
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.2))
     y = np.arange(len(names))
@@ -39,7 +40,7 @@ def win_rate_bars(rates: Mapping[str, WinRate], reference: str, path: Path) -> P
     ax.set_yticks(y, [f"{n}\n(n={rates[n].valid}, invalid {rates[n].invalid})" for n in names], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_xlabel(f"% of judged prompts against {reference}")
+    ax.set_xlabel(xlabel)
     ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     return _save(fig, path)
 

@@ -153,7 +153,11 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
         versus = {n: against(rates, n, spec.reference) for n in names if n != spec.reference}
         versus = {n: r for n, r in versus.items() if r is not None and r.valid}
         if versus:
-            files.append(plots.win_rate_bars(versus, spec.reference, out / "plots" / "win_rates.png"))
+            files.append(plots.win_rate_bars(versus, f"% of judged prompts against {spec.reference}", out / "plots" / "win_rates.png"))
+        if spec.focus:  # Fig. 2: the method against every baseline
+            of_focus = {f"vs {n}": r for n in names if n != spec.focus and (r := against(rates, spec.focus, n)) is not None and r.valid}
+            if of_focus:
+                files.append(plots.win_rate_bars(of_focus, f"% of {spec.focus}'s judged prompts", out / "plots" / f"win_rates_{safe_filename(spec.focus)}.png"))
         by_category = per_category((j.category or "all", j.a, j.b, j.verdict) for j in judgments)
         category_rows, radar = [], {}
         for category, cat_rates in by_category.items():

@@ -92,6 +92,7 @@ class EvalSpec:
     contestants: tuple[ContestantSpec, ...]
     out_dir: Path
     reference: str = "sft"
+    focus: str | None = None  # a contestant whose results against every other one are plotted (Fig. 2)
     pairs: str = "all"
     sweep_dir: str | None = None
     alpha: float = 1.5
@@ -100,7 +101,7 @@ class EvalSpec:
     seed: int = 0
 
 
-_TOP = {"reference", "pairs", "sweep_dir", "alpha", "beta", "credit_maps", "seed", "name", "out_dir"}
+_TOP = {"reference", "focus", "pairs", "sweep_dir", "alpha", "beta", "credit_maps", "seed", "name", "out_dir"}
 _GROUPS = {"model", "data", "sampler", "guide", "logger", "judge", "elo", "reward", "contestants"}
 
 
@@ -169,6 +170,8 @@ def validate_eval(spec: EvalSpec) -> None:
         raise ConfigError("need at least two contestants to compare (add one with +contestants.NAME.run_dir=...)")
     if spec.reference not in names and names:
         raise ConfigError(f"reference={spec.reference!r} is not a contestant (contestants: {', '.join(names)})")
+    if spec.focus is not None and spec.focus not in names and not spec.sweep_dir:
+        raise ConfigError(f"focus={spec.focus!r} is not a contestant (contestants: {', '.join(names)})")
     for c in spec.contestants:
         if c.run_dir and c.model_path:
             raise ConfigError(f"contestants.{c.name}: give run_dir or model_path, not both")
