@@ -59,6 +59,10 @@ class ModelSpec:
     lora: LoraSpec = field(default_factory=LoraSpec)
     gradient_checkpointing: bool = False
     chat_template: str | None = None  # for tokenizers that ship none (Vicuna v1.5)
+    # Sizes for the memory plan when config.json is not local (hub models on a machine that has
+    # not downloaded them): hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
+    # vocab_size, max_position_embeddings, tie_word_embeddings.
+    architecture: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,10 @@ class GuideSpec:
     placement: str = "system"
     model: ModelSpec | None = None
     batch_size: int = 16
-    device: str | None = None  # None: the policy's device; e.g. "cpu" keeps the guides off the GPU
+    # None: under ZeRO-3 / FSDP the guides are sharded over the ranks like the policy, otherwise
+    # on the policy's device; a device name (e.g. "cpu") keeps them whole there instead.
+    device: str | None = None
+    dtype: str | None = None  # None: the policy's dtype; bfloat16 on GPUs (frozen: no master weights)
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ class TrainSpec:
     save_final: bool = True
     save_epoch_policies: bool = False  # policies/epoch_NNN after every epoch (reward curves, Fig. 6)
     credit_maps_per_epoch: int = 2  # credit/epoch_NNN/*.html heat maps of the first samples (Fig. 8)
+    dry_run: bool = False  # print the resolved config and the per-device memory plan, load nothing
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,7 @@ class StrategySpec:
     num_nodes: int = 1
     strategy: str = "auto"
     options: Mapping[str, Any] = field(default_factory=dict)
+    device_memory_gib: float | None = None  # None: the GPU's memory, or on CPU the host RAM per process
 
 
 @dataclass(frozen=True)
@@ -184,8 +193,8 @@ def build_spec(cls: type, node: Any, where: str) -> Any:
             value = None if value is None else build_spec(ModelSpec, value, f"{where}.model")
         elif name == "hh_subsets":
             value = tuple(value)
-        elif name == "options":
-            value = dict(value or {})
+        elif name in ("options", "architecture"):
+            value = None if value is None and name == "architecture" else dict(value or {})
         kwargs[name] = value
     return cls(**kwargs)
 
