@@ -51,11 +51,14 @@ class GuideScorer(ABC):
     """Scores sampled responses with the frozen guides. Not an nn.Module on purpose: training
     strategies (DDP, FSDP, ZeRO-3) must neither wrap, shard nor checkpoint the guides."""
 
-    def __init__(self, alpha: float, pad_id: int, batch_size: int, show_progress: bool = True):
+    def __init__(self, alpha: float, pad_id: int, batch_size: int, show_progress: bool = True, share_prefix: bool = True):
         self.alpha = alpha
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.show_progress = show_progress
+        # Off for guides sharded over ranks: their forward calls are collectives, and running the
+        # shared prefix apart would make the number of calls depend on each rank's prompts.
+        self.share_prefix = share_prefix
 
     @property
     @abstractmethod
@@ -76,7 +79,9 @@ class GuideScorer(ABC):
     def device(self) -> torch.device:
         return next(self.models[0].parameters()).device
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: FSDP and ZeRO-3 re-shard guides in place after each forward,
+    # which inference tensors forbid.
+    @torch.no_grad()
     def score(
         self, prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], desc: str = "scoring"
     ) -> list[GuideScores]:
@@ -110,8 +115,9 @@ class PrincipleGuide(GuideScorer):
         alpha: float,
         batch_size: int = 16,
         show_progress: bool = True,
+        share_prefix: bool = True,
     ):
-        super().__init__(alpha, tokenizer.pad_token_id, batch_size, show_progress)
+        super().__init__(alpha, tokenizer.pad_token_id, batch_size, show_progress, share_prefix)
         self.model = model
         self.tokenizer = tokenizer
         self.principle = principle
@@ -130,8 +136,9 @@ class PrincipleGuide(GuideScorer):
         return self._winner_ids[key]
 
     def _guide_logits(self, prompts, responses):
-        winner = to_device(pack([self.winner_prompt_ids(p) for p in prompts], responses, self.pad_id), self.device)
-        lesser = to_device(pack([p.input_ids for p in prompts], responses, self.pad_id), self.device)
+        share = self.share_prefix
+        winner = to_device(pack([self.winner_prompt_ids(p) for p in prompts], responses, self.pad_id, share), self.device)
+        lesser = to_device(pack([p.input_ids for p in prompts], responses, self.pad_id, share), self.device)
         return response_logits(self.model, winner), response_logits(self.model, lesser), lesser["response_ids"]
 
 
@@ -147,8 +154,9 @@ class AlignedModelGuide(GuideScorer):
         alpha: float,
         batch_size: int = 16,
         show_progress: bool = True,
+        share_prefix: bool = True,
     ):
-        super().__init__(alpha, pad_id, batch_size, show_progress)
+        super().__init__(alpha, pad_id, batch_size, show_progress, share_prefix)
         self.winner = winner
         self.lesser = lesser
 
@@ -157,7 +165,7 @@ class AlignedModelGuide(GuideScorer):
         return (self.winner, self.lesser)
 
     def _guide_logits(self, prompts, responses):
-        batch = to_device(pack([p.input_ids for p in prompts], responses, self.pad_id), self.device)
+        batch = to_device(pack([p.input_ids for p in prompts], responses, self.pad_id, self.share_prefix), self.device)
         logits_w = response_logits(self.winner, batch)
         logits_l = response_logits(self.lesser, batch)
         return logits_w, logits_l, batch["response_ids"]

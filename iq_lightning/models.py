@@ -4,6 +4,7 @@ or a tiny in-process Llama), freezing copies, and exporting plain `save_pretrain
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.metadata
 import logging
 from pathlib import Path
@@ -26,7 +27,7 @@ from iq_lightning.sharded import full_named_parameters, is_lora_layer, plain_nam
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 # ChatML, as SmolLM2-Instruct and Zephyr-style chat models use it.
 CHATML_TEMPLATE = (
@@ -41,16 +42,21 @@ Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 def load_model(spec: ModelSpec) -> Loaded:
     """Policy (trainable; with LoRA adapters if enabled) and tokenizer; pad token set, chat template present."""
-    loaders: dict[str, Callable[[ModelSpec], Loaded]] = {
-        "pretrained": _load_pretrained,
-        "package_gguf": _load_package_gguf,
-        "tiny": lambda s: build_tiny(s.tiny),
-    }
-    model, tokenizer = loaders[spec.source](spec)
-    if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.lora.enabled:
-        model = apply_lora(model, spec.lora)
+    return load_weights(spec), load_tokenizer(spec)
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (no weights): pad token set, chat template present."""
+    if spec.source == "tiny":
+        tokenizer = build_tiny_tokenizer()
+    else:
+        spec = _resolved(spec)
+        kwargs = _hub_kwargs(spec)
+        _fail_fast_if_hub_unreachable(spec.name_or_path, spec.revision, _where(spec))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec.name_or_path, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise _load_error(spec, exc) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if spec.chat_template:
@@ -60,7 +66,51 @@ def load_model(spec: ModelSpec) -> Loaded:
             f"model {spec.name_or_path!r} has no chat template; set model.chat_template (a Jinja template) "
             "or use an instruction-tuned model"
         )
-    return model, tokenizer
+    return tokenizer
+
+
+def load_weights(spec: ModelSpec, dtype: str | None = None) -> PreTrainedModel:
+    """The whole model (in `dtype`, default model.dtype), prepared as the policy is trained:
+    gradient checkpointing and LoRA adapters as configured."""
+    if spec.source == "tiny":
+        model = build_tiny(spec.tiny)[0]
+    else:
+        model = _load_pretrained_weights(_resolved(spec))
+    if dtype is not None:
+        model = model.to(DTYPES[dtype])
+    return prepare_for_training(model, spec)
+
+
+def prepare_for_training(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedModel:
+    """Gradient checkpointing and LoRA as configured: the same structure whether the weights
+    were loaded or the model is an empty skeleton that a sharded rank fills."""
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.lora.enabled:
+        model = apply_lora(model, spec.lora)
+    return model
+
+
+def skeleton(spec: ModelSpec, config, dtype: str | None = None) -> PreTrainedModel:
+    """A model of `config`'s architecture with no particular weights, structured exactly like
+    `load_weights(spec)` (names, tied weights, LoRA layers). Built under an empty-initialisation
+    context (the meta device, deepspeed.zero.Init) it costs no memory for whole weights."""
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype or spec.dtype])
+    return prepare_for_training(model, spec)
+
+
+def generation_eos(spec: ModelSpec) -> list[int]:
+    """EOS ids a model's generation_config.json lists (several for some chat models), without
+    loading its weights; [] where there is none (GGUF files, the tiny model)."""
+    if spec.source != "pretrained":
+        return []
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(spec.name_or_path, **_hub_kwargs(spec)).eos_token_id
+    except (OSError, ValueError, EnvironmentError):
+        return []
+    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
@@ -113,37 +163,48 @@ def locate_package_gguf(package: str) -> Path:
 
 
 def _dtype(spec: ModelSpec):
-    if spec.dtype not in _DTYPES:
-        raise ConfigError(f"model.dtype must be one of {', '.join(_DTYPES)}, got {spec.dtype!r}")
-    return _DTYPES[spec.dtype]
+    if spec.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
+    return DTYPES[spec.dtype]
 
 
-def _load_package_gguf(spec: ModelSpec) -> Loaded:
+def _resolved(spec: ModelSpec) -> ModelSpec:
+    """A package_gguf spec as the pretrained directory + GGUF file it names."""
+    if spec.source != "package_gguf":
+        return spec
     path = locate_package_gguf(spec.name_or_path)
-    return _load_pretrained(
-        ModelSpec(source="pretrained", name_or_path=str(path.parent), gguf_file=path.name, dtype=spec.dtype)
-    )
+    return dataclasses.replace(spec, source="pretrained", name_or_path=str(path.parent), gguf_file=path.name)
 
 
-def _load_pretrained(spec: ModelSpec) -> Loaded:
+def _hub_kwargs(spec: ModelSpec) -> dict:
     kwargs = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision:
         kwargs["revision"] = spec.revision
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
-    where = spec.name_or_path + (f" (gguf_file={spec.gguf_file})" if spec.gguf_file else "")
-    _fail_fast_if_hub_unreachable(spec.name_or_path, spec.revision, where)
+    return kwargs
+
+
+def _where(spec: ModelSpec) -> str:
+    return spec.name_or_path + (f" (gguf_file={spec.gguf_file})" if spec.gguf_file else "")
+
+
+def _load_error(spec: ModelSpec, exc: BaseException) -> ModelLoadError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    local = Path(spec.name_or_path).exists()
+    hint = "" if local else " (not a local directory, and the Hugging Face hub could not provide it: offline?)"
+    return ModelLoadError(f"cannot load model {_where(spec)}{hint}: {first}")
+
+
+def _load_pretrained_weights(spec: ModelSpec) -> PreTrainedModel:
+    _fail_fast_if_hub_unreachable(spec.name_or_path, spec.revision, _where(spec))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.name_or_path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=_dtype(spec), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, dtype=_dtype(spec), **_hub_kwargs(spec))
     except (OSError, ValueError, EnvironmentError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        local = Path(spec.name_or_path).exists()
-        hint = "" if local else " (not a local directory, and the Hugging Face hub could not provide it: offline?)"
-        raise ModelLoadError(f"cannot load model {where}{hint}: {first}") from None
+        raise _load_error(spec, exc) from None
     if spec.gguf_file:
         model = _dequantized_plain_copy(model)
-    return model, tokenizer
+    return model
 
 
 def _fail_fast_if_hub_unreachable(name_or_path: str, revision: str | None, where: str) -> None:
@@ -251,30 +312,42 @@ def is_peft(model) -> bool:
 
 class AdapterDisabled:
     """The base model under a LoRA policy with the adapter switched off: pi_l, the principle-prompted
-    pi_w and pi_ref are these frozen base weights, shared with the policy instead of copied."""
+    pi_w and pi_ref are these frozen base weights, shared with the policy instead of copied.
 
-    def __init__(self, peft_model: PreTrainedModel):
-        self.peft_model = peft_model
+    `policy` returns the policy module as the trainer holds it now, so the call goes through any
+    wrapper a strategy put around it (an FSDP unit gathers its shards in its own forward)."""
+
+    def __init__(self, policy: Callable[[], torch.nn.Module]):
+        self.policy = policy
 
     def __call__(self, **kwargs):
-        was_training = self.peft_model.training
-        self.peft_model.eval()
+        module = self.policy()
+        peft_model = _unwrapped(module)
+        was_training = peft_model.training
+        module.eval()
         try:
-            with self.peft_model.disable_adapter():
-                return self.peft_model(**kwargs)
+            with peft_model.disable_adapter():
+                return module(**kwargs)
         finally:
-            self.peft_model.train(was_training)
+            module.train(was_training)
 
     def parameters(self):
-        return self.peft_model.parameters()
+        return self.policy().parameters()
 
     def to(self, device):  # moves with the policy
         return self
 
 
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside strategy wrappers (FSDP units keep it as `.module`)."""
+    while not is_peft(module) and hasattr(module, "module"):
+        module = module.module
+    return module
+
+
 def frozen_reference(policy: PreTrainedModel):
     """pi_l / pi_ref: the adapter-disabled base of a LoRA policy, else a frozen copy."""
-    return AdapterDisabled(policy) if is_peft(policy) else frozen_copy(policy)
+    return AdapterDisabled(lambda: policy) if is_peft(policy) else frozen_copy(policy)
 
 
 def plain_named_parameters(policy: PreTrainedModel, device: torch.device | str | None = None):

@@ -12,41 +12,57 @@ from transformers import PreTrainedModel
 from iq_lightning.forward import response_logprobs
 from iq_lightning.guides import GuideScorer
 from iq_lightning.objective import inverse_q_loss, token_credit
+from iq_lightning.rank_models import RankModels
 
 
 class InverseQModule(L.LightningModule):
     """Regresses log pi_theta(y_t) onto the stored targets log pi_hat(y_t) (Algorithm 1).
 
-    The guide scorer is kept as a plain attribute, not a submodule: it is neither trained,
-    checkpointed nor wrapped by the training strategy. Targets are computed by the DataModule
-    before each epoch's training phase.
+    The guide scorer is kept as a plain attribute, not a submodule: the training strategy neither
+    trains, checkpoints nor wraps it (under ZeRO-3 / FSDP it is sharded on its own terms, see
+    strategies.py). Targets are computed by the DataModule before each epoch's training phase.
+
+    Given `models` instead of a policy and a guide, the module builds them when the trainer is
+    ready: the guides in `setup`, the policy in `configure_model` (inside the strategy's
+    sharding context), so a sharded run never holds whole weights on every rank.
     """
 
     def __init__(
         self,
-        policy: PreTrainedModel,
-        guide: GuideScorer,
+        policy: PreTrainedModel | None,
+        guide: GuideScorer | None,
         lr: float,
         beta: float = 0.1,
         reduction: str = "token_mean",
         weight_decay: float = 0.0,
         guide_device: str | None = None,
+        models: RankModels | None = None,
     ):
         super().__init__()
         self.policy = policy
         self.guide = guide
+        self.models = models
         self.lr = lr
         self.beta = beta
         self.reduction = reduction
         self.weight_decay = weight_decay
         self.guide_device = guide_device
-        self.save_hyperparameters(ignore=["policy", "guide"])
+        self.save_hyperparameters(ignore=["policy", "guide", "models"])
         self._epoch_started = 0.0
 
+    def setup(self, stage: str) -> None:
+        if self.guide is None:
+            self.guide = self.models.guide(self.global_rank, lambda: self.policy)
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = self.models.policy()
+
     def on_fit_start(self) -> None:
-        # Targets are computed before each training phase, so the guides may live elsewhere
-        # (e.g. on CPU while the policy trains on the GPU).
-        self.guide.to(self.guide_device or self.device)
+        # Targets are computed before each training phase, so whole guides may live elsewhere
+        # (e.g. on CPU while the policy trains on the GPU); sharded ones stay where their shards are.
+        if self.models is None or not self.models.guides_sharded:
+            self.guide.to(self.guide_device or self.device)
 
     def batch_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss and diagnostics on one micro-batch of rollouts."""

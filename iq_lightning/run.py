@@ -19,14 +19,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.callbacks import CreditMaps, EpochPolicyExport
-from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, StrategySpec
+from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig
 from iq_lightning.data import prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError
 from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide
-from iq_lightning.models import export_policy, frozen_reference, load_model, output_vocab_size, same_tokenizer
+from iq_lightning.data import encode_prompt
+from iq_lightning.guides import with_principle
+from iq_lightning.models import export_policy, frozen_reference, generation_eos, load_model, load_tokenizer, output_vocab_size, same_tokenizer
 from iq_lightning.module import InverseQModule
+from iq_lightning.rank_models import RankModels
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
+from iq_lightning.strategies import sharding_for, trainer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -62,36 +66,16 @@ def build_guide(
     return AlignedModelGuide(winner, lesser, tokenizer.pad_token_id, alpha, g.batch_size, show_progress)
 
 
-def check_principle_prompt(guide: PrincipleGuide, prompt) -> None:
+def check_principle_prompt(tokenizer: PreTrainedTokenizerBase, principle: str, placement: str, prompt) -> None:
     """Render one x_w now: a chat template that rejects the placement fails here, not after an
     epoch of sampling."""
     try:
-        guide.winner_prompt_ids(prompt)
+        encode_prompt(tokenizer, with_principle(prompt.prompt.messages, principle, placement))
     except Exception as exc:
         raise ConfigError(
-            f"the chat template cannot render the principle with guide.placement={guide.placement} ({exc}); "
-            f"try guide.placement={'user' if guide.placement == 'system' else 'system'}"
+            f"the chat template cannot render the principle with guide.placement={placement} ({exc}); "
+            f"try guide.placement={'user' if placement == 'system' else 'system'}"
         ) from None
-
-
-def strategy_kwargs(spec: StrategySpec) -> dict:
-    """Trainer arguments for the strategy, refusing early what this machine cannot run."""
-    if spec.strategy.startswith(("deepspeed", "fsdp")):
-        # Lightning implements both for CUDA only; on CPU use strategy=ddp (gloo).
-        if not torch.cuda.is_available() or spec.accelerator == "cpu":
-            raise ConfigError(f"strategy={spec.name} needs CUDA GPUs, and none is in use here (use strategy=cpu or ddp)")
-    if spec.strategy.startswith("deepspeed"):
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(f"strategy={spec.name} needs deepspeed: pip install -e .[deepspeed]")
-    if spec.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"strategy={spec.name} asks for accelerator={spec.accelerator} but no CUDA GPU is visible")
-    return {
-        "accelerator": spec.accelerator,
-        "devices": spec.devices,
-        "num_nodes": spec.num_nodes,
-        "strategy": spec.strategy,
-        **dict(spec.options),
-    }
 
 
 def build_loggers(spec: LoggerSpec, run_dir: Path) -> list:
@@ -162,46 +146,30 @@ def check_resumable(run: RunConfig) -> None:
         path.write_text(json.dumps(current, indent=1))
 
 
-SHARDED = ("deepspeed", "fsdp")
-
-
-def fsdp_strategy(policy: PreTrainedModel):
-    """FSDP with the policy and each of its decoder layers as units of their own: exporting and
-    pushing weights gather the policy unit by unit (sharded.py), which needs the policy wrapped
-    by itself rather than sliced out of one unit spanning the whole LightningModule."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    layer_names = set(getattr(base, "_no_split_modules", None) or [])
-    layers = {type(m) for m in base.modules() if type(m).__name__ in layer_names}
-    return FSDPStrategy(auto_wrap_policy={type(policy), *layers})
-
-
 def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
     run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer_kwargs = strategy_kwargs(run.strategy)
-    sharded = run.strategy.strategy.startswith(SHARDED)
+    sharding = sharding_for(run.strategy)
+    trainer_args = trainer_kwargs(run.strategy, sharding, run.train.micro_batch_size)
     check_resumable(run)
     loggers = build_loggers(run.logger, run_dir)
     L.seed_everything(run.train.seed, workers=True, verbose=False)
 
-    policy, tokenizer = load_model(run.model)
-    if run.strategy.strategy == "fsdp":
-        trainer_kwargs["strategy"] = fsdp_strategy(policy)
+    # Weights are loaded inside fit, per rank (rank_models.py); here only what every rank needs first.
+    tokenizer = load_tokenizer(run.model)
     prompts, stats = prepare_prompts(run.data, tokenizer)
     log.info("prompts (%s): %s", run.data.source, stats.describe())
-    guide = build_guide(run.guide, run.train.alpha, policy, tokenizer, show_progress, run.model.name_or_path)
-    if isinstance(guide, PrincipleGuide):
-        check_principle_prompt(guide, prompts[0])
-    eos = eos_ids(tokenizer, policy.generation_config.eos_token_id)
+    if run.guide.kind == "principle":
+        check_principle_prompt(tokenizer, run.guide.principle, run.guide.placement, prompts[0])
+    eos = eos_ids(tokenizer, generation_eos(run.model))
     sampler = build_sampler(
-        run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharded
+        run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharding.sharded
     )
+    models = RankModels(run.model, run.guide, run.train.alpha, tokenizer, sharding, show_progress)
 
     t = run.train
     module = InverseQModule(
-        policy, guide, lr=t.lr, beta=t.beta, reduction=t.reduction, weight_decay=t.weight_decay, guide_device=run.guide.device
+        None, None, lr=t.lr, beta=t.beta, reduction=t.reduction, weight_decay=t.weight_decay, guide_device=run.guide.device, models=models
     )
     datamodule = OnPolicyDataModule(
         prompts,
@@ -230,7 +198,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
     if t.save_epoch_policies:
         callbacks.append(EpochPolicyExport(run_dir, tokenizer))
     trainer = L.Trainer(
-        **trainer_kwargs,
+        **trainer_args,
         precision=t.precision,
         max_epochs=t.epochs,
         logger=loggers or False,

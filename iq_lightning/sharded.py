@@ -14,6 +14,7 @@ choice.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator
 
 import torch
@@ -68,9 +69,40 @@ def _kind(model: nn.Module) -> str:
     return "plain"
 
 
-def _gathered_groups(model: nn.Module) -> Iterator[tuple[Named, bool]]:
+def load_from_rank0(model: nn.Module, source: nn.Module | None) -> None:
+    """The inverse of `full_named_parameters`: fill a sharded `model` with the weights of `source`,
+    a whole model of the same structure that only rank 0 holds (None elsewhere), one group at a
+    time. So loading a sharded policy or guide never puts a whole copy on any rank but 0.
+
+    ZeRO-3 broadcasts a group's values from rank 0 when it re-partitions (modifier_rank=0); an
+    FSDP1 unit writes each rank's shard back from that rank's whole copy, so rank 0's values are
+    broadcast first. Buffers are never sharded: every rank gets rank 0's (meta-initialised ones
+    hold garbage). Every rank must call this, in step."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    if (source is None) != (rank != 0):
+        raise ValueError("load_from_rank0: rank 0, and only rank 0, passes the source model")
+    wanted = dict(full_named_parameters(source)) if source is not None else {}
+    kind = _kind(model)
+    with torch.no_grad():
+        for group, _ in _gathered_groups(model, writeback=True):
+            for name, param in group:
+                if rank == 0:
+                    param.copy_(wanted[name])
+                if kind != "deepspeed":
+                    dist.broadcast(param.data, src=0)
+        source_buffers = dict(source.named_buffers()) if source is not None else {}
+        for name, buffer in model.named_buffers():
+            if rank == 0:
+                buffer.copy_(source_buffers[plain_name(name)])
+            dist.broadcast(buffer, src=0)
+
+
+def _gathered_groups(model: nn.Module, writeback: bool = False) -> Iterator[tuple[Named, bool]]:
     """(group, gathered): each group's parameters are whole while it is yielded; `gathered` says
-    whether they were gathered (their storage is then freed after the yield)."""
+    whether they were gathered (their storage is then freed after the yield). With `writeback`,
+    what rank 0 writes into a group (ZeRO-3) or what each rank writes (FSDP1) is re-sharded."""
     kind = _kind(model)
     if kind == "plain":
         params = [(plain_name(n), p) for n, p in model.named_parameters()]
@@ -79,9 +111,13 @@ def _gathered_groups(model: nn.Module) -> Iterator[tuple[Named, bool]]:
         return
     if kind == "deepspeed":
         # Every module is a group root (a LoRA layer with all it holds is one group).
-        is_root, gather = (lambda m: True), _deepspeed_gather
+        is_root, gather = (lambda m: True), functools.partial(_deepspeed_gather, writeback=writeback)
+    elif kind == "fsdp1":
+        is_root, gather = _fsdp_unit_test(kind), functools.partial(_fsdp1_gather, writeback=writeback)
     else:
-        is_root, gather = _fsdp_unit_test(kind), (_fsdp1_gather if kind == "fsdp1" else _fsdp2_gather)
+        if writeback:
+            raise NotImplementedError("loading weights into FSDP2 modules piecewise is not supported")
+        is_root, gather = _fsdp_unit_test(kind), _fsdp2_gather
     # Tied weights appear once, under their first name, as named_parameters gives them. The
     # tensors are kept referenced so that a freed one's id is never reused by a later group's
     # (gathered tensors are new objects; keeping them costs nothing once their storage is freed).
@@ -131,21 +167,22 @@ def _fsdp_unit_test(kind: str) -> Callable[[nn.Module], bool]:
     return lambda m: isinstance(m, unit)
 
 
-def _deepspeed_gather(root: nn.Module, params: list[nn.Parameter]):
+def _deepspeed_gather(root: nn.Module, params: list[nn.Parameter], writeback: bool = False):
     import deepspeed
 
-    # modifier_rank=None: read-only, so nothing is broadcast back into the partitions afterwards.
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    # modifier_rank=None: read-only, so nothing is broadcast back into the partitions afterwards;
+    # 0: rank 0's values are broadcast and re-partitioned on exit.
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if writeback else None)
 
 
-def _fsdp1_gather(root: nn.Module, params: list[nn.Parameter]):
+def _fsdp1_gather(root: nn.Module, params: list[nn.Parameter], writeback: bool = False):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if not isinstance(root, FullyShardedDataParallel):
         return contextlib.nullcontext()  # parameters above the outermost unit are not sharded
     # recurse=False: this unit only (nested units are groups of their own). FSDP1 unshards in
-    # full precision here even under mixed precision; writeback=False: nothing is written back.
-    return FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False)
+    # full precision here even under mixed precision.
+    return FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=writeback)
 
 
 @contextlib.contextmanager

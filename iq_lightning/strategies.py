@@ -1,0 +1,230 @@
+"""Everything that depends on the training strategy, in one place.
+
+- Which Lightning strategy runs (`Sharding.trainer_strategy`), including CPU debugging modes of
+  DeepSpeed ZeRO-3 and FSDP: Lightning implements both for CUDA only, but their machinery runs on
+  CPU processes over gloo once the few CUDA-only checks are lifted (`CPUDeepSpeedStrategy`).
+- How the policy and the frozen guides are laid out over the ranks. Replicated strategies (one
+  process, DDP) give every rank whole models. Under ZeRO-3 and FSDP each rank holds a shard: the
+  whole weights are loaded once, on rank 0, and poured into an empty sharded skeleton one group at
+  a time (`sharded.load_from_rank0`), so no other rank ever holds a whole copy. The guides are
+  sharded the same way (ZeRO-3: a DeepSpeed inference engine over partitioned parameters, as TRL
+  prepares its reference models; FSDP: FSDP units of their own), unless `guide.device` asks for
+  whole guides on one device.
+
+Ranks of a sharded model must make the same forward calls in the same order (each call gathers
+shards collectively): callers ask `Sharding.sharded` and then skip per-batch shortcuts whose call
+count depends on the data (the shared prompt prefix).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+from torch import nn
+
+from iq_lightning.config import StrategySpec
+from iq_lightning.errors import ConfigError
+
+ModelBuilder = Callable[[], nn.Module]
+
+
+def _cpu(spec: StrategySpec) -> bool:
+    return spec.accelerator == "cpu" or not torch.cuda.is_available()
+
+
+class Sharding(ABC):
+    """How one strategy materialises the policy and the frozen guides on each rank."""
+
+    sharded: bool = False
+
+    def __init__(self, spec: StrategySpec):
+        self.spec = spec
+
+    @abstractmethod
+    def trainer_strategy(self, micro_batch_size: int):
+        """The `strategy` argument of lightning.Trainer."""
+
+    def loads_whole_weights(self, rank: int) -> bool:
+        """Whether this rank loads the whole weights that the shards are filled from."""
+        return True
+
+    def materialize(self, skeleton: ModelBuilder, source: nn.Module | None, frozen_dtype: torch.dtype | None = None) -> nn.Module:
+        """A sharded model built by `skeleton` and filled from rank 0's whole `source` (None on
+        the other ranks). The policy (frozen_dtype None) is built in LightningModule.configure_model,
+        inside the strategy's own context; a frozen guide in setup, outside it."""
+        raise NotImplementedError(f"{type(self).__name__} keeps whole models")
+
+    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+        """A sharded frozen guide, ready for forward passes."""
+        return model
+
+
+class Replicated(Sharding):
+    """One process, or DDP: whole models on every rank."""
+
+    def trainer_strategy(self, micro_batch_size: int):
+        return self.spec.strategy
+
+
+class ZeRO3(Sharding):
+    """DeepSpeed ZeRO stage 3: parameters, gradients and optimizer state partitioned over ranks."""
+
+    sharded = True
+
+    def trainer_strategy(self, micro_batch_size: int):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"strategy={self.spec.name} needs deepspeed: bash scripts/install.sh --deepspeed (or pip install -e .[deepspeed])")
+        if _cpu(self.spec):
+            # DeepSpeed picks its accelerator once, when first imported (rank 1 inherits this).
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            strategy = _cpu_deepspeed_strategy()(stage=3)
+        else:
+            from lightning.pytorch.strategies import DeepSpeedStrategy
+
+            strategy = DeepSpeedStrategy(stage=3)
+        # Otherwise Lightning reads it off the train dataloader while setting up, which here
+        # would sample an epoch before the policy exists.
+        strategy.config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        return strategy
+
+    def loads_whole_weights(self, rank: int) -> bool:
+        return rank == 0
+
+    def materialize(self, skeleton, source, frozen_dtype=None):
+        import deepspeed
+        from transformers.initialization import no_init_weights
+
+        from iq_lightning.sharded import load_from_rank0
+
+        # Every parameter is partitioned as its module is built (deepspeed.zero.Init: Lightning's
+        # own around configure_model for the policy; one in the guide's dtype for a guide).
+        # Initialisation is skipped: it would write into empty partitions, and the weights come
+        # from rank 0 anyway.
+        context = nullcontext() if frozen_dtype is None else deepspeed.zero.Init(config_dict_or_path=_zero3_inference_config(frozen_dtype))
+        with no_init_weights(), context:
+            model = skeleton()
+        load_from_rank0(model, source)
+        return model
+
+    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+        import deepspeed
+
+        # An inference engine registers the hooks that gather each module's partitions for its
+        # forward (TRL's prepare_deepspeed does the same for reference models).
+        engine, *_ = deepspeed.initialize(model=model, config=_zero3_inference_config(next(model.parameters()).dtype))
+        engine.eval()
+        return engine.module
+
+
+def _zero3_inference_config(dtype: torch.dtype) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+    }
+
+
+class FSDP(Sharding):
+    """FSDP (torch's FullyShardedDataParallel, as Lightning's FSDPStrategy runs it): the policy and
+    each of its decoder layers are units of their own, wrapped here rather than by the strategy,
+    so the policy is a unit by itself (export and weight pushes gather it unit by unit,
+    sharded.py) and can be built on the meta device. Checkpoints are sharded (one file per rank)."""
+
+    sharded = True
+
+    def trainer_strategy(self, micro_batch_size: int):
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        # A subclass instance passes Lightning's "FSDP needs a GPU" check; torch's FSDP itself
+        # runs on CPU processes over gloo.
+        strategy_cls = type("CPUFSDPStrategy", (FSDPStrategy,), {}) if _cpu(self.spec) else FSDPStrategy
+        return strategy_cls(state_dict_type="sharded")
+
+    def loads_whole_weights(self, rank: int) -> bool:
+        return rank == 0
+
+    def materialize(self, skeleton, source, frozen_dtype=None):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        from iq_lightning.sharded import load_from_rank0
+
+        # On the meta device (no memory); FSDP materialises and shards one unit at a time.
+        with torch.device("meta"):
+            model = skeleton()
+        device = torch.device("cpu") if _cpu(self.spec) else torch.device("cuda", torch.cuda.current_device())
+        wrapped = FullyShardedDataParallel(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy({type(model), *decoder_layer_classes(model)}),
+            param_init_fn=lambda module: module.to_empty(device=device, recurse=False),
+            device_id=device,
+            use_orig_params=True,
+        )
+        load_from_rank0(wrapped, source)
+        return wrapped
+
+
+def decoder_layer_classes(model: nn.Module) -> set[type]:
+    """The model's repeated blocks (transformers' `_no_split_modules`): FSDP's units."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return {type(m) for m in base.modules() if type(m).__name__ in names}
+
+
+def _cpu_deepspeed_strategy():
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+    from lightning.fabric.utilities.seed import reset_seed
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        """DeepSpeed ZeRO on CPU processes (gloo), for debugging a ZeRO-3 run before booking GPUs:
+        three CUDA-only assumptions of Lightning's strategy lifted, nothing else changed."""
+
+        def setup_environment(self) -> None:
+            DDPStrategy.setup_environment(self)  # (1) skips "DeepSpeed needs a CUDA accelerator"
+
+        def setup_distributed(self) -> None:
+            # (2) skips the device-index check (CPU devices have no index)
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        @property
+        def root_device(self) -> torch.device:
+            return torch.device("cpu", self.local_rank)  # (3) DeepSpeed reads the index as the local rank
+
+    return CPUDeepSpeedStrategy
+
+
+SHARDINGS: dict[str, type[Sharding]] = {"deepspeed": ZeRO3, "fsdp": FSDP}
+
+
+def sharding_for(spec: StrategySpec) -> Sharding:
+    """The Sharding of a strategy config, refusing early what this machine cannot run."""
+    if spec.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"strategy={spec.name} asks for accelerator={spec.accelerator} but no CUDA GPU is visible "
+            "(strategy.accelerator=cpu runs it on CPU processes, for debugging)"
+        )
+    if spec.strategy.startswith("deepspeed") and spec.strategy not in ("deepspeed", "deepspeed_stage_3"):
+        raise ConfigError(f"strategy.strategy={spec.strategy}: only ZeRO stage 3 (deepspeed_stage_3) is supported")
+    for prefix, cls in SHARDINGS.items():
+        if spec.strategy.startswith(prefix):
+            return cls(spec)
+    return Replicated(spec)
+
+
+def trainer_kwargs(spec: StrategySpec, sharding: Sharding, micro_batch_size: int) -> dict:
+    """lightning.Trainer arguments of the strategy config (`options` are passed as they are)."""
+    return {
+        "accelerator": spec.accelerator,
+        "devices": spec.devices,
+        "num_nodes": spec.num_nodes,
+        "strategy": sharding.trainer_strategy(micro_batch_size),
+        **dict(spec.options),
+    }
