@@ -111,6 +111,11 @@ class InverseQModule(L.LightningModule):
         stats["time/train_s"] = time.perf_counter() - self._epoch_started
         self.log_dict({k: float(v) for k, v in stats.items()}, on_epoch=True, sync_dist=True)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and self.models is not None and self.models.sharding.clip_gradients(self.policy, gradient_clip_val):
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=self._fused_adamw(params))

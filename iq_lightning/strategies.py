@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from typing import Callable
@@ -63,6 +64,11 @@ class Sharding(ABC):
         """A sharded frozen guide, ready for forward passes."""
         return model
 
+    def clip_gradients(self, trained: nn.Module, max_norm: float) -> bool:
+        """Clip `trained`'s gradients by their global norm where Lightning's own clipping cannot;
+        False: leave it to Lightning."""
+        return False
+
 
 class Replicated(Sharding):
     """One process, or DDP: whole models on every rank."""
@@ -79,6 +85,9 @@ class ZeRO3(Sharding):
     def trainer_strategy(self, micro_batch_size: int):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(f"strategy={self.spec.name} needs deepspeed: bash scripts/install.sh --deepspeed (or pip install -e .[deepspeed])")
+        # DeepSpeed clips by the global norm itself (Lightning passes gradient_clip_val on); the
+        # module's clipping hook, overridden for FSDP, leaves it alone here.
+        warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
         if _cpu(self.spec):
             # DeepSpeed picks its accelerator once, when first imported (rank 1 inherits this).
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -168,6 +177,13 @@ class FSDP(Sharding):
         )
         load_from_rank0(wrapped, source)
         return wrapped
+
+    def clip_gradients(self, trained: nn.Module, max_norm: float) -> bool:
+        # Lightning's FSDP precision plugin refuses norm clipping. The policy is the outermost
+        # unit (Lightning leaves a model it finds already wrapped alone), and computes the norm
+        # over every rank's shards itself.
+        trained.clip_grad_norm_(max_norm)
+        return True
 
 
 def decoder_layer_classes(model: nn.Module) -> set[type]:
