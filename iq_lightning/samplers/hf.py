@@ -43,7 +43,10 @@ class HFSampler(Sampler):
             use_cache=True,
         )
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: ZeRO-3 and FSDP gather and re-shard the policy's parameters
+    # in place around each forward, and a parameter touched in inference mode stays an inference
+    # tensor that training (or a LoRA policy's adapter-disabled guide pass) then cannot use.
+    @torch.no_grad()
     def generate(self, policy: PreTrainedModel, prompts, params: SamplingParams, desc: str = "sampling") -> list[Generation]:
         with ready_for_generate(policy) as model:
             return self._generate(model, prompts, params, desc)
