@@ -68,28 +68,40 @@ def test_validation_errors(override, message, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp"])
-def test_sharded_strategies_without_cuda_are_a_clear_error(tmp_path, strategy):
-    from iq_lightning.run import strategy_kwargs
+def test_sharded_strategies_run_on_cpu_processes_or_say_how(tmp_path, strategy):
+    """accelerator=gpu without CUDA is one clear line naming the CPU debugging mode; with
+    accelerator=cpu the strategy is Lightning's own, CPU-capable subclass."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    for extra in ([], ["strategy.accelerator=cpu"]):
-        run = build_run_config(compose(["model=tiny", f"strategy={strategy}", *extra]), tmp_path)
-        with pytest.raises(ConfigError, match="needs CUDA"):
-            strategy_kwargs(run.strategy)
+    from iq_lightning.strategies import sharding_for, trainer_kwargs
+
+    run = build_run_config(compose(["model=tiny", f"strategy={strategy}"]), tmp_path)
+    with pytest.raises(ConfigError, match="strategy.accelerator=cpu runs it on CPU processes"):
+        sharding_for(run.strategy)
+    run = build_run_config(compose(["model=tiny", f"strategy={strategy}", "strategy.accelerator=cpu"]), tmp_path)
+    sharding = sharding_for(run.strategy)
+    assert sharding.sharded
+    lightning_strategy = trainer_kwargs(run.strategy, sharding, micro_batch_size=4)["strategy"]
+    assert isinstance(lightning_strategy, DeepSpeedStrategy if strategy.startswith("deepspeed") else FSDPStrategy)
+    if strategy.startswith("deepspeed"):
+        assert lightning_strategy.config["zero_optimization"]["stage"] == 3
+        assert lightning_strategy.config["train_micro_batch_size_per_gpu"] == 4
 
 
 def test_guide_with_another_tokenizer_is_refused(tmp_path, monkeypatch):
-    from iq_lightning import run as run_module
-    from iq_lightning.models import build_tiny
+    from iq_lightning import rank_models
+    from iq_lightning.strategies import Replicated
 
     cfg = compose(["model=tiny", "guide=aligned_model", "guide.model.source=tiny", "guide.model.name_or_path=tiny"])
     run = build_run_config(cfg, tmp_path)
-    policy, tokenizer = build_tiny(run.model.tiny)
+    tokenizer = build_tiny_tokenizer()
     other = build_tiny_tokenizer()
     other.add_tokens(["<extra>"])
     assert not same_tokenizer(tokenizer, other)
-    monkeypatch.setattr(run_module, "load_model", lambda spec: (build_tiny(spec.tiny)[0], other))
+    monkeypatch.setattr(rank_models, "load_tokenizer", lambda spec: other)
+    models = rank_models.RankModels(run.model, run.guide, run.train.alpha, tokenizer, Replicated(run.strategy), show_progress=False)
     with pytest.raises(ConfigError, match="different tokenizer"):
-        run_module.build_guide(run.guide, run.train.alpha, policy, tokenizer, show_progress=False, policy_name=run.model.name_or_path)
+        models.guide(0, lambda: None)
 
 
 def test_missing_bundled_package_names_the_install_command():

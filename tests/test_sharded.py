@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
 from conftest import has_module
-from iq_lightning.config import LoraSpec, TinySpec
+from iq_lightning.config import LoraSpec, ModelSpec, TinySpec
 from iq_lightning.models import apply_lora, build_tiny, export_policy, is_peft, plain_named_parameters
 from iq_lightning.sharded import full_named_parameters, plain_name, ready_for_generate
 
@@ -170,6 +170,37 @@ def _deepspeed_all(rank: int, out: Path) -> None:
     _deepspeed_tied(rank)
 
 
+def _loaded_from_rank0(rank: int, out: Path, kind: str) -> None:
+    """A sharded skeleton filled from rank 0's whole model (the only rank that has one) holds
+    exactly that model: gathered back bit for bit, the same logits, each rank about half of it."""
+    from iq_lightning.config import StrategySpec
+    from iq_lightning.models import skeleton
+    from iq_lightning.strategies import FSDP, ZeRO3
+
+    if kind == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    whole, _ = _tiny(lora=False)
+    want = _plain_state(whole)
+    ids = torch.tensor([[5, 17, 29, 41, 53, 60, 61]])
+    with torch.no_grad():
+        want_logits = whole(input_ids=ids).logits
+    spec = ModelSpec(source="tiny", name_or_path="tiny")
+    sharding = (ZeRO3 if kind == "deepspeed" else FSDP)(StrategySpec(name=kind, accelerator="cpu", devices=2, strategy=kind))
+    model = sharding.materialize(lambda: skeleton(spec, whole.config), whole if rank == 0 else None, frozen_dtype=torch.float32)
+    local = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() for p in model.parameters())
+    total = sum(t.numel() for t in want.values())
+    assert 0.45 * total <= local <= 0.55 * total, (local, total)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, dict(whole.named_buffers())[plain_name(name)]), name
+    _assert_same(dict(full_named_parameters(model)), want)
+    model = sharding.prepare_frozen(model.eval())
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want_logits, rtol=0, atol=1e-5)
+
+
 # One process pair per scenario (starting one costs most of a scenario's time).
 SCENARIOS = {
     "fsdp2": _fsdp2,
@@ -180,6 +211,8 @@ SCENARIOS = {
     ),
     "deepspeed_zero3": _deepspeed_all,
     "fsdp1_generate": _fsdp1_generate,
+    "fsdp1_loaded_from_rank0": lambda rank, out: _loaded_from_rank0(rank, out, "fsdp"),
+    "deepspeed_loaded_from_rank0": lambda rank, out: _loaded_from_rank0(rank, out, "deepspeed"),
 }
 
 
@@ -206,7 +239,9 @@ def _free_port() -> int:
         "fsdp1_flat_params",
         "fsdp1_orig_params",
         "fsdp1_generate",
+        "fsdp1_loaded_from_rank0",
         pytest.param("deepspeed_zero3", marks=pytest.mark.skipif(not has_module("deepspeed"), reason="deepspeed is not installed")),
+        pytest.param("deepspeed_loaded_from_rank0", marks=pytest.mark.skipif(not has_module("deepspeed"), reason="deepspeed is not installed")),
     ],
 )
 def test_two_ranks_gather_the_unsharded_weights_and_export_them(scenario, tmp_path):
@@ -225,15 +260,13 @@ def test_wrapper_segments_are_removed_from_names():
     assert plain_name(name) == "model.layers.0.mlp.up_proj.weight"
 
 
-def test_fsdp_strategy_makes_the_policy_and_its_layers_units_of_their_own(tiny):
-    """Lightning's plain `fsdp` wraps the LightningModule as one unit, which the gather refuses."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM
+def test_decoder_layers_are_the_fsdp_units(tiny):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from iq_lightning.config import LoraSpec
     from iq_lightning.models import apply_lora, frozen_copy
-    from iq_lightning.run import fsdp_strategy
+    from iq_lightning.strategies import decoder_layer_classes
 
     model, _ = tiny
-    assert fsdp_strategy(model).kwargs["auto_wrap_policy"]._module_classes == {LlamaForCausalLM, LlamaDecoderLayer}
-    peft_model = apply_lora(frozen_copy(model).requires_grad_(True), LoraSpec(enabled=True))
-    assert fsdp_strategy(peft_model).kwargs["auto_wrap_policy"]._module_classes == {type(peft_model), LlamaDecoderLayer}
+    assert decoder_layer_classes(model) == {LlamaDecoderLayer}
+    assert decoder_layer_classes(apply_lora(frozen_copy(model).requires_grad_(True), LoraSpec(enabled=True))) == {LlamaDecoderLayer}

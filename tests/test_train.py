@@ -188,17 +188,15 @@ def test_restart_with_changed_settings_is_refused(tmp_path):
 def test_a_chat_template_that_rejects_the_placement_is_a_config_error(tiny):
     from iq_lightning.data import EncodedPrompt, Prompt
     from iq_lightning.errors import ConfigError
-    from iq_lightning.guides import PrincipleGuide
     from iq_lightning.run import check_principle_prompt
 
-    model, tokenizer = tiny
+    _, tokenizer = tiny
     strict = copy.deepcopy(tokenizer)
     strict.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}"
-    guide = PrincipleGuide(model, strict, "Be kind.", "system", alpha=1.0, show_progress=False)
     prompt = EncodedPrompt(Prompt("x", ({"role": "user", "content": "hi"},)), (1, 2))
     with pytest.raises(ConfigError, match="guide.placement=user"):
-        check_principle_prompt(guide, prompt)
-    check_principle_prompt(PrincipleGuide(model, strict, "Be kind.", "user", alpha=1.0, show_progress=False), prompt)
+        check_principle_prompt(strict, "Be kind.", "system", prompt)
+    check_principle_prompt(strict, "Be kind.", "user", prompt)
 
 
 @pytest.mark.parametrize("extra", [["model.gradient_checkpointing=true"], ["precision=bf16-mixed"], ["model.gradient_checkpointing=true", "model.lora.enabled=true"]])
