@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.data import EncodedPrompt
+from iq_lightning.device_memory import PhasePeaks
 from iq_lightning.guides import GuideScorer
 from iq_lightning.rollouts import LengthGroupedBatches, Rollout, collate, read_rollouts, write_rollouts
 from iq_lightning.samplers import Sampler, SamplingParams
@@ -88,18 +89,22 @@ class OnPolicyDataModule(L.LightningDataModule):
             seed=(self._epoch_seed(epoch) * 97 + rank) % 2**31,
         )
         started = time.perf_counter()
+        peaks = PhasePeaks()
         self.sampler.update_weights(policy)  # an engine's first call also starts it
         synced = time.perf_counter()
         generations = self.sampler.generate(policy, [p.input_ids for p in prompts], params, desc=f"epoch {epoch} sampling")
         sampled = time.perf_counter()
+        peaks.mark("sample")
         scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring")
         scored = time.perf_counter()
+        peaks.mark("score")
         tokens = sum(len(g.response_ids) for g in generations)
         self.epoch_stats = {
             "time/weight_sync_s": synced - started,
             "time/sample_s": sampled - synced,
             "time/score_s": scored - sampled,
             "throughput/sample_tokens_per_s": tokens / max(sampled - synced, 1e-9),
+            **peaks.figures,
         }
         return [
             Rollout(

@@ -96,6 +96,7 @@ def skeleton(spec: ModelSpec, config, dtype: str | None = None) -> PreTrainedMod
     `load_weights(spec)` (names, tied weights, LoRA layers). Built under an empty-initialisation
     context (the meta device, deepspeed.zero.Init) it costs no memory for whole weights."""
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype or spec.dtype])
+    model.tie_weights()  # from_config leaves a tied LM head untied (from_pretrained ties it)
     return prepare_for_training(model, spec)
 
 

@@ -9,6 +9,7 @@ import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from transformers import PreTrainedModel
 
+from iq_lightning.device_memory import PhasePeaks
 from iq_lightning.forward import response_logprobs
 from iq_lightning.guides import GuideScorer
 from iq_lightning.objective import inverse_q_loss, token_credit
@@ -49,6 +50,7 @@ class InverseQModule(L.LightningModule):
         self.guide_device = guide_device
         self.save_hyperparameters(ignore=["policy", "guide", "models"])
         self._epoch_started = 0.0
+        self._train_peaks: PhasePeaks | None = None
 
     def setup(self, stage: str) -> None:
         if self.guide is None:
@@ -105,10 +107,13 @@ class InverseQModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_started = time.perf_counter()
+        self._train_peaks = PhasePeaks()
 
     def on_train_epoch_end(self) -> None:
         stats = dict(getattr(self.trainer.datamodule, "epoch_stats", {}) or {})
         stats["time/train_s"] = time.perf_counter() - self._epoch_started
+        self._train_peaks.mark("train")
+        stats.update(self._train_peaks.figures)
         self.log_dict({k: float(v) for k, v in stats.items()}, on_epoch=True, sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

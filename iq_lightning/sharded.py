@@ -126,15 +126,14 @@ def _gathered_groups(model: nn.Module, writeback: bool = False) -> Iterator[tupl
         if not any(id(p) not in seen for _, p in _own_parameters(root, prefix, is_root)):
             continue
         with gather(root, [p for _, p in _own_parameters(root, prefix, is_root)]):
-            # Read inside the gather: FSDP registers the unsharded tensors as new objects.
-            params = [
-                (plain_name(n), p)
-                for n, p in _own_parameters(root, prefix, is_root)
-                if id(p) not in seen and not getattr(p, "_is_flat_param", False)
-            ]
+            # Read inside the gather: FSDP registers the unsharded tensors as new objects. A tied
+            # weight may appear twice within one group (an FSDP unit holding both modules).
+            params = []
+            for n, p in _own_parameters(root, prefix, is_root):
+                if id(p) not in seen and not getattr(p, "_is_flat_param", False):
+                    seen[id(p)] = p
+                    params.append((plain_name(n), p))
             _check_whole(params)
-            for _, p in params:
-                seen[id(p)] = p
             yield params, True
 
 

@@ -171,7 +171,7 @@ class FSDP(Sharding):
         wrapped = FullyShardedDataParallel(
             model,
             auto_wrap_policy=ModuleWrapPolicy({type(model), *decoder_layer_classes(model)}),
-            param_init_fn=lambda module: module.to_empty(device=device, recurse=False),
+            param_init_fn=_TiedMaterializer(device),
             device_id=device,
             use_orig_params=True,
         )
@@ -184,6 +184,26 @@ class FSDP(Sharding):
         # over every rank's shards itself.
         trained.clip_grad_norm_(max_norm)
         return True
+
+
+class _TiedMaterializer:
+    """FSDP's param_init_fn: give a module's meta tensors real (uninitialised) storage, keeping
+    parameters shared between modules shared. `Module.to_empty` would give a tied LM head a
+    storage of its own, apart from the embedding it is tied to. Values come from rank 0 later."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.made: dict[int, nn.Parameter] = {}
+
+    def __call__(self, module: nn.Module) -> None:
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                if id(param) not in self.made:
+                    self.made[id(param)] = nn.Parameter(torch.empty_like(param, device=self.device), param.requires_grad)
+                module._parameters[name] = self.made[id(param)]
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=self.device)
 
 
 def decoder_layer_classes(model: nn.Module) -> set[type]:

@@ -172,7 +172,8 @@ def _deepspeed_all(rank: int, out: Path) -> None:
 
 def _loaded_from_rank0(rank: int, out: Path, kind: str) -> None:
     """A sharded skeleton filled from rank 0's whole model (the only rank that has one) holds
-    exactly that model: gathered back bit for bit, the same logits, each rank about half of it."""
+    exactly that model: gathered back bit for bit, the same logits, each rank about half of it.
+    Untied (the tiny model) and with a tied LM head (SmolLM2's), which a skeleton must tie too."""
     from iq_lightning.config import StrategySpec
     from iq_lightning.models import skeleton
     from iq_lightning.strategies import FSDP, ZeRO3
@@ -181,24 +182,30 @@ def _loaded_from_rank0(rank: int, out: Path, kind: str) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-    whole, _ = _tiny(lora=False)
-    want = _plain_state(whole)
-    ids = torch.tensor([[5, 17, 29, 41, 53, 60, 61]])
-    with torch.no_grad():
-        want_logits = whole(input_ids=ids).logits
     spec = ModelSpec(source="tiny", name_or_path="tiny")
     sharding = (ZeRO3 if kind == "deepspeed" else FSDP)(StrategySpec(name=kind, accelerator="cpu", devices=2, strategy=kind))
-    model = sharding.materialize(lambda: skeleton(spec, whole.config), whole if rank == 0 else None, frozen_dtype=torch.float32)
-    local = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() for p in model.parameters())
-    total = sum(t.numel() for t in want.values())
-    assert 0.45 * total <= local <= 0.55 * total, (local, total)
-    for name, buffer in model.named_buffers():
-        assert torch.equal(buffer, dict(whole.named_buffers())[plain_name(name)]), name
-    _assert_same(dict(full_named_parameters(model)), want)
-    model = sharding.prepare_frozen(model.eval())
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
-    torch.testing.assert_close(got, want_logits, rtol=0, atol=1e-5)
+    for tied in (False, True):
+        config = copy.deepcopy(_tiny(lora=False)[0].config)
+        config.tie_word_embeddings = tied
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            whole = AutoModelForCausalLM.from_config(config)
+        want = {n: p.detach().clone() for n, p in whole.named_parameters()}
+        assert ("lm_head.weight" in want) != tied
+        ids = torch.tensor([[5, 17, 29, 41, 53, 60, 61]])
+        with torch.no_grad():
+            want_logits = whole(input_ids=ids).logits
+        model = sharding.materialize(lambda: skeleton(spec, whole.config), whole if rank == 0 else None, frozen_dtype=torch.float32)
+        local = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() for p in model.parameters())
+        total = sum(t.numel() for t in want.values())
+        assert 0.45 * total <= local <= 0.55 * total, (local, total)
+        for name, buffer in model.named_buffers():
+            assert torch.equal(buffer, dict(whole.named_buffers())[plain_name(name)]), name
+        _assert_same(dict(full_named_parameters(model)), want)
+        model = sharding.prepare_frozen(model.eval())
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, want_logits, rtol=0, atol=1e-5)
 
 
 # One process pair per scenario (starting one costs most of a scenario's time).
