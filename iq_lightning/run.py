@@ -6,6 +6,7 @@ trainer -> fit (resuming after the last completed epoch) -> export.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -27,6 +28,7 @@ from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide
 from iq_lightning.data import encode_prompt
 from iq_lightning.guides import with_principle
 from iq_lightning.models import export_policy, frozen_reference, generation_eos, load_model, load_tokenizer, output_vocab_size, same_tokenizer
+from iq_lightning.memory_plan import MemoryPlan, device_capacity, plan_memory, world_size_of
 from iq_lightning.module import InverseQModule
 from iq_lightning.rank_models import RankModels
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
@@ -146,7 +148,29 @@ def check_resumable(run: RunConfig) -> None:
         path.write_text(json.dumps(current, indent=1))
 
 
-def train(run: RunConfig, show_progress: bool = True) -> TrainResult:
+def memory_plan(run: RunConfig) -> MemoryPlan:
+    """The per-device memory plan of `run`, from its config alone (memory_plan.py)."""
+    world = world_size_of(run.strategy)
+    capacity = device_capacity(run.strategy.accelerator, max(1, world // run.strategy.num_nodes), run.strategy.device_memory_gib)
+    return plan_memory(run, world, capacity, run.strategy.accelerator)
+
+
+def describe(run: RunConfig) -> str:
+    """The resolved, validated config as YAML."""
+    from omegaconf import OmegaConf
+
+    plain = json.loads(json.dumps(dataclasses.asdict(run), default=str))
+    return OmegaConf.to_yaml(plain)
+
+
+def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
+    """Fit, export final/; with dry_run only print the config and the memory plan (returns None)."""
+    plan = memory_plan(run)
+    if run.train.dry_run:
+        print(describe(run) + "\n" + plan.render())
+        return None
+    plan.check()  # before anything loads: a run that cannot fit stops now, with the fix
+    log.info("memory plan: %.2f GiB per device at the %s peak", plan.total / 2**30, plan.peak_phase())
     run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     sharding = sharding_for(run.strategy)

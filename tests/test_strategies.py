@@ -143,3 +143,21 @@ def test_one_vllm_engine_per_rank_samples_the_sharded_policy(strategy, tmp_path)
             assert (gap < 1e-4) if matches else (gap > 1e-3), (epoch, rank, gap)
         assert ids[0].isdisjoint(ids[1])
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("model", ["zephyr", "vicuna13b"])  # every config: tests/test_memory_plan.py
+def test_dry_run_prints_the_plan_without_loading_anything(model, tmp_path):
+    """The paper's 8-GPU run planned on this CPU machine, offline (conftest): nothing is loaded."""
+    result = _ok(_train(tmp_path, f"model={model}", "strategy=deepspeed_zero3", "strategy.devices=8", "dry_run=true"))
+    out = result.stdout
+    assert "alpha:" in out and "memory plan per device (gpu, world size 8)" in out
+    assert "optimizer state" in out and "total" in out
+    assert not (tmp_path / "run_fingerprint.json").exists() and not (tmp_path / "rollouts").exists()
+
+
+def test_a_run_that_cannot_fit_stops_before_loading_with_the_fix(tmp_path):
+    from test_cli import _one_line_error
+
+    line = _one_line_error(_train(tmp_path, "model=tiny", "logger=none", "strategy.device_memory_gib=0.1"))
+    assert line.startswith("error: memory plan:") and "exceeds 0.1 GiB; largest item:" in line and "; try " in line
+    assert not (tmp_path / "rollouts").exists()
