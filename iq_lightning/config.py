@@ -129,6 +129,21 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class ValSpec:
+    """Held-out validation (validation.py): the policy answers `prompts` held-out prompts without
+    the principle, before training and after every `every_n_epochs` epochs (0: off)."""
+
+    every_n_epochs: int = 1
+    prompts: int = 16
+    split: str = "test"  # the prompt source's held-out split
+    max_new_tokens: int | None = None  # None: sampler.max_new_tokens
+    temperature: float = 0.0  # 0: greedy
+    batch_size: int = 16
+    table_rows: int = 16  # rows of the per-epoch W&B validation table
+    check: Mapping[str, Any] | None = None  # principle check {kind: auto|language|regex|none, language, pattern, flags}
+
+
+@dataclass(frozen=True)
 class StrategySpec:
     name: str = "cpu"
     accelerator: str = "cpu"
@@ -158,6 +173,7 @@ class RunConfig:
     strategy: StrategySpec
     logger: LoggerSpec
     run_dir: Path
+    val: ValSpec = field(default_factory=ValSpec)
 
 
 SAMPLER_BACKENDS = ("hf", "vllm")
@@ -193,8 +209,10 @@ def build_spec(cls: type, node: Any, where: str) -> Any:
             value = None if value is None else build_spec(ModelSpec, value, f"{where}.model")
         elif name == "hh_subsets":
             value = tuple(value)
-        elif name in ("options", "architecture"):
-            value = None if value is None and name == "architecture" else dict(value or {})
+        elif name == "options":
+            value = dict(value or {})
+        elif name in ("architecture", "check"):  # optional mappings
+            value = None if value is None else dict(value)
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -212,7 +230,7 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
     else:
         plain = dict(cfg)
     top = {k: v for k, v in plain.items() if k in _TRAIN_KEYS}
-    groups = {"model", "data", "guide", "sampler", "strategy", "logger"}
+    groups = {"model", "data", "guide", "sampler", "strategy", "logger", "val"}
     stray = sorted(set(plain) - _TRAIN_KEYS - groups - {"hydra"})
     if stray:
         raise ConfigError(f"unknown top-level key {stray[0]!r} (known: {', '.join(sorted(_TRAIN_KEYS | groups))})")
@@ -226,6 +244,7 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
             strategy=build_spec(StrategySpec, plain.get("strategy"), "strategy"),
             logger=build_spec(LoggerSpec, plain.get("logger"), "logger"),
             run_dir=Path(run_dir),
+            val=build_spec(ValSpec, plain.get("val"), "val"),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config: {exc}") from None
@@ -294,6 +313,16 @@ def validate(run: RunConfig) -> None:
     validate_sampler(run.sampler)
 
     _check(run.logger.kind in LOGGERS, f"logger must be one of {', '.join(LOGGERS)}, got {run.logger.kind!r}")
+
+    v = run.val
+    _integer(v.every_n_epochs, "val.every_n_epochs", 0)
+    if v.every_n_epochs:
+        _integer(v.prompts, "val.prompts", 1)
+        _integer(v.batch_size, "val.batch_size", 1)
+        _integer(v.table_rows, "val.table_rows", 0)
+        _check(_number(v.temperature, "val.temperature") >= 0, f"val.temperature must be >= 0, got {v.temperature}")
+        if v.max_new_tokens is not None:
+            _integer(v.max_new_tokens, "val.max_new_tokens", 1)
 
 
 def validate_sampler(s: SamplerSpec) -> SamplerSpec:

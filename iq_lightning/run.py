@@ -10,29 +10,29 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.callbacks import CreditMaps, EpochPolicyExport
 from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig
-from iq_lightning.data import prepare_prompts
+from iq_lightning.data import encode_prompt, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
-from iq_lightning.errors import ConfigError
-from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide
-from iq_lightning.data import encode_prompt
-from iq_lightning.guides import with_principle
-from iq_lightning.models import export_policy, frozen_reference, generation_eos, load_model, load_tokenizer, output_vocab_size, same_tokenizer
+from iq_lightning.errors import ConfigError, UserError
+from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide, with_principle
 from iq_lightning.memory_plan import MemoryPlan, device_capacity, plan_memory, world_size_of
+from iq_lightning.models import export_policy, frozen_reference, generation_eos, load_model, load_tokenizer, output_vocab_size, same_tokenizer
 from iq_lightning.module import InverseQModule
+from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 from iq_lightning.strategies import sharding_for, trainer_kwargs
+from iq_lightning.validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,51 @@ def check_resumable(run: RunConfig) -> None:
         path.write_text(json.dumps(current, indent=1))
 
 
+def held_out_prompts(run: RunConfig, tokenizer: PreTrainedTokenizerBase, training: list) -> tuple[list, list]:
+    """(`val.prompts` held-out prompts in a seeded order, the training prompts left).
+
+    The data's `val.split` when it has one apart from training; a source without splits (local
+    rows with no `split` column) gives the training prompts back, and then `val.prompts` of them
+    are held out of training instead, as the log says."""
+    spec = dataclasses.replace(run.data, split=run.val.split, limit=None)
+    try:
+        prompts, _ = prepare_prompts(spec, tokenizer)
+    except UserError as exc:
+        raise ConfigError(f"val: no held-out prompts in split {run.val.split!r} ({exc}); set val.split, or val.every_n_epochs=0") from None
+    trained = {p.prompt.id for p in training}
+    overlap = {p.prompt.id for p in prompts} & trained
+    random.Random(run.train.seed).shuffle(prompts)
+    if not overlap:
+        return prompts[: run.val.prompts], training
+    if overlap != trained or len(training) < 2 * run.val.prompts:
+        raise ConfigError(
+            f"val: {len(overlap)} of the prompts in split {run.val.split!r} are also training prompts; give the "
+            "data a split column (train/test), set val.split, or val.every_n_epochs=0"
+        )
+    held = {p.prompt.id for p in prompts[: run.val.prompts]}
+    log.warning("data has no %r split apart from training: %d prompts held out of training for validation", run.val.split, len(held))
+    return [p for p in prompts if p.prompt.id in held], [p for p in training if p.prompt.id not in held]
+
+
+def build_validation(run: RunConfig, tokenizer, held_out: list, eos: list[int], sharded: bool) -> Validation:
+    v = run.val
+    return Validation(
+        run.run_dir,
+        held_out,
+        tokenizer,
+        build_check(v.check, run.guide.principle),
+        alpha=run.train.alpha,
+        every_n_epochs=v.every_n_epochs,
+        max_new_tokens=v.max_new_tokens or run.sampler.max_new_tokens,
+        temperature=v.temperature,
+        batch_size=v.batch_size,
+        eos_ids=eos,
+        seed=run.train.seed,
+        sharded=sharded,
+        table_rows=v.table_rows,
+    )
+
+
 def memory_plan(run: RunConfig) -> MemoryPlan:
     """The per-device memory plan of `run`, from its config alone (memory_plan.py)."""
     world = world_size_of(run.strategy)
@@ -185,6 +230,9 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     log.info("prompts (%s): %s", run.data.source, stats.describe())
     if run.guide.kind == "principle":
         check_principle_prompt(tokenizer, run.guide.principle, run.guide.placement, prompts[0])
+    held_out = []
+    if run.val.every_n_epochs:
+        held_out, prompts = held_out_prompts(run, tokenizer, prompts)
     eos = eos_ids(tokenizer, generation_eos(run.model))
     sampler = build_sampler(
         run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharding.sharded
@@ -217,6 +265,8 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         every_n_epochs=1,
     )
     callbacks = [checkpoint]
+    if run.val.every_n_epochs:
+        callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded))
     if t.credit_maps_per_epoch:
         callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta))
     if t.save_epoch_policies:
@@ -243,6 +293,12 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
+    if run.val.every_n_epochs and trainer.is_global_zero:
+        from iq_lightning.validation_plots import plot_validation
+
+        plot = plot_validation(run_dir)
+        if plot is not None:
+            log.info("validation curves: %s", plot)
     final_dir = None
     if t.save_final:
         # Every rank takes part: a sharded policy is gathered collectively; rank zero writes.

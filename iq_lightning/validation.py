@@ -1,0 +1,295 @@
+"""Held-out validation: has the policy learned the principle, on prompts it never trained on and
+without the principle in its prompt, and is it still fluent?
+
+Before training (epoch -1: the base policy) and after every `val.every_n_epochs` epochs, the
+policy answers the held-out prompts x (greedy by default), and each answer y is measured:
+
+- `kl_pi_hat`: the exact per-token KL(pi_theta || pi_hat) over the whole vocabulary along y,
+  with pi_hat = softmax(alpha log pi_w + (1 - alpha) log pi_l): what the objective drives to 0;
+- `kl_pi_w`: KL(pi_theta || pi_w), the distance to the principle-prompted teacher itself;
+- `nll_w`: mean NLL per token of y under pi_w (how plausible the answer is to the teacher);
+- `repetition` (share of repeated word 3-grams), `length` (tokens), and `principle_rate`: the
+  share of answers that pass the principle check (principle_check.py).
+
+The teacher (pi_w: the base given the principle, or the aligned model) answers the same prompts
+once, and its figures are the reference lines (`val_teacher/*`); epoch -1 is the base line.
+
+A Callback rather than Lightning's validation_step: epoch -1 must run before the first training
+step, and Lightning's sanity check (the only validation before training) discards what it logs.
+Answers come from HF generate whatever the sampler, so the policy and the teacher are decoded the
+same way and no engine needs the trained weights mid-epoch. Each rank answers an equal share (its
+shards' forward calls are collectives); rank 0 gathers the rows, writes
+`validation/epoch_NNN.jsonl` and `validation/summary.jsonl`, and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from transformers import PreTrainedTokenizerBase
+
+from iq_lightning.data import EncodedPrompt
+from iq_lightning.forward import pack, response_logits, to_device
+from iq_lightning.guides import GuideScorer, PrincipleGuide
+from iq_lightning.logprobs import token_logprobs
+from iq_lightning.models import AdapterDisabled
+from iq_lightning.objective import estimated_optimal_logprobs
+from iq_lightning.principle_check import PrincipleCheck
+from iq_lightning.samplers.base import SamplingParams
+from iq_lightning.samplers.hf import HFSampler
+from iq_lightning.text_quality import per_token_kl, repetition
+
+log = logging.getLogger(__name__)
+
+VALIDATION_DIR = "validation"
+FIGURES = ("kl_pi_hat", "kl_pi_w", "nll_w", "repetition", "length", "principle_rate")
+
+
+@dataclass(frozen=True)
+class AnswerFigures:
+    """One answer and its figures; token figures are means over the answer's tokens."""
+
+    prompt_id: str
+    prompt: str
+    answer: str
+    tokens: int
+    kl_pi_hat: float
+    kl_pi_w: float
+    nll_w: float
+    repetition: float
+    passes: bool | None
+
+
+def summarize(rows: Sequence[AnswerFigures]) -> dict[str, float]:
+    """Epoch figures: KL and NLL averaged over all answer tokens (the objective's own weighting);
+    repetition, length and principle rate over answers. Empty answers have no tokens to average."""
+    tokens = sum(r.tokens for r in rows)
+    per_token = lambda key: sum(getattr(r, key) * r.tokens for r in rows if r.tokens) / tokens if tokens else math.nan  # noqa: E731
+    checked = [r.passes for r in rows if r.passes is not None]
+    figures = {
+        "kl_pi_hat": per_token("kl_pi_hat"),
+        "kl_pi_w": per_token("kl_pi_w"),
+        "nll_w": per_token("nll_w"),
+        "repetition": sum(r.repetition for r in rows) / len(rows),
+        "length": tokens / len(rows),
+    }
+    if checked and len(checked) == len(rows):
+        figures["principle_rate"] = sum(checked) / len(checked)
+    return figures
+
+
+def answer_figures(
+    answer_logits: torch.Tensor, logits_w: torch.Tensor, logits_l: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor, alpha: float
+) -> dict[str, torch.Tensor]:
+    """Per-answer token means (B,) of KL(answerer || pi_hat), KL(answerer || pi_w) and the NLL
+    under pi_w, from response-aligned logits (B, T, V) of the answering model and both guides."""
+    log_pi_hat = estimated_optimal_logprobs(logits_w, logits_l, alpha)
+    count = mask.sum(-1).clamp(min=1.0)
+    mean = lambda values: (values * mask).sum(-1) / count  # noqa: E731
+    return {
+        "kl_pi_hat": mean(per_token_kl(answer_logits, log_pi_hat)),
+        "kl_pi_w": mean(per_token_kl(answer_logits, logits_w)),
+        "nll_w": mean(-token_logprobs(logits_w, response_ids)),
+    }
+
+
+class Validation(Callback):
+    def __init__(
+        self,
+        run_dir: Path,
+        prompts: Sequence[EncodedPrompt],
+        tokenizer: PreTrainedTokenizerBase,
+        check: PrincipleCheck,
+        alpha: float,
+        every_n_epochs: int,
+        max_new_tokens: int,
+        temperature: float,
+        batch_size: int,
+        eos_ids: Sequence[int],
+        seed: int,
+        sharded: bool,
+        table_rows: int = 16,
+    ):
+        self.out = Path(run_dir) / VALIDATION_DIR
+        self.prompts = list(prompts)
+        self.tokenizer = tokenizer
+        self.check = check
+        self.alpha = alpha
+        self.every_n_epochs = every_n_epochs
+        self.params = SamplingParams(max_new_tokens, temperature, 1.0, seed)
+        self.batch_size = batch_size
+        self.sharded = sharded
+        self.table_rows = table_rows
+        self.sampler = HFSampler(batch_size, eos_ids, tokenizer.pad_token_id, show_progress=False, synced_gpus=sharded)
+
+    # --- when ------------------------------------------------------------------------------
+
+    def _done(self, epoch: int) -> bool:
+        return (self.out / f"epoch_{epoch:03d}.jsonl").exists() if epoch >= 0 else (self.out / "epoch_-01.jsonl").exists()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        done = trainer.strategy.broadcast(self._done(-1))
+        if not done:  # not again on a resumed run
+            self.validate(trainer, pl_module, epoch=-1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if (epoch + 1) % self.every_n_epochs == 0 or epoch + 1 == trainer.max_epochs:
+            self.validate(trainer, pl_module, epoch)
+
+    # --- what ------------------------------------------------------------------------------
+
+    def _share(self, rank: int, world: int) -> list[tuple[EncodedPrompt, bool]]:
+        """This rank's prompts, equal in number on every rank (the last ones repeated, not counted)."""
+        per_rank = -(-len(self.prompts) // world)
+        mine = [(p, True) for p in self.prompts[rank::world]]
+        while len(mine) < per_rank:
+            mine.append((self.prompts[0], False))
+        return mine
+
+    @torch.no_grad()
+    def _measure(self, answerer, answer_prompts: list[Sequence[int]], guide: GuideScorer, share: list[tuple[EncodedPrompt, bool]]):
+        """Figures of `answerer`'s answers to `answer_prompts` (x for the policy, x_w for a principle teacher)."""
+        generations = self.sampler.generate(answerer, answer_prompts, self.params, desc="validation")
+        rows: list[AnswerFigures] = []
+        device = guide.device
+        for start in range(0, len(share), self.batch_size):
+            chunk = share[start : start + self.batch_size]
+            responses = [g.response_ids for g in generations[start : start + self.batch_size]]
+            ids = answer_prompts[start : start + self.batch_size]
+            logits_w, logits_l, response_ids = guide._guide_logits([p for p, _ in chunk], responses)
+            batch = to_device(pack(ids, responses, guide.pad_id, guide.share_prefix), device)
+            answer_logits = response_logits(answerer, batch, guide.share_prefix)
+            figures = answer_figures(answer_logits, logits_w, logits_l, response_ids, batch["response_mask"], self.alpha)
+            for i, ((prompt, counted), response) in enumerate(zip(chunk, responses)):
+                if not counted:
+                    continue
+                text = self.tokenizer.decode(response, skip_special_tokens=True)
+                rows.append(
+                    AnswerFigures(
+                        prompt_id=prompt.prompt.id,
+                        prompt=prompt.prompt.messages[-1]["content"],
+                        answer=text,
+                        tokens=len(response),
+                        kl_pi_hat=float(figures["kl_pi_hat"][i]) if response else 0.0,
+                        kl_pi_w=float(figures["kl_pi_w"][i]) if response else 0.0,
+                        nll_w=float(figures["nll_w"][i]) if response else 0.0,
+                        repetition=repetition(text),
+                        passes=self.check(text),
+                    )
+                )
+        return rows
+
+    def validate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        rank, world = trainer.global_rank, trainer.world_size
+        share = self._share(rank, world)
+        guide, policy = pl_module.guide, pl_module.policy
+        was_training = policy.training
+        policy.eval()
+        try:
+            rows = self._measure(policy, [p.input_ids for p, _ in share], guide, share)
+            teacher_rows = None
+            if epoch == -1:
+                # Computed at epoch -1 only, where a LoRA policy's adapter is still zero.
+                with _teacher(guide, policy) as (teacher, prompts_of):
+                    teacher_rows = self._measure(teacher, [prompts_of(p) for p, _ in share], guide, share)
+        finally:
+            policy.train(was_training)
+        rows = _gather(rows, world)
+        teacher_rows = _gather(teacher_rows, world) if teacher_rows is not None else None
+        if rank == 0:
+            self._report(trainer, epoch, rows, teacher_rows)
+
+    def _report(self, trainer: L.Trainer, epoch: int, rows: list[AnswerFigures], teacher_rows: list[AnswerFigures] | None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        figures = summarize(rows)
+        metrics = {f"val/{k}": v for k, v in figures.items()}
+        lines = [{"epoch": epoch, "who": "policy", **figures}]
+        if teacher_rows is not None:
+            teacher = summarize(teacher_rows)
+            metrics.update({f"val_teacher/{k}": v for k, v in teacher.items()})
+            lines.append({"epoch": epoch, "who": "teacher", **teacher})
+            _write_jsonl(self.out / "teacher.jsonl", [r.__dict__ for r in teacher_rows])
+        _write_jsonl(self.out / f"epoch_{epoch:03d}.jsonl", [{"epoch": epoch, **r.__dict__} for r in rows])
+        with (self.out / "summary.jsonl").open("a", encoding="utf-8") as handle:
+            for line in lines:
+                handle.write(json.dumps(line) + "\n")
+        metrics["epoch"] = epoch
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            if type(logger).__name__ == "WandbLogger" and self.table_rows:
+                self._wandb_table(logger, epoch, rows)
+        log.info("validation after epoch %d: %s", epoch, ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+
+    def _wandb_table(self, logger, epoch: int, rows: list[AnswerFigures]) -> None:
+        import wandb
+
+        columns = ["epoch", "prompt", "answer", "passes", "nll_w", "kl_pi_hat", "repetition", "tokens"]
+        data = [[epoch, r.prompt, r.answer, r.passes, r.nll_w, r.kl_pi_hat, r.repetition, r.tokens] for r in rows[: self.table_rows]]
+        logger.experiment.log({"validation/answers": wandb.Table(columns=columns, data=data)})
+
+
+@contextlib.contextmanager
+def _teacher(guide: GuideScorer, policy):
+    """(pi_w as a model that can generate, how it is prompted): the base given the principle, or
+    the aligned model given the plain prompt."""
+    if isinstance(guide, PrincipleGuide):
+        prompts_of = guide.winner_prompt_ids
+        model = guide.model
+    else:
+        prompts_of = lambda p: p.input_ids  # noqa: E731
+        model = guide.winner
+    if isinstance(model, AdapterDisabled):  # LoRA: the policy's own base, adapter off
+        peft_model = _peft_of(policy)
+        with peft_model.disable_adapter():
+            yield policy, prompts_of
+    else:
+        yield model, prompts_of
+
+
+def _peft_of(module):
+    while not hasattr(module, "disable_adapter") and hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _gather(rows, world: int):
+    if world == 1 or not dist.is_initialized():
+        return rows
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_summary(run_dir: str | Path) -> list[dict]:
+    """validation/summary.jsonl: one row per validation (epoch, who = policy | teacher, figures);
+    a resumed run's repeated epoch keeps its last row."""
+    path = Path(run_dir) / VALIDATION_DIR / "summary.jsonl"
+    if not path.exists():
+        return []
+    rows: dict[tuple, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        rows[(row["epoch"], row["who"])] = row
+    return sorted(rows.values(), key=lambda r: (r["epoch"], r["who"]))

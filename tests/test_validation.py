@@ -1,0 +1,142 @@
+"""Held-out validation (iq_lightning/validation.py): the exact KL and NLL figures against an
+independent float64 computation, epoch -1 against a direct computation on the untrained policy,
+and the files, columns and epochs a tiny run writes."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import compose
+from iq_lightning.config import TinySpec, build_run_config
+from iq_lightning.models import build_tiny, frozen_copy
+from iq_lightning.run import held_out_prompts, train
+from iq_lightning.validation import AnswerFigures, answer_figures, read_summary, summarize
+
+TINY = ["model=tiny", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "alpha=3.0", "logger=csv", "save_final=false"]
+
+
+def test_answer_figures_against_float64():
+    torch.manual_seed(0)
+    answer, w, l = (torch.randn(2, 3, 7) * 3 for _ in range(3))
+    tokens = torch.tensor([[1, 4, 6], [2, 0, 5]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    alpha = 1.5
+    got = answer_figures(answer, w, l, tokens, mask, alpha)
+
+    a, w64, l64 = answer.double(), w.double(), l.double()
+    log_w = w64 - w64.logsumexp(-1, keepdim=True)
+    log_l = l64 - l64.logsumexp(-1, keepdim=True)
+    z = alpha * log_w + (1 - alpha) * log_l
+    log_hat = z - z.logsumexp(-1, keepdim=True)
+    log_p = a - a.logsumexp(-1, keepdim=True)
+    for b in range(2):
+        n = int(mask[b].sum())
+        kl_hat = sum(float((log_p[b, t].exp() * (log_p[b, t] - log_hat[b, t])).sum()) for t in range(n)) / n
+        kl_w = sum(float((log_p[b, t].exp() * (log_p[b, t] - log_w[b, t])).sum()) for t in range(n)) / n
+        nll = -sum(float(log_w[b, t, tokens[b, t]]) for t in range(n)) / n
+        assert float(got["kl_pi_hat"][b]) == pytest.approx(kl_hat, abs=1e-5)
+        assert float(got["kl_pi_w"][b]) == pytest.approx(kl_w, abs=1e-5)
+        assert float(got["nll_w"][b]) == pytest.approx(nll, abs=1e-5)
+        assert kl_hat > 0.1  # the check can fail: far from zero on random logits
+
+
+def test_summaries_weight_token_figures_by_tokens_and_answers_equally():
+    rows = [
+        AnswerFigures("a", "p", "x", 1, kl_pi_hat=1.0, kl_pi_w=0.0, nll_w=2.0, repetition=0.5, passes=True),
+        AnswerFigures("b", "p", "y", 3, kl_pi_hat=3.0, kl_pi_w=1.0, nll_w=4.0, repetition=0.0, passes=False),
+    ]
+    s = summarize(rows)
+    assert s["kl_pi_hat"] == pytest.approx((1 * 1 + 3 * 3) / 4)
+    assert s["nll_w"] == pytest.approx((2 + 12) / 4)
+    assert s["repetition"] == 0.25 and s["length"] == 2.0 and s["principle_rate"] == 0.5
+    unchecked = [AnswerFigures("a", "p", "x", 1, 1.0, 0.0, 2.0, 0.0, None)]
+    assert "principle_rate" not in summarize(unchecked)
+
+
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("val")
+    cfg = compose(TINY + ["epochs=3", "val.every_n_epochs=2", "val.prompts=6", "val.batch_size=4"])
+    return train(build_run_config(cfg, run_dir), show_progress=False)
+
+
+def test_validation_runs_before_training_every_n_epochs_and_after_the_last(validated_run):
+    run_dir = validated_run.run_dir
+    files = sorted(p.name for p in (run_dir / "validation").glob("epoch_*.jsonl"))
+    assert files == ["epoch_-01.jsonl", "epoch_001.jsonl", "epoch_002.jsonl"]
+    for name in files:
+        rows = [json.loads(line) for line in (run_dir / "validation" / name).read_text().splitlines()]
+        assert len(rows) == 6 and len({r["prompt_id"] for r in rows}) == 6
+        assert all(r["passes"] is False for r in rows)  # the random tiny model writes no French
+    summary = read_summary(run_dir)
+    assert [(r["epoch"], r["who"]) for r in summary] == [(-1, "policy"), (-1, "teacher"), (1, "policy"), (2, "policy")]
+    metrics = list(csv.DictReader(open(run_dir / "metrics" / "metrics.csv")))
+    val_rows = [r for r in metrics if r.get("val/kl_pi_hat")]
+    assert [int(r["epoch"]) for r in val_rows] == [-1, 1, 2]
+    for key in ("val/kl_pi_w", "val/nll_w", "val/repetition", "val/length", "val/principle_rate"):
+        assert all(r[key] != "" for r in val_rows), key
+    assert [r["val_teacher/nll_w"] != "" for r in val_rows] == [True, False, False]
+    assert (run_dir / "plots" / "validation.png").stat().st_size > 10_000
+
+
+def test_epoch_minus_one_equals_a_direct_computation_on_the_untrained_policy(validated_run):
+    """Independently of the callback: the untrained policy's greedy answers to the same held-out
+    prompts, scored with a fresh guide, give the logged epoch -1 figures."""
+    from iq_lightning.guides import PrincipleGuide
+    from iq_lightning.samplers.base import SamplingParams
+    from iq_lightning.samplers.hf import HFSampler
+    from iq_lightning.text_quality import mean_nll, per_token_kl
+
+    run = build_run_config(compose(TINY + ["epochs=3", "val.prompts=6"]), validated_run.run_dir)
+    policy, tokenizer = build_tiny(TinySpec())
+    guide = PrincipleGuide(frozen_copy(policy), tokenizer, run.guide.principle, run.guide.placement, run.train.alpha, show_progress=False)
+    prompts, _ = held_out_prompts(run, tokenizer, [])
+    sampler = HFSampler(8, [tokenizer.eos_token_id], tokenizer.pad_token_id, show_progress=False)
+    answers = [g.response_ids for g in sampler.generate(policy, [p.input_ids for p in prompts], SamplingParams(8, 0.0, 1.0, 0))]
+    from iq_lightning.forward import pack, response_logits
+    from iq_lightning.logprobs import token_logprobs
+    from iq_lightning.objective import estimated_optimal_logprobs
+
+    with torch.no_grad():
+        logits_w, logits_l, ids = guide._guide_logits(prompts, answers)
+        mine = response_logits(policy, pack([p.input_ids for p in prompts], answers, tokenizer.pad_token_id))
+    mask = pack([p.input_ids for p in prompts], answers, tokenizer.pad_token_id)["response_mask"]
+    tokens = mask.sum()
+    kl_hat = float((per_token_kl(mine, estimated_optimal_logprobs(logits_w, logits_l, run.train.alpha)) * mask).sum() / tokens)
+    nll = float((mean_nll(token_logprobs(logits_w, ids), mask) * mask.sum(-1)).sum() / tokens)
+    logged = next(r for r in read_summary(validated_run.run_dir) if r["epoch"] == -1 and r["who"] == "policy")
+    assert logged["kl_pi_hat"] == pytest.approx(kl_hat, abs=1e-5)
+    assert logged["nll_w"] == pytest.approx(nll, abs=1e-5)
+    assert logged["length"] == pytest.approx(float(tokens) / len(prompts))
+    trained = next(r for r in read_summary(validated_run.run_dir) if r["epoch"] == 2)
+    assert trained["kl_pi_hat"] != logged["kl_pi_hat"]  # the policy moved
+
+
+def test_resume_does_not_validate_the_base_again_and_off_means_off(tmp_path):
+    train(build_run_config(compose(TINY + ["epochs=1", "val.prompts=2"]), tmp_path), show_progress=False)
+    train(build_run_config(compose(TINY + ["epochs=2", "val.prompts=2"]), tmp_path), show_progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "validation" / "summary.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["who"]) for r in lines] == [(-1, "policy"), (-1, "teacher"), (0, "policy"), (1, "policy")]
+    off = tmp_path / "off"
+    train(build_run_config(compose(TINY + ["epochs=1", "val.every_n_epochs=0"]), off), show_progress=False)
+    assert not (off / "validation").exists()
+
+
+def test_data_without_a_split_holds_prompts_out_of_training(tmp_path):
+    from iq_lightning.data import prepare_prompts
+    from iq_lightning.errors import ConfigError
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}?"}) + "\n" for i in range(10)))
+    run = build_run_config(compose(TINY + ["data=local", f"data.path={data}", "val.prompts=3"]), tmp_path)
+    _, tokenizer = build_tiny(TinySpec())
+    training, _ = prepare_prompts(run.data, tokenizer)
+    held, left = held_out_prompts(run, tokenizer, training)
+    assert len(held) == 3 and len(left) == 7
+    assert {p.prompt.id for p in held}.isdisjoint({p.prompt.id for p in left})
+    # Some rows in both: ambiguous, refused.
+    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"q {i}?", "split": "test" if i < 2 else "train"}) + "\n" for i in range(10)))
+    with pytest.raises(ConfigError, match="also training prompts"):
+        held_out_prompts(run, tokenizer, training)
