@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -191,6 +192,7 @@ class Validation(Callback):
         return rows
 
     def validate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        started = time.perf_counter()
         rank, world = trainer.global_rank, trainer.world_size
         share = self._share(rank, world)
         guide, policy = pl_module.guide, pl_module.policy
@@ -208,12 +210,13 @@ class Validation(Callback):
         rows = _gather(rows, world)
         teacher_rows = _gather(teacher_rows, world) if teacher_rows is not None else None
         if rank == 0:
-            self._report(trainer, epoch, rows, teacher_rows)
+            self._report(trainer, epoch, rows, teacher_rows, time.perf_counter() - started)
 
-    def _report(self, trainer: L.Trainer, epoch: int, rows: list[AnswerFigures], teacher_rows: list[AnswerFigures] | None) -> None:
+    def _report(self, trainer, epoch: int, rows: list[AnswerFigures], teacher_rows: list[AnswerFigures] | None, seconds: float) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         figures = summarize(rows)
         metrics = {f"val/{k}": v for k, v in figures.items()}
+        metrics["time/val_s"] = seconds
         lines = [{"epoch": epoch, "who": "policy", **figures}]
         if teacher_rows is not None:
             teacher = summarize(teacher_rows)

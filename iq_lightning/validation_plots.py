@@ -1,6 +1,10 @@
 """Plots of held-out validation (validation.py): a run's figures against epoch, with the base
 policy (epoch -1) and the principle-prompted teacher as reference lines; and, for an alpha sweep,
-the final figures against alpha (the shape of the paper's Fig. 7, measured without a judge)."""
+the final figures against alpha (the shape of the paper's Fig. 7, measured without a judge).
+
+    python -m iq_lightning.validation_plots outputs/2026-11-24/10-00-00     # a run
+    python -m iq_lightning.validation_plots multirun/2026-11-24/11-00-00    # an alpha sweep
+"""
 
 from __future__ import annotations
 
@@ -109,3 +113,25 @@ def plot_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> Path | N
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        sys.exit("usage: python -m iq_lightning.validation_plots RUN_DIR | SWEEP_DIR")
+    target = Path(args[0])
+    sweep = not (target / "validation").is_dir()
+    path = plot_sweep(target) if sweep else plot_validation(target)
+    if path is None:
+        sys.exit(f"error: no validation figures under {target} (val.every_n_epochs=0, or the run has not validated yet)")
+    if sweep:
+        for p in sweep_points(target):
+            f = p["final"]
+            print(f"alpha {p['alpha']:.2f}: principle_rate {f.get('principle_rate', math.nan):.3f}, nll_w {f['nll_w']:.3f}  ({p['run_dir']})")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -140,3 +140,21 @@ def test_data_without_a_split_holds_prompts_out_of_training(tmp_path):
     data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"q {i}?", "split": "test" if i < 2 else "train"}) + "\n" for i in range(10)))
     with pytest.raises(ConfigError, match="also training prompts"):
         held_out_prompts(run, tokenizer, training)
+
+
+def test_sweep_plot_reads_each_runs_final_figures(tmp_path):
+    from iq_lightning.validation_plots import main, sweep_points
+
+    for i, alpha in enumerate((1.4, 1.0)):
+        run = tmp_path / f"{i}_alpha={alpha}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(f"alpha: {alpha}\n")
+        (run / "validation").mkdir()
+        rows = [{"epoch": -1, "who": "policy", "nll_w": 2.0, "principle_rate": 0.0}, {"epoch": -1, "who": "teacher", "nll_w": 0.9, "principle_rate": 0.6},
+                {"epoch": 0, "who": "policy", "nll_w": 1.0 + alpha, "principle_rate": alpha / 2}]
+        (run / "validation" / "summary.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
+    points = sweep_points(tmp_path)
+    assert [p["alpha"] for p in points] == [1.0, 1.4]
+    assert [p["final"]["principle_rate"] for p in points] == [0.5, 0.7] and points[0]["teacher"]["nll_w"] == 0.9
+    main([str(tmp_path)])
+    assert (tmp_path / "plots" / "alpha_sweep_validation.png").stat().st_size > 10_000
