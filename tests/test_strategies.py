@@ -97,6 +97,13 @@ def test_sharded_run_interrupted_resumed_and_exported_matches_ddp(strategy, ddp_
     assert resumed.returncode == 0
 
 
+@pytest.mark.parametrize("strategy", _params(["deepspeed_zero3"]))
+def test_guides_kept_whole_on_a_device_under_zero3(strategy, ddp_run, tmp_path):
+    """guide.device=cpu: whole guides on every rank beside the partitioned policy, same targets."""
+    _ok(_train(tmp_path, *COMMON, f"strategy={strategy}", "epochs=1", "guide.device=cpu", "save_final=false"))
+    _assert_same_rollouts(tmp_path, ddp_run, epochs=1)
+
+
 @pytest.fixture(scope="module")
 def ddp_lora_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp_lora")
