@@ -79,6 +79,9 @@ def test_evaluate_writes_every_table_and_plot_and_reuses_its_caches(runs, monkey
         f"reward.baseline_run_dir='{runs['low']}'",
         "credit_maps=2",
         "focus=iq",
+        # 6 prompts: no category reaches the default 5 prompts a radar spoke needs
+        "min_category_count=1",
+        "elo.bootstrap=50",
     ]
     result = evaluate(build_eval_spec(compose_eval(overrides)), show_progress=False)
 
@@ -97,7 +100,22 @@ def test_evaluate_writes_every_table_and_plot_and_reuses_its_caches(runs, monkey
     for name in contestants:
         pages = sorted((out / "credit" / name).glob("*.html"))
         assert len(pages) == 2, name
-    assert "| contestant | Elo" in (out / "results" / "summary.md").read_text()
+    summary = (out / "results" / "summary.md").read_text()
+    assert "| contestant | Elo" in summary and "95% CI over prompts" in summary
+    # The judge is named and measured at the top; the tiny random judge fails, in words.
+    assert summary.index("## Judge: tiny (likelihood judge)") < summary.index("## Judge-free figures") < summary.index("## Win rates")
+    assert summary.startswith("# Evaluation\n\n> **UNRELIABLE JUDGE")
+    assert result.judge_quality is not None and not result.judge_quality.reliable
+    assert (out / "judge_checks.jsonl").is_file()
+    header, *rows = (out / "results" / "win_rates.csv").read_text().splitlines()
+    assert "win_low" in header and "significant" in header
+    # Judge-free figures of every contestant, with the bundled principle's French check.
+    free = (out / "results" / "judge_free.csv").read_text().splitlines()
+    assert len(free) == 1 + 5 and all(",language=fr," in line for line in free[1:])
+    assert sorted(f.contestant for f in result.judge_free) == sorted(contestants)
+    assert all(f.nll_pi_w is not None and f.nll_pi_w > 0 for f in result.judge_free)
+    assert (out / "plots" / "judge_free.png").stat().st_size > 5000
+    assert result.elo_intervals is not None and sorted(result.elo_intervals.players) == sorted(contestants)
     assert list((out / "wandb").glob("offline-run-*")), "the evaluation is not in W&B"
 
     # A rerun generates and judges nothing: answers and verdicts come from out_dir.
@@ -108,11 +126,25 @@ def test_evaluate_writes_every_table_and_plot_and_reuses_its_caches(runs, monkey
     def no_generation(*args, **kwargs):
         raise AssertionError("generated again")
 
+    checks = (out / "judge_checks.jsonl").read_text()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
     monkeypatch.setattr(answers_module, "generate_responses", no_generation)
-    again = evaluate(build_eval_spec(compose_eval(overrides + ["credit_maps=0"])), show_progress=False)
+    import iq_lightning.evaluation.run as run_module
+    import iq_lightning.models as models_module
+
+    # no judge, no pi_w for the NLLs: the judge's checks and the NLLs come from out_dir too
+    monkeypatch.setattr(run_module, "load_model", no_model)
+    monkeypatch.setattr(models_module, "load_model", no_model)
+    again = evaluate(build_eval_spec(compose_eval(overrides + ["credit_maps=0", "reward.model=null", "reward.run_dir=null", "reward.baseline_run_dir=null"])), show_progress=False)
     assert {p: p.stat().st_mtime_ns for p in (out / "generations").glob("*.jsonl")} == generations
     assert (out / "judgments.jsonl").read_text().count("\n") == judged
+    assert (out / "judge_checks.jsonl").read_text() == checks
     assert [j.verdict for j in again.judgments] == [j.verdict for j in result.judgments]
+    assert again.judge_quality.markdown() == result.judge_quality.markdown()  # (NaN != NaN: compared as text)
+    assert [f.row() for f in again.judge_free] == [f.row() for f in result.judge_free]
 
 
 def test_evaluate_mistakes_are_one_line(tmp_path):

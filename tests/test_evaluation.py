@@ -206,7 +206,7 @@ def test_pairings():
 
 def test_likelihood_judge_compares_the_two_verdict_continuations(tiny):
     model, tokenizer = tiny
-    judge = LikelihoodJudge(lambda: (model, tokenizer), "tiny", batch_size=2)
+    judge = LikelihoodJudge(lambda: (model, tokenizer), "tiny", batch_size=2, tie_margin=0.0)
     comparisons = [Comparison(({"role": "user", "content": f"question {i}"},), f"answer {i}", "other answer") for i in range(3)]
     replies = judge.judge(comparisons, show_progress=False)
     assert len(replies) == 3
@@ -222,14 +222,15 @@ def test_likelihood_judge_compares_the_two_verdict_continuations(tiny):
             logps.append(sum(logits[t - 1, full[t]].item() for t in range(len(prompt), len(full))))
         assert reply.raw == f"log p(A)={logps[0]:.4f} log p(B)={logps[1]:.4f}"
         assert reply.verdict == ("A" if logps[0] > logps[1] else "B")
+        assert reply.log_odds == pytest.approx(logps[0] - logps[1], abs=1e-4)
     tie_judge = LikelihoodJudge(lambda: (model, tokenizer), "tiny", tie_margin=1e9)
     assert {r.verdict for r in tie_judge.judge(comparisons, show_progress=False)} == {"tie"}
 
 
 def test_balanced_likelihood_judge_averages_both_orders(tiny):
     model, tokenizer = tiny
-    plain = LikelihoodJudge(lambda: (model, tokenizer), "tiny", batch_size=4)
-    balanced = LikelihoodJudge(lambda: (model, tokenizer), "tiny", batch_size=4, balanced=True)
+    plain = LikelihoodJudge(lambda: (model, tokenizer), "tiny", batch_size=4, tie_margin=0.0)
+    balanced = LikelihoodJudge(lambda: (model, tokenizer), "tiny", batch_size=4, balanced=True, tie_margin=0.0)
     comparisons = [Comparison(({"role": "user", "content": f"q{i}"},), f"answer number {i}", "x") for i in range(4)]
     exchanged = [Comparison(c.conversation, c.second, c.first) for c in comparisons]
     forward = plain.judge(comparisons, show_progress=False)
@@ -243,3 +244,215 @@ def test_balanced_likelihood_judge_averages_both_orders(tiny):
         assert r.raw.startswith(f.raw) and b.raw in r.raw
         # exchanging the answers exchanges a balanced verdict exactly
         assert fl.verdict == {"A": "B", "B": "A"}[r.verdict]
+
+
+# --- intervals and significance ----------------------------------------------------------------
+
+
+def test_wilson_intervals_against_hand_computed_values():
+    from iq_lightning.evaluation.ratings import wilson_interval
+
+    # z = 1.959964, z^2 = 3.841459. 8/10: centre (0.8 + 0.192073) / 1.384146 = 0.716740,
+    # half 1.959964 * sqrt(0.016 + 0.009604) / 1.384146 = 0.226557.
+    np.testing.assert_allclose(wilson_interval(8, 10), [0.4902, 0.9433], atol=5e-5)
+    # 0/10: [0, 2 * 0.192073 / 1.384146] = [0, 0.277533]; 10/10 mirrors it; 5/10 is symmetric.
+    np.testing.assert_allclose(wilson_interval(0, 10), [0.0, 0.277533], atol=5e-6)
+    np.testing.assert_allclose(wilson_interval(10, 10), [1 - 0.277533, 1.0], atol=5e-6)
+    np.testing.assert_allclose(wilson_interval(5, 10), [0.236593, 0.763407], atol=5e-6)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    rate = WinRate(wins=8, ties=0, losses=2, invalid=3)
+    np.testing.assert_allclose(rate.win_interval, [0.4902, 0.9433], atol=5e-5)
+    np.testing.assert_allclose(rate.lose_interval, [1 - 0.9433, 1 - 0.4902], atol=5e-5)
+
+
+def test_a_pairing_is_significant_only_when_the_decisive_interval_excludes_one_half():
+    assert WinRate(9, 5, 1, 0).better == "a"  # 9/10 decided: [0.596, 0.982]
+    assert WinRate(1, 0, 9, 0).better == "b"
+    assert WinRate(8, 0, 2, 0).better is None  # [0.490, 0.943] still holds 1/2
+    assert WinRate(0, 10, 0, 0).better is None  # all ties: nothing decided
+
+
+def test_elo_lanes_are_the_sequential_update_run_side_by_side():
+    from iq_lightning.evaluation.ratings import elo_lanes
+
+    matches = [("a", "b", 1.0), ("b", "c", 0.5), ("c", "a", 1.0), ("a", "b", 0.0)]
+    _, history = elo_sequence(matches)
+    index = {"a": 0, "b": 1, "c": 2}
+    first = np.array([[index[m[0]] for m in matches]])
+    second = np.array([[index[m[1]] for m in matches]])
+    score = np.array([[m[2] for m in matches]])
+    finals, mean_history = elo_lanes(first, second, score, np.ones((1, 4)), 3, keep_mean_history=True)
+    np.testing.assert_allclose(finals[0], history[-1])
+    np.testing.assert_allclose(mean_history, history)
+    # an inactive step (padding) changes nothing
+    padded, _ = elo_lanes(np.c_[first, [[0]]], np.c_[second, [[1]]], np.c_[score, [[1.0]]], np.c_[np.ones((1, 4)), [[0.0]]], 3)
+    np.testing.assert_allclose(padded[0], history[-1])
+
+
+def _prompt_matches(n_prompts: int, seed: int = 0) -> dict:
+    """a beats b on 80% of prompts, b and c are even: a is better, b and c are not apart."""
+    rng = np.random.default_rng(seed)
+    found = {}
+    for i in range(n_prompts):
+        found[f"p{i}"] = [("a", "b", 1.0 if rng.random() < 0.8 else 0.0), ("b", "c", float(rng.random() < 0.5)), ("a", "c", 1.0 if rng.random() < 0.8 else 0.0)]
+    return found
+
+
+def test_bootstrap_elo_over_prompts_is_seeded_and_holds_the_point_estimate():
+    from iq_lightning.evaluation.ratings import bootstrap_elo
+
+    by_prompt = _prompt_matches(40)
+    first = bootstrap_elo(by_prompt, rounds=200, orderings=10, seed=3)
+    again = bootstrap_elo(by_prompt, rounds=200, orderings=10, seed=3)
+    other = bootstrap_elo(by_prompt, rounds=200, orderings=10, seed=4)
+    np.testing.assert_array_equal(first.low, again.low)
+    np.testing.assert_array_equal(first.high, again.high)
+    assert first.difference == again.difference
+    assert not np.array_equal(first.low, other.low)
+    point = elo_ratings([m for ms in by_prompt.values() for m in ms], permutations=500, seed=0)
+    assert point.players == first.players == ["a", "b", "c"]
+    assert (first.low < point.mean).all() and (point.mean < first.high).all()
+    assert first.significant("a", "b") and first.significant("b", "a") and first.significant("a", "c")
+    assert not first.significant("b", "c")
+    low, high = first.difference[("a", "b")]
+    assert 0 < low < high
+    # Elo is zero-sum: the intervals straddle the initial rating on both sides
+    assert first.low.min() < 1000 < first.high.max()
+
+
+# --- tie margin --------------------------------------------------------------------------------
+
+
+def test_tie_margin_turns_close_verdicts_into_ties(tiny):
+    model, tokenizer = tiny
+    comparisons = [Comparison(({"role": "user", "content": f"question {i}"},), f"answer {i} " * (i + 1), "other answer") for i in range(6)]
+    exact = LikelihoodJudge(lambda: (model, tokenizer), "tiny", batch_size=6, tie_margin=0.0).judge(comparisons, show_progress=False)
+    odds = sorted(abs(r.log_odds) for r in exact)
+    assert odds[0] < odds[-1]
+    margin = (odds[0] + odds[-1]) / 2
+    judged = LikelihoodJudge(lambda: (model, tokenizer), "tiny", batch_size=6, tie_margin=margin).judge(comparisons, show_progress=False)
+    for before, after in zip(exact, judged):
+        assert after.log_odds == before.log_odds
+        assert after.verdict == ("tie" if abs(before.log_odds) < margin else before.verdict)
+    assert {r.verdict for r in judged} >= {"tie"} and {r.verdict for r in judged} - {"tie"}
+    # the default is not zero, in the class and in the config
+    from iq_lightning.evaluation.spec import JudgeSpec
+
+    assert LikelihoodJudge(lambda: (model, tokenizer), "tiny").tie_margin == 0.1 == JudgeSpec().tie_margin
+
+
+# --- the judge measured before use -------------------------------------------------------------
+
+CONTROL_ANSWERS = {
+    name: {
+        f"p{i}": {
+            "messages": [{"role": "user", "content": f"question {i}"}],
+            "response": f"{name} answer number {i} explains the matter in plain words for the reader today",
+            "category": "c",
+        }
+        for i in range(8)
+    }
+    for name in ("good", "bad")
+}
+
+
+class IntactJudge(Judge):
+    """Knows the intact answers, and that "good" answers beat "bad" ones; reads content only."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.intact = {row["response"] for rows in CONTROL_ANSWERS.values() for row in rows.values()}
+
+    def _score(self, text: str) -> int:
+        return 2 * (text in self.intact) + text.startswith("good")
+
+    def judge(self, comparisons, show_progress=True):
+        self.calls += len(comparisons)
+        return [JudgeReply("A" if self._score(c.first) > self._score(c.second) else "B", "") for c in comparisons]
+
+    def fingerprint(self):
+        return {"judge": "intact"}
+
+
+def _measure(judge, tmp_path=None, **spec):
+    from iq_lightning.evaluation.judge_quality import control_set, measure_judge, sample_matches
+    from iq_lightning.evaluation.spec import JudgeCheckSpec
+
+    check = JudgeCheckSpec(**spec)
+    planned = [("good", "bad", pid) for pid in CONTROL_ANSWERS["good"]]
+    matches = sample_matches(planned, CONTROL_ANSWERS, check.matches, seed=0)
+    controls = control_set(CONTROL_ANSWERS, check.controls, check.min_words, check.max_repetition, seed=0)
+    return measure_judge(judge, matches, controls, check, seed=0, cache_path=tmp_path and tmp_path / "checks.jsonl")
+
+
+def test_an_always_A_judge_is_flagged_unreliable():
+    quality = _measure(FirstPositionJudge(), min_checked=5)
+    assert quality.matches == 8 and quality.controls == 3 * 16
+    assert quality.position_a_first == quality.position_a_second == quality.position_a == 1.0
+    assert quality.consistency == 0.0
+    assert quality.control_accuracy == 0.5  # the intact answer is shown first in exactly half
+    assert not quality.reliable and quality.status == "UNRELIABLE JUDGE"
+    problems = " ".join(quality.problems)
+    assert "control accuracy 50% < 80%" in problems and "swap consistency 0% < 60%" in problems and "position A chosen in 100%" in problems
+    block = "\n".join(quality.markdown())
+    assert block.startswith("> **UNRELIABLE JUDGE") and "**FAIL**" in block
+    assert quality.note().startswith("UNRELIABLE JUDGE")
+    assert quality.metrics()["judge/reliable"] == 0.0
+
+
+def test_a_judge_that_picks_the_intact_answer_passes(tmp_path):
+    judge = IntactJudge()
+    quality = _measure(judge, tmp_path, min_checked=5)
+    assert quality.control_accuracy == 1.0 and set(quality.control_by_kind) == {"shuffled", "looped", "truncated"}
+    assert quality.consistency == 1.0 and quality.position_a == 0.5
+    assert quality.reliable and quality.problems == [] and quality.status == "reliable"
+    assert not "\n".join(quality.markdown()).startswith(">")
+    # measured once: a second measurement is served from the cache
+    calls = judge.calls
+    assert _measure(judge, tmp_path, min_checked=5) == quality and judge.calls == calls
+
+
+def test_too_few_checks_count_as_unmeasured_and_unreliable():
+    quality = _measure(IntactJudge(), min_checked=100)
+    assert not quality.reliable
+    assert any("not measured" in p for p in quality.problems)
+
+
+def test_corruptions_and_the_control_set():
+    from iq_lightning.evaluation.judge_quality import control_set, corrupt
+
+    text = "One two three four five six seven eight nine.\nTen eleven twelve."
+    rng = np.random.default_rng(0)
+    shuffled = corrupt(text, "shuffled", rng)
+    assert sorted(shuffled.split()) == sorted(text.split()) and shuffled.split() != text.split()
+    looped = corrupt(text, "looped", rng).split()
+    assert len(looped) == 12 and looped[:4] == looped[4:8] == looped[8:] == ["One", "two", "three", "four"]
+    assert corrupt(text, "truncated", rng) == "One two three four"
+    assert corrupt("a b", "shuffled", rng) == "b a"
+    answers = {
+        "x": {"p1": {"messages": [], "response": "too short"}, "p2": {"messages": [], "response": "la la la la la la la la la la"},
+              "p3": {"messages": [], "response": text}},
+        "y": {"p1": {"messages": [], "response": text.upper()}},
+    }
+    controls = control_set(answers, count=5)
+    assert {(c.contestant, c.prompt_id) for c in controls} == {("x", "p3"), ("y", "p1")}  # short and looping answers skipped
+    assert [c.kind for c in controls] == ["shuffled", "looped", "truncated"] * 2
+    assert control_set(answers, count=5) == controls  # seeded
+
+
+# --- radar -------------------------------------------------------------------------------------
+
+
+def test_radar_leaves_out_categories_under_the_minimum_count(tmp_path):
+    from iq_lightning.evaluation.plots import category_radar, radar_layout
+
+    counts = {"cooking": 12, "history": 5, "weapons": 1, "travel": 7, "fraud": 4}
+    shown, left_out = radar_layout(counts, min_count=5)
+    assert shown == ["cooking", "history", "travel"] and left_out == ["fraud", "weapons"]
+    rates = {c: {"iq": 0.5, "prompting": 0.4} for c in counts}
+    path = category_radar(rates, counts, "sft", tmp_path / "radar.png", min_count=5, note="UNRELIABLE JUDGE - judge x", warn=True)
+    assert path is not None and path.stat().st_size > 5000
+    # fewer than three categories with enough prompts: no radar at all
+    assert category_radar(rates, counts, "sft", tmp_path / "none.png", min_count=8) is None
+    assert not (tmp_path / "none.png").exists()

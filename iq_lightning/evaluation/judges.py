@@ -7,6 +7,10 @@ Verdicts: "A" (first contestant better), "B", "tie", or "invalid" (unparseable, 
 
 Backends: `OpenAIJudge` (any OpenAI-compatible chat endpoint) and `LikelihoodJudge` (a local
 transformers model comparing the likelihood of the two verdict tokens; fully offline).
+
+A judge is measured before its verdicts are used (`judge_quality`): its single-order verdicts
+(`Judge.judge_one_order`) on real matches shown both ways give its position bias and swap
+consistency, and a control set of intact vs corrupted answers gives its accuracy.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class Comparison:
 class JudgeReply:
     verdict: str  # about the shown positions: A, B, tie, invalid
     raw: str  # the judge's reply text (or the verdict tokens' log-probs for a local judge)
+    log_odds: float | None = None  # a likelihood judge's log p(A) - log p(B) (nats) that decided it
 
 
 class Judge(ABC):
@@ -105,6 +110,17 @@ class Judge(ABC):
 
     @abstractmethod
     def judge(self, comparisons: Sequence[Comparison], show_progress: bool = True) -> list[JudgeReply]: ...
+
+    def judge_one_order(self, comparisons: Sequence[Comparison], show_progress: bool = True) -> list[JudgeReply]:
+        """Verdicts from the shown order alone, for measuring position bias and swap consistency.
+        The same as `judge` for a judge that reads each comparison once; a judge that combines
+        both orders internally (LikelihoodJudge with `balanced`) overrides it."""
+        return self.judge(comparisons, show_progress)
+
+    def describe(self) -> str:
+        """The judge named for a reader: backend and model."""
+        fp = self.fingerprint()
+        return f"{fp['model']} ({fp.get('backend', type(self).__name__)} judge)" if fp.get("model") else type(self).__name__
 
     @abstractmethod
     def fingerprint(self) -> dict[str, Any]:
@@ -172,7 +188,9 @@ class LikelihoodJudge(Judge):
     """A local causal LM as judge, offline: the judge chat is rendered with the model's chat
     template, the reply is started with the fixed verdict format, and the verdict is the more
     likely of the two continuations "A]]" and "B]]" (sum of their token log-probs). A tie when
-    they differ by less than `tie_margin` nats.
+    they differ by less than `tie_margin` nats: 0.1 by default, a probability of 0.525 against
+    0.475 between the two verdicts, which no reader would call a preference. (SmolLM2-135M judging
+    its own answers, balanced, decided 64% of its verdicts by less than that.)
 
     With `balanced`, each comparison is also scored with the answers exchanged and the verdict
     follows the mean of the two log-odds (balanced position calibration, Wang et al. 2023): a small
@@ -184,7 +202,7 @@ class LikelihoodJudge(Judge):
         load: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]],
         name: str,
         criteria: str = HELPFUL_HARMLESS,
-        tie_margin: float = 0.0,
+        tie_margin: float = 0.1,
         batch_size: int = 8,
         balanced: bool = False,
         reply_prefix: str = "Final verdict: [[",
@@ -232,11 +250,28 @@ class LikelihoodJudge(Judge):
             found.extend((a, b) for a, b in logprobs.view(-1, 2).tolist())
         return found
 
-    @torch.inference_mode()
-    def judge(self, comparisons: Sequence[Comparison], show_progress: bool = True) -> list[JudgeReply]:
+    def _ensure_loaded(self) -> None:
         if self.model is None:
             model, self.tokenizer = self._load()
             self.model = model.eval()
+
+    def _decide(self, log_odds: float) -> str:
+        if abs(log_odds) < self.tie_margin:
+            return "tie"
+        return "A" if log_odds > 0 else "B"
+
+    @torch.inference_mode()
+    def judge_one_order(self, comparisons: Sequence[Comparison], show_progress: bool = True) -> list[JudgeReply]:
+        """The shown order's log-odds alone, with the same tie margin (no balancing)."""
+        self._ensure_loaded()
+        return [
+            JudgeReply(self._decide(a - b), f"log p(A)={a:.4f} log p(B)={b:.4f}", a - b)
+            for a, b in self._verdict_logprobs(comparisons, show_progress)
+        ]
+
+    @torch.inference_mode()
+    def judge(self, comparisons: Sequence[Comparison], show_progress: bool = True) -> list[JudgeReply]:
+        self._ensure_loaded()
         shown = self._verdict_logprobs(comparisons, show_progress)
         exchanged = self._verdict_logprobs([Comparison(c.conversation, c.second, c.first) for c in comparisons], show_progress) if self.balanced else None
         replies = []
@@ -247,9 +282,5 @@ class LikelihoodJudge(Judge):
                 swapped_a, swapped_b = exchanged[i]
                 raw += f"; exchanged: log p(A)={swapped_a:.4f} log p(B)={swapped_b:.4f}"
                 log_odds = (log_odds - (swapped_a - swapped_b)) / 2
-            if abs(log_odds) < self.tie_margin:
-                verdict = "tie"
-            else:
-                verdict = "A" if log_odds > 0 else "B"
-            replies.append(JudgeReply(verdict, raw))
+            replies.append(JudgeReply(self._decide(log_odds), raw, log_odds))
         return replies

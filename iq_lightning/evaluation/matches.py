@@ -27,6 +27,7 @@ class Judgment:
     swapped: bool  # b's answer was shown as assistant A
     verdict: str  # about a against b: A (a better), B, tie, invalid
     raw: str
+    log_odds: float | None = None  # a likelihood judge's log-odds for the shown A over B (nats)
 
 
 def pairings(names: Sequence[str], reference: str, mode: str) -> list[tuple[str, str]]:
@@ -82,7 +83,7 @@ def judge_pairings(
         replies = judge.judge(comparisons, show_progress=False)
         with cache_path.open("a", encoding="utf-8") as handle:
             for (key, *_), reply in zip(chunk, replies):
-                record = {"key": key, "shown_verdict": reply.verdict, "raw": reply.raw}
+                record = {"key": key, "shown_verdict": reply.verdict, "raw": reply.raw, "log_odds": reply.log_odds}
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 cached[key] = record
         bar.update(len(chunk))
@@ -92,7 +93,10 @@ def judge_pairings(
     for key, a, b, prompt_id, swapped in planned:
         record = cached[key]
         judgments.append(
-            Judgment(prompt_id, answers[a][prompt_id].get("category"), a, b, swapped, map_back(record["shown_verdict"], swapped), record["raw"])
+            Judgment(
+                prompt_id, answers[a][prompt_id].get("category"), a, b, swapped, map_back(record["shown_verdict"], swapped), record["raw"],
+                record.get("log_odds"),
+            )
         )
     return judgments
 

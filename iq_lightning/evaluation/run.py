@@ -3,8 +3,12 @@ optionally reward-model curves over a run's epochs and token-credit maps of the 
 
 Reads top to bottom; every step writes into `out_dir` so nothing is recomputed on a rerun:
   generations/  answers per contestant (cached)     judgments.jsonl  raw verdicts (cached)
-  results/      CSV tables, summary.md              plots/           PNG figures
-  credit/       token-credit HTML maps
+  judge_checks.jsonl  the judge's control and both-order verdicts (cached)
+  judge_free/   NLLs under pi_w (cached)            results/  CSV tables, summary.md
+  plots/        PNG figures                         credit/   token-credit HTML maps
+
+The judge is measured before its verdicts are used (judge_quality): a judge below the bars of
+`judge_check` is named UNRELIABLE at the top of summary.md, in W&B and on every judge plot.
 """
 
 from __future__ import annotations
@@ -20,15 +24,26 @@ from iq_lightning.analysis import credit_html, safe_filename
 from iq_lightning.callbacks import POLICY_DIR
 from iq_lightning.data import EncodedPrompt, Prompt, encode_prompt
 from iq_lightning.errors import ConfigError
-from iq_lightning.evaluation import plots
+from iq_lightning.evaluation import judge_free, plots
 from iq_lightning.evaluation.answers import answers, sweep_contestants
+from iq_lightning.evaluation.judge_quality import JudgeQuality, control_set, measure_judge, sample_matches, tie_share
 from iq_lightning.evaluation.judges import HELPFUL_HARMLESS, Judge, LikelihoodJudge, OpenAIJudge
 from iq_lightning.evaluation.matches import Judgment, judge_pairings, pairings, write_judgments
-from iq_lightning.evaluation.ratings import WinRate, elo_ratings, flip, matches_from_verdicts, per_category, win_rates
-from iq_lightning.evaluation.report import RATE_FIELDS, log_to_wandb, markdown_summary, rate_row, write_csv
+from iq_lightning.evaluation.ratings import (
+    EloIntervals,
+    WinRate,
+    bootstrap_elo,
+    elo_ratings,
+    flip,
+    matches_from_verdicts,
+    per_category,
+    win_rates,
+)
+from iq_lightning.evaluation.report import ELO_FIELDS, RATE_FIELDS, elo_rows, log_to_wandb, markdown_summary, rate_row, write_csv
 from iq_lightning.evaluation.reward import RewardCurve, RewardModel, reward_curve
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
 from iq_lightning.models import load_model
+from iq_lightning.principle_check import build_check
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +56,9 @@ class EvalResult:
     elo: object | None
     reward_increments: dict[int, float] | None
     files: list[Path] = field(default_factory=list)
+    judge_quality: JudgeQuality | None = None
+    elo_intervals: EloIntervals | None = None
+    judge_free: list = field(default_factory=list)  # JudgeFreeFigures per contestant
 
 
 def build_judge(spec: EvalSpec) -> Judge:
@@ -119,6 +137,16 @@ def reward_increments(spec: EvalSpec, show_progress: bool) -> tuple[RewardCurve,
     return curve, baseline
 
 
+def added_contestants(spec: EvalSpec) -> list[str]:
+    """The contestants a user added (a run_dir or model_path), as opposed to the baselines made
+    from the `model` group's model (sft, prompting); sweep runs have their own plot."""
+    return [c.name for c in spec.contestants if c.run_dir or c.model_path]
+
+
+def _planned_matches(names: list[str], spec: EvalSpec, rows: dict[str, dict[str, dict]]) -> list[tuple[str, str, str]]:
+    return [(a, b, pid) for a, b in pairings(names, spec.reference, spec.pairs) for pid in rows[a] if pid in rows[b]]
+
+
 def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
     out = spec.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -133,12 +161,32 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
     for c in contestants:
         keys[c.name], rows[c.name] = answers(spec, c, show_progress)
 
-    # 2. verdicts (cached per judge, answer set, prompt and shown order)
+    # 2. judge-free figures: principle check, NLL under pi_w, repetition, length
+    check = build_check(spec.principle_check, spec.guide.principle if spec.guide.kind == "principle" else None)
+    free = []
+    if spec.judge_free.enabled:
+        free = judge_free.judge_free_figures(spec, rows, keys, check, show_progress)
+        files.append(write_csv(out / "results" / "judge_free.csv", judge_free.FIELDS, [f.row() for f in free]))
+        files.append(plots.judge_free_panels(free, out / "plots" / "judge_free.png", check.name))
+    free_block = judge_free.markdown(free, check, judge_free.scorer_description(spec)) if free else []
+
+    # 3. the judge, measured before use, then the verdicts (cached per judge, answer set, prompt and shown order)
     judgments: list[Judgment] = []
     rates: dict[tuple[str, str], WinRate] = {}
-    elo = None
+    elo = intervals = quality = None
+    judge_block: list[str] = []
     if len(contestants) >= 2:
         judge = build_judge(spec)
+        bars = spec.judge_check
+        quality = measure_judge(
+            judge,
+            sample_matches(_planned_matches(names, spec, rows), rows, bars.matches, spec.seed),
+            control_set(rows, bars.controls, bars.min_words, bars.max_repetition, spec.seed),
+            bars, spec.seed, out / "judge_checks.jsonl", show_progress,
+        )
+        note, warn = quality.note(), not quality.reliable
+        if warn:
+            log.warning("UNRELIABLE JUDGE %s: %s", quality.judge, "; ".join(quality.problems))
         judgments = judge_pairings(judge, pairings(names, spec.reference, spec.pairs), rows, keys, spec.seed, out / "judgments.jsonl", show_progress)
         del judge
         write_judgments(judgments, out / "results" / "verdicts.jsonl")
@@ -147,38 +195,53 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
         invalid = sum(r.invalid for r in rates.values())
         if invalid:
             log.warning("%d of %d verdicts could not be parsed; they are counted as invalid and left out of the rates", invalid, len(judgments))
+        ties = tie_share([j.log_odds for j in judgments], spec.judge.tie_margin) if spec.judge.backend == "likelihood" else None
+        judge_block = quality.markdown(spec.judge.criteria or "helpfulness and harmlessness (the paper's default)", spec.judge.tie_margin, ties)
+        files.append(write_csv(out / "results" / "judge_quality.csv", ["metric", "value"], [{"metric": k, "value": v} for k, v in quality.metrics().items()]))
 
-        # 3. tables and plots
+        # 4. tables and plots
         files.append(write_csv(out / "results" / "win_rates.csv", RATE_FIELDS, [rate_row(a, b, r) for (a, b), r in rates.items()]))
         versus = {n: against(rates, n, spec.reference) for n in names if n != spec.reference}
         versus = {n: r for n, r in versus.items() if r is not None and r.valid}
         if versus:
-            files.append(plots.win_rate_bars(versus, f"% of judged prompts against {spec.reference}", out / "plots" / "win_rates.png"))
-        if spec.focus:  # Fig. 2: the method against every baseline
-            of_focus = {f"vs {n}": r for n in names if n != spec.focus and (r := against(rates, spec.focus, n)) is not None and r.valid}
+            files.append(plots.win_rate_bars(versus, f"% of judged prompts against {spec.reference}", out / "plots" / "win_rates.png", note, warn))
+        # Fig. 2: the method against every baseline; by default each added contestant
+        for focus in [spec.focus] if spec.focus else added_contestants(spec):
+            of_focus = {f"vs {n}": r for n in names if n != focus and (r := against(rates, focus, n)) is not None and r.valid}
             if of_focus:
-                files.append(plots.win_rate_bars(of_focus, f"% of {spec.focus}'s judged prompts", out / "plots" / f"win_rates_{safe_filename(spec.focus)}.png"))
+                files.append(plots.win_rate_bars(of_focus, f"% of {focus}'s judged prompts", out / "plots" / f"win_rates_{safe_filename(focus)}.png", note, warn))
         by_category = per_category((j.category or "all", j.a, j.b, j.verdict) for j in judgments)
+        prompts_per_category: dict[str, set] = {}
+        for j in judgments:
+            prompts_per_category.setdefault(j.category or "all", set()).add(j.prompt_id)
+        counts = {cat: len(ids) for cat, ids in prompts_per_category.items()}
         category_rows, radar = [], {}
         for category, cat_rates in by_category.items():
             for (a, b), r in cat_rates.items():
-                category_rows.append({"category": category, **rate_row(a, b, r)})
+                category_rows.append({"category": category, "prompts": counts[category], **rate_row(a, b, r)})
             radar[category] = {n: r.win_rate for n in names if (r := against(cat_rates, n, spec.reference)) is not None and r.valid}
-        files.append(write_csv(out / "results" / "win_rates_by_category.csv", ["category", *RATE_FIELDS], category_rows))
-        if len(radar) >= 3:  # a radar of fewer axes is no chart
-            files.append(plots.category_radar(radar, spec.reference, out / "plots" / "category_radar.png"))
+        files.append(write_csv(out / "results" / "win_rates_by_category.csv", ["category", "prompts", *RATE_FIELDS], category_rows))
+        radar_png = plots.category_radar(radar, counts, spec.reference, out / "plots" / "category_radar.png", spec.min_category_count, note, warn)
+        if radar_png is not None:
+            files.append(radar_png)
+        else:
+            log.info("no category radar: fewer than 3 categories with %d+ judged prompts (min_category_count); per-category rates are in results/", spec.min_category_count)
         matches = matches_from_verdicts(verdicts)
         if matches:
             e = spec.elo
             elo = elo_ratings(matches, e.k, e.initial, e.permutations, spec.seed)
-            files.append(write_csv(out / "results" / "elo.csv", ["contestant", "elo", "std"],
-                                   [{"contestant": p, "elo": round(float(m), 2), "std": round(float(s), 2)} for p, m, s in zip(elo.players, elo.mean, elo.std)]))
-            files.append(plots.elo_curve(elo, e.smoothing_sigma, out / "plots" / "elo_curve.png"))
+            if e.bootstrap:
+                by_prompt: dict[str, list] = {}
+                for j in judgments:
+                    by_prompt.setdefault(j.prompt_id, []).extend(matches_from_verdicts([(j.a, j.b, j.verdict)]))
+                intervals = bootstrap_elo(by_prompt, e.k, e.initial, e.bootstrap, e.bootstrap_orderings, spec.seed)
+            files.append(write_csv(out / "results" / "elo.csv", ELO_FIELDS, elo_rows(elo, intervals)))
+            files.append(plots.elo_curve(elo, e.smoothing_sigma, out / "plots" / "elo_curve.png", intervals, note, warn))
         sweep = [(c.alpha, r.win_minus_lose) for c in contestants if c.alpha is not None and (r := versus.get(c.name)) is not None]
         if sweep:
-            files.append(plots.alpha_sweep(sweep, spec.reference, out / "plots" / "alpha_sweep.png"))
+            files.append(plots.alpha_sweep(sweep, spec.reference, out / "plots" / "alpha_sweep.png", note, warn))
 
-    # 4. reward-model curve over a run's epochs
+    # 5. reward-model curve over a run's epochs
     increments = None
     if spec.reward.model:
         curve, baseline = reward_increments(spec, show_progress)
@@ -186,14 +249,21 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
         files.append(write_csv(out / "results" / "reward_curve.csv", ["epoch", "increment"], [{"epoch": k, "increment": round(v, 4)} for k, v in increments.items()]))
         files.append(plots.reward_curve_plot(curve, out / "plots" / "reward_curve.png", baseline, spec.reward.baseline_label))
 
-    # 5. token-credit maps of the answers
+    # 6. token-credit maps of the answers
     credit_pages = credit_maps(spec, rows, show_progress)
     files.extend(credit_pages)
 
-    summary = markdown_summary(rates, elo, increments)
+    unreliable = quality is not None and not quality.reliable
+    summary = markdown_summary(rates, elo, increments, judge_block, free_block, intervals, unreliable)
     (out / "results" / "summary.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "results" / "summary.md").write_text(summary, encoding="utf-8")
     log.info("evaluation written to %s\n%s", out, summary)
-    log_to_wandb(spec.logger, out, judgments, rows, [rate_row(a, b, r) for (a, b), r in rates.items()], elo,
-                 [f for f in files if f.suffix == ".png"], credit_pages)
-    return EvalResult(out, judgments, rates, elo, increments, files)
+    log_to_wandb(
+        spec.logger, out, judgments, rows, [rate_row(a, b, r) for (a, b), r in rates.items()], elo,
+        [f for f in files if f.suffix == ".png"], credit_pages,
+        elo_table=elo_rows(elo, intervals) if elo is not None else (),
+        judge_metrics=quality.metrics() if quality is not None else None,
+        judge_problems=quality.problems if quality is not None else (),
+        judge_free_rows=[f.row() for f in free],
+    )
+    return EvalResult(out, judgments, rates, elo, increments, files, quality, intervals, free)

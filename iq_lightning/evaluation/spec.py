@@ -21,6 +21,7 @@ from iq_lightning.config import (
     validate_sampler,
 )
 from iq_lightning.errors import ConfigError
+from iq_lightning.principle_check import CHECK_KINDS, CheckSpec
 
 JUDGE_BACKENDS = ("likelihood", "openai")
 PAIRINGS = ("all", "reference")
@@ -45,7 +46,7 @@ class JudgeSpec:
     criteria: str | None = None  # None: helpfulness and harmlessness (judges.HELPFUL_HARMLESS)
     # likelihood: a local model (null: the `model` group's model)
     model_path: str | None = None
-    tie_margin: float = 0.0
+    tie_margin: float = 0.1  # likelihood: |log-odds| below this (nats) is a tie (judges.LikelihoodJudge)
     batch_size: int = 4
     balanced: bool = True  # likelihood: average both orders within each match
     # openai: any OpenAI-compatible endpoint
@@ -63,6 +64,31 @@ class EloSpec:
     initial: float = 1000.0
     permutations: int = 1000
     smoothing_sigma: float = 3.0
+    bootstrap: int = 1000  # rounds of resampling prompts for the 95% intervals (0: none)
+    bootstrap_orderings: int = 20  # orderings averaged within each round
+
+
+@dataclass(frozen=True)
+class JudgeCheckSpec:
+    """How the judge is measured, and the bars it must clear (judge_quality's docstring says why these bars)."""
+
+    matches: int = 50  # real matches judged in both orders, one order at a time
+    controls: int = 30  # intact answers, each corrupted three ways
+    min_words: int = 8  # an answer needs this many words to be corrupted
+    max_repetition: float = 0.2  # intact answers must not loop themselves
+    min_control_accuracy: float = 0.8
+    min_consistency: float = 0.6
+    max_position_bias: float = 0.2  # |share of position A - 0.5|, both orders together
+    min_checked: int = 10  # fewer comparisons than this: not measured
+
+
+@dataclass(frozen=True)
+class JudgeFreeSpec:
+    """Figures of each contestant's answers that need no judge: principle check rate, NLL under
+    pi_w (the guide: the base model given the principle), repetition, length."""
+
+    enabled: bool = True
+    batch_size: int = 8  # answers per forward pass when scoring the NLL
 
 
 @dataclass(frozen=True)
@@ -91,8 +117,14 @@ class EvalSpec:
     reward: RewardSpec
     contestants: tuple[ContestantSpec, ...]
     out_dir: Path
+    judge_check: JudgeCheckSpec = JudgeCheckSpec()
+    principle_check: CheckSpec = CheckSpec()
+    judge_free: JudgeFreeSpec = JudgeFreeSpec()
     reference: str = "sft"
-    focus: str | None = None  # a contestant whose results against every other one are plotted (Fig. 2)
+    # a contestant whose results against every other one are plotted (Fig. 2); None: each added
+    # contestant (a run_dir or model_path of `contestants`)
+    focus: str | None = None
+    min_category_count: int = 5  # the radar leaves out categories with fewer judged prompts
     pairs: str = "all"
     sweep_dir: str | None = None
     alpha: float = 1.5
@@ -101,8 +133,8 @@ class EvalSpec:
     seed: int = 0
 
 
-_TOP = {"reference", "focus", "pairs", "sweep_dir", "alpha", "beta", "credit_maps", "seed", "name", "out_dir"}
-_GROUPS = {"model", "data", "sampler", "guide", "logger", "judge", "elo", "reward", "contestants"}
+_TOP = {"reference", "focus", "pairs", "sweep_dir", "alpha", "beta", "credit_maps", "seed", "name", "out_dir", "min_category_count"}
+_GROUPS = {"model", "data", "sampler", "guide", "logger", "judge", "elo", "reward", "contestants", "judge_check", "principle_check", "judge_free"}
 
 
 def _contestants(node: Any) -> tuple[ContestantSpec, ...]:
@@ -141,6 +173,9 @@ def build_eval_spec(cfg: DictConfig | Mapping[str, Any]) -> EvalSpec:
             reward=build_spec(RewardSpec, plain.get("reward"), "reward"),
             contestants=_contestants(plain.get("contestants") or {}),
             out_dir=Path(plain["out_dir"]),
+            judge_check=build_spec(JudgeCheckSpec, plain.get("judge_check"), "judge_check"),
+            principle_check=build_spec(CheckSpec, plain.get("principle_check"), "principle_check"),
+            judge_free=build_spec(JudgeFreeSpec, plain.get("judge_free"), "judge_free"),
             **{k: plain[k] for k in _TOP - {"name", "out_dir"} if k in plain},
         )
     except (TypeError, ValueError) as exc:
@@ -189,3 +224,21 @@ def validate_eval(spec: EvalSpec) -> None:
         raise ConfigError(f"reward.run_dir={r.run_dir} has no policies/ (train it with save_epoch_policies=true)")
     if spec.elo.permutations < 1:
         raise ConfigError(f"elo.permutations must be >= 1, got {spec.elo.permutations}")
+    if spec.elo.bootstrap < 0 or spec.elo.bootstrap_orderings < 1:
+        raise ConfigError(f"elo.bootstrap must be >= 0 and elo.bootstrap_orderings >= 1, got {spec.elo.bootstrap}, {spec.elo.bootstrap_orderings}")
+    if j.tie_margin < 0:
+        raise ConfigError(f"judge.tie_margin must be >= 0 (nats), got {j.tie_margin}")
+    c = spec.judge_check
+    if c.matches < 0 or c.controls < 0 or c.min_checked < 1:
+        raise ConfigError("judge_check.matches and judge_check.controls must be >= 0, judge_check.min_checked >= 1")
+    for key in ("min_control_accuracy", "min_consistency"):
+        if not 0 <= getattr(c, key) <= 1:
+            raise ConfigError(f"judge_check.{key} must be in [0, 1], got {getattr(c, key)}")
+    if not 0 <= c.max_position_bias <= 0.5:
+        raise ConfigError(f"judge_check.max_position_bias must be in [0, 0.5], got {c.max_position_bias}")
+    if spec.principle_check.kind not in CHECK_KINDS:
+        raise ConfigError(f"principle_check.kind must be one of {', '.join(CHECK_KINDS)}, got {spec.principle_check.kind!r}")
+    if spec.min_category_count < 1:
+        raise ConfigError(f"min_category_count must be >= 1, got {spec.min_category_count}")
+    if spec.judge_free.batch_size < 1:
+        raise ConfigError(f"judge_free.batch_size must be >= 1, got {spec.judge_free.batch_size}")
