@@ -1,9 +1,11 @@
-"""Write a model's responses for a prompt file to JSONL. Examples:
+"""Write a model's responses for a prompt set to JSONL (a trained run's final/ policy, any
+save_pretrained directory, or the model group's model; with a principle: the Prompting baseline).
 
+Examples:
     python generate.py                                        # bundled SmolLM2, held-out prompts
     python generate.py run_dir=outputs/2026-11-23/10-00-00    # a training run's final/ policy
     python generate.py model_path=/path/to/hf_dir data=local data.path=prompts.jsonl
-    python generate.py principle="Always reply in French."   # the Prompting baseline
+    python generate.py 'principle="Always reply in French."'   # the Prompting baseline
 """
 
 from pathlib import Path
@@ -11,7 +13,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from iq_lightning.cli import configure_environment, single_log_stream, user_errors_as_one_line
+from iq_lightning.cli import check_command_line, configure_environment, single_log_stream, user_errors_as_one_line
+
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
@@ -40,4 +44,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     configure_environment()
+    check_command_line(CONF, "generate", __doc__)  # --help, and every mistake as one error: line
     main()

@@ -1,15 +1,23 @@
-"""Train a policy with Inverse-Q*. Examples:
+"""Train a policy with Inverse-Q*: each epoch samples responses with the current policy, scores
+every token with two frozen guides (pi_w: the model given the principle, pi_l: the plain model)
+and regresses log pi_theta onto log pi_hat, pi_hat ~ pi_w^alpha * pi_l^(1-alpha).
 
+Examples:
     python train.py                                   # SmolLM2-135M on CPU, bundled prompts
-    python train.py model=zephyr alpha=1.2            # paper settings (GPU, HF hub)
-    python train.py -m alpha=1.0,1.2,1.4 model=tiny epochs=1
+    python train.py model=tiny epochs=1               # seconds: a random tiny Llama (smoke test)
+    python train.py -m alpha=1.0,1.2,1.4 model=tiny epochs=1   # an alpha sweep, one directory per run
+    python train.py model=zephyr alpha=1.2 strategy=deepspeed_zero3   # the paper's Zephyr-7B run (GPUs, hub)
 """
+
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from iq_lightning.cli import configure_environment, single_log_stream, user_errors_as_one_line
+from iq_lightning.cli import check_command_line, configure_environment, single_log_stream, user_errors_as_one_line
+
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -26,4 +34,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     configure_environment()
+    check_command_line(CONF, "train", __doc__)  # --help, and every mistake as one error: line
     main()

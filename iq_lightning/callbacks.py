@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +11,15 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from transformers import PreTrainedTokenizerBase
 
-from iq_lightning.analysis import rollout_credit_html, safe_filename
+from iq_lightning.analysis import (
+    CREDIT_QUANTILE,
+    SCALE_FILE,
+    credit_scale,
+    rollout_credit_html,
+    rollout_credits,
+    safe_filename,
+    scale_note,
+)
 from iq_lightning.models import export_policy
 from iq_lightning.rollouts import read_rollouts
 
@@ -39,11 +48,29 @@ class EpochPolicyExport(Callback):
 
 class CreditMaps(Callback):
     """credit/epoch_NNN/*.html for the first `per_epoch` samples of each epoch, also sent to W&B.
-    Costs no model call: the targets and reference log-probs are stored with each rollout."""
+    Costs no model call: the targets and reference log-probs are stored with each rollout.
 
-    def __init__(self, run_dir: Path, rollout_path, tokenizer: PreTrainedTokenizerBase, per_epoch: int, beta: float):
+    Every page of a run shares one colour scale, fixed from the first epoch's credits and kept in
+    credit/scale.json (a resumed run reuses it), so pages of different epochs compare; each page
+    states it, with alpha and beta."""
+
+    def __init__(
+        self, run_dir: Path, rollout_path, tokenizer: PreTrainedTokenizerBase, per_epoch: int, beta: float, alpha: float | None = None
+    ):
         self.run_dir, self.rollout_path = Path(run_dir), rollout_path
-        self.tokenizer, self.per_epoch, self.beta = tokenizer, per_epoch, beta
+        self.tokenizer, self.per_epoch, self.beta, self.alpha = tokenizer, per_epoch, beta, alpha
+
+    def scale(self, epoch: int, rollouts: list) -> tuple[float, str]:
+        """The run's colour scale: stored, or fixed now from this (the first) epoch's credits."""
+        path = self.run_dir / CREDIT_DIR / SCALE_FILE
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            return float(stored["scale"]), stored["note"]
+        value = credit_scale(rollout_credits(rollouts, self.beta))
+        note = scale_note(value, f"epoch {epoch}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"scale": value, "note": note, "epoch": epoch, "quantile": CREDIT_QUANTILE, "beta": self.beta}))
+        return value, note
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.rollout_path(trainer.current_epoch)
@@ -51,9 +78,11 @@ class CreditMaps(Callback):
             return
         out = self.run_dir / CREDIT_DIR / f"epoch_{trainer.current_epoch:03d}"
         out.mkdir(parents=True, exist_ok=True)
+        rollouts = read_rollouts(path)
+        scale, note = self.scale(trainer.current_epoch, rollouts)
         pages = []
-        for i, rollout in enumerate(read_rollouts(path)[: self.per_epoch]):
-            page = rollout_credit_html(rollout, self.tokenizer, self.beta)
+        for i, rollout in enumerate(rollouts[: self.per_epoch]):
+            page = rollout_credit_html(rollout, self.tokenizer, self.beta, alpha=self.alpha, scale=scale, scale_note=note)
             (out / f"{i:02d}_{safe_filename(rollout.prompt_id)}.html").write_text(page, encoding="utf-8")
             pages.append(page)
         for logger in trainer.loggers:
