@@ -125,6 +125,7 @@ class TrainSpec:
     save_final: bool = True
     save_epoch_policies: bool = False  # policies/epoch_NNN after every epoch (reward curves, Fig. 6)
     credit_maps_per_epoch: int = 2  # credit/epoch_NNN/*.html heat maps of the first samples (Fig. 8)
+    rollout_table_rows: int = 16  # rollouts per epoch in the W&B table `rollouts` (0: none)
     dry_run: bool = False  # print the resolved config and the per-device memory plan, load nothing
 
 
@@ -283,6 +284,7 @@ def validate(run: RunConfig) -> None:
     _integer(t.passes_per_epoch, "passes_per_epoch", 1)
     _integer(t.seed, "seed", 0)
     _integer(t.credit_maps_per_epoch, "credit_maps_per_epoch", 0)
+    _integer(t.rollout_table_rows, "rollout_table_rows", 0)
     _check(str(t.precision) in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(t.reduction in REDUCTIONS, f"reduction must be one of {', '.join(REDUCTIONS)}, got {t.reduction!r}")
 

@@ -32,6 +32,7 @@ from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 from iq_lightning.strategies import sharding_for, trainer_kwargs
+from iq_lightning.tracking import RunTracking, wandb_init_kwargs
 from iq_lightning.validation import Validation
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def check_principle_prompt(tokenizer: PreTrainedTokenizerBase, principle: str, p
         ) from None
 
 
-def build_loggers(spec: LoggerSpec, run_dir: Path) -> list:
+def build_loggers(spec: LoggerSpec, run_dir: Path, wandb_init: dict | None = None) -> list:
     """csv: metrics.csv in the run directory; wandb: W&B (offline by default) plus that CSV."""
     from iq_lightning.logging_csv import ResumableCSVLogger
 
@@ -107,6 +108,7 @@ def build_loggers(spec: LoggerSpec, run_dir: Path) -> list:
                 mode=spec.mode,
                 id=id_file.read_text().strip(),
                 resume="allow",
+                **(wandb_init or {}),
             ),
         )
     return loggers
@@ -221,7 +223,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     sharding = sharding_for(run.strategy)
     trainer_args = trainer_kwargs(run.strategy, sharding, run.train.micro_batch_size)
     check_resumable(run)
-    loggers = build_loggers(run.logger, run_dir)
+    loggers = build_loggers(run.logger, run_dir, wandb_init_kwargs(run))
     L.seed_everything(run.train.seed, workers=True, verbose=False)
 
     # Weights are loaded inside fit, per rank (rank_models.py); here only what every rank needs first.
@@ -264,11 +266,11 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         save_last="link",
         every_n_epochs=1,
     )
-    callbacks = [checkpoint]
+    callbacks = [checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
     if run.val.every_n_epochs:
         callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded))
     if t.credit_maps_per_epoch:
-        callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta))
+        callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha))
     if t.save_epoch_policies:
         callbacks.append(EpochPolicyExport(run_dir, tokenizer))
     trainer = L.Trainer(

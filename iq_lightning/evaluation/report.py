@@ -138,6 +138,8 @@ def log_to_wandb(
     judge_metrics: Mapping[str, float] | None = None,
     judge_problems: Sequence[str] = (),
     judge_free_rows: Sequence[dict] = (),
+    init_kwargs: Mapping | None = None,
+    metrics: Mapping[str, float] | None = None,
 ) -> None:
     """One W&B run (job_type evaluation) in the training runs' project: the judge's measured
     quality (summary numbers, and its problems as text), verdicts with prompts and answers,
@@ -148,8 +150,9 @@ def log_to_wandb(
     import wandb
 
     run = wandb.init(
-        project=spec.project, entity=spec.entity, name=spec.name or f"evaluate-{out_dir.name}", job_type="evaluation",
+        project=spec.project, entity=spec.entity, name=spec.name or f"evaluate-{out_dir.name}",
         dir=str(out_dir), mode=os.environ.get("WANDB_MODE") or spec.mode,
+        **{"job_type": "evaluation", **(init_kwargs or {})},
     )
     try:
         verdicts = wandb.Table(columns=["prompt_id", "category", "prompt", "a", "answer_a", "b", "answer_b", "verdict", "swapped", "judge_reply"])
@@ -168,6 +171,7 @@ def log_to_wandb(
             payload["judge_free"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in judge_free_rows])
         payload.update({f"plots/{p.stem}": wandb.Image(str(p)) for p in plots})
         payload.update({f"credit/{p.parent.name}/{p.stem}": wandb.Html(p.read_text(encoding="utf-8")) for p in credit_pages})
+        payload.update(metrics or {})  # win rates and ratings as numbers a dashboard can chart
         run.log(payload)
     finally:
         run.finish()

@@ -23,6 +23,7 @@ import torch
 from iq_lightning.analysis import credit_html, safe_filename
 from iq_lightning.callbacks import POLICY_DIR
 from iq_lightning.data import EncodedPrompt, Prompt, encode_prompt
+from iq_lightning.tracking import eval_init_kwargs, eval_metrics
 from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation import judge_free, plots
 from iq_lightning.evaluation.answers import answers, sweep_contestants
@@ -265,5 +266,12 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
         judge_metrics=quality.metrics() if quality is not None else None,
         judge_problems=quality.problems if quality is not None else (),
         judge_free_rows=[f.row() for f in free],
+        init_kwargs=eval_init_kwargs(spec, contestants),
+        metrics=eval_metrics(
+            [rate_row(a, b, r) for (a, b), r in rates.items()],
+            elo_rows(elo, intervals) if elo is not None else (),
+            quality.metrics() if quality is not None else None,
+            reference=spec.reference,
+        ),
     )
     return EvalResult(out, judgments, rates, elo, increments, files, quality, intervals, free)
