@@ -4,7 +4,6 @@ and a plan for every model config without weights or network."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -218,8 +217,7 @@ def test_every_model_config_has_a_plan_without_network(tmp_path, monkeypatch, mo
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     run = run_config(tmp_path, [f"model={model}", "logger=none", *extra])
-    world = world_size_of(run.strategy) if run.strategy.devices != "auto" else 1
-    plan = plan_memory(run, world, None, run.strategy.accelerator)
+    plan = plan_memory(run, world_size_of(run.strategy), None, run.strategy.accelerator)
     assert plan.total > 0 and plan.fits
     text = plan.render()
     assert "total" in text and "GiB" in text
