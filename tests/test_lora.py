@@ -28,7 +28,7 @@ def _lora_policy_with_active_adapter():
 def test_adapter_disabled_targets_equal_a_separate_frozen_base():
     policy, reference, tokenizer = _lora_policy_with_active_adapter()
     prompts, responses = _prompts(tokenizer), _responses(tokenizer)
-    shared = PrincipleGuide(AdapterDisabled(policy), tokenizer, PRINCIPLE, "system", alpha=1.4, show_progress=False)
+    shared = PrincipleGuide(AdapterDisabled(lambda: policy), tokenizer, PRINCIPLE, "system", alpha=1.4, show_progress=False)
     copied = PrincipleGuide(reference, tokenizer, PRINCIPLE, "system", alpha=1.4, show_progress=False)
     adapted = PrincipleGuide(policy, tokenizer, PRINCIPLE, "system", alpha=1.4, show_progress=False)
     for a, b, c in zip(shared.score(prompts, responses), copied.score(prompts, responses), adapted.score(prompts, responses)):
@@ -36,7 +36,7 @@ def test_adapter_disabled_targets_equal_a_separate_frozen_base():
         torch.testing.assert_close(torch.tensor(a.ref_logprobs), torch.tensor(b.ref_logprobs), atol=1e-6, rtol=1e-6)
         assert max(abs(x - y) for x, y in zip(a.ref_logprobs, c.ref_logprobs)) > 1e-3  # the adapter is live
     policy.train()
-    AdapterDisabled(policy)(input_ids=torch.tensor([[1, 2, 3]]))
+    AdapterDisabled(lambda: policy)(input_ids=torch.tensor([[1, 2, 3]]))
     assert policy.training
 
 
