@@ -83,6 +83,7 @@ def summarize(rows: Sequence[AnswerFigures]) -> dict[str, float]:
         "nll_w": per_token("nll_w"),
         "repetition": sum(r.repetition for r in rows) / len(rows),
         "length": tokens / len(rows),
+        "answers": len(rows),  # n of the principle rate's interval
     }
     if checked and len(checked) == len(rows):
         figures["principle_rate"] = sum(checked) / len(checked)
@@ -295,4 +296,9 @@ def read_summary(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a torn last line of a killed run
         rows[(row["epoch"], row["who"])] = row
+    for row in rows.values():
+        if "answers" not in row:  # runs from before the count was written: count the answer files
+            answers = path.parent / ("teacher.jsonl" if row["who"] == "teacher" else f"epoch_{row['epoch']:03d}.jsonl")
+            if answers.exists():
+                row["answers"] = sum(1 for line in answers.read_text(encoding="utf-8").splitlines() if line.strip())
     return sorted(rows.values(), key=lambda r: (r["epoch"], r["who"]))

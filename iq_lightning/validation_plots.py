@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from iq_lightning.evaluation.ratings import wilson_interval
 from iq_lightning.validation import read_summary
 
 PANELS = (
@@ -44,6 +45,8 @@ def plot_validation(run_dir: str | Path, out: str | Path | None = None) -> Path 
     epochs = [r["epoch"] for r in policy]
     for ax, (key, label, note) in zip(axes.flat, panels):
         ax.plot(epochs, [r.get(key, math.nan) for r in policy], marker="o", color="tab:blue", label="policy (no principle)")
+        if key == "principle_rate":
+            _rate_intervals(ax, epochs, policy, teacher)
         if teacher is not None and _finite(teacher.get(key)):
             ax.axhline(teacher[key], color="tab:green", linestyle="--", label="teacher (base + principle)")
         if base is not None and _finite(base.get(key)):
@@ -109,6 +112,20 @@ def plot_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> Path | N
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _rate_intervals(ax, epochs: list[int], policy: list[dict], teacher: dict | None) -> None:
+    """95% Wilson intervals of a share of n answers: with a few dozen held-out prompts a rate
+    moves by more than 0.1 from sampling alone, and the plot should say so."""
+    if not all("answers" in r and _finite(r.get("principle_rate")) for r in policy):
+        return  # summaries written before the answer count was recorded
+    bounds = [wilson_interval(round(r["principle_rate"] * r["answers"]), r["answers"]) for r in policy]
+    rates = [r["principle_rate"] for r in policy]
+    ax.errorbar(epochs, rates, yerr=[[p - lo for p, (lo, _) in zip(rates, bounds)], [hi - p for p, (_, hi) in zip(rates, bounds)]],
+                fmt="none", ecolor="tab:blue", alpha=0.5, capsize=3, label=f"95% interval (n={policy[-1]['answers']})")
+    if teacher is not None and "answers" in teacher and _finite(teacher.get("principle_rate")):
+        lo, hi = wilson_interval(round(teacher["principle_rate"] * teacher["answers"]), teacher["answers"])
+        ax.axhspan(lo, hi, color="tab:green", alpha=0.1)
 
 
 def _finite(value) -> bool:

@@ -50,7 +50,7 @@ def test_summaries_weight_token_figures_by_tokens_and_answers_equally():
     s = summarize(rows)
     assert s["kl_pi_hat"] == pytest.approx((1 * 1 + 3 * 3) / 4)
     assert s["nll_w"] == pytest.approx((2 + 12) / 4)
-    assert s["repetition"] == 0.25 and s["length"] == 2.0 and s["principle_rate"] == 0.5
+    assert s["repetition"] == 0.25 and s["length"] == 2.0 and s["principle_rate"] == 0.5 and s["answers"] == 2
     unchecked = [AnswerFigures("a", "p", "x", 1, 1.0, 0.0, 2.0, 0.0, None)]
     assert "principle_rate" not in summarize(unchecked)
 
@@ -72,6 +72,7 @@ def test_validation_runs_before_training_every_n_epochs_and_after_the_last(valid
         assert all(r["passes"] is False for r in rows)  # the random tiny model writes no French
     summary = read_summary(run_dir)
     assert [(r["epoch"], r["who"]) for r in summary] == [(-1, "policy"), (-1, "teacher"), (1, "policy"), (2, "policy")]
+    assert [r["answers"] for r in summary] == [6, 6, 6, 6]  # n of the principle rate's interval
     metrics = list(csv.DictReader(open(run_dir / "metrics" / "metrics.csv")))
     val_rows = [r for r in metrics if r.get("val/kl_pi_hat")]
     assert [int(r["epoch"]) for r in val_rows] == [-1, 1, 2]
@@ -112,6 +113,15 @@ def test_epoch_minus_one_equals_a_direct_computation_on_the_untrained_policy(val
     assert logged["length"] == pytest.approx(float(tokens) / len(prompts))
     trained = next(r for r in read_summary(validated_run.run_dir) if r["epoch"] == 2)
     assert trained["kl_pi_hat"] != logged["kl_pi_hat"]  # the policy moved
+
+
+def test_summaries_without_a_count_get_it_from_their_answer_files(tmp_path):
+    """Runs written before `answers` was recorded still get intervals on their rate plot."""
+    out = tmp_path / "validation"
+    out.mkdir()
+    (out / "summary.jsonl").write_text(json.dumps({"epoch": 0, "who": "policy", "principle_rate": 0.5}) + "\n" + '{"epoch": 1, "who"')
+    (out / "epoch_000.jsonl").write_text("{}\n{}\n{}\n{}\n")
+    assert read_summary(tmp_path) == [{"epoch": 0, "who": "policy", "principle_rate": 0.5, "answers": 4}]
 
 
 def test_resume_does_not_validate_the_base_again_and_off_means_off(tmp_path):
