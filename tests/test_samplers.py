@@ -244,3 +244,79 @@ def test_token_draw_samples_the_tempered_nucleus_distribution(temperature, top_p
     freq = torch.bincount(tokens, minlength=5).float() / rows
     torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
     torch.testing.assert_close(draw.logprobs[0].squeeze(-1).exp(), probs[tokens])
+
+
+# --- per-prompt random streams and non-finite distributions (issue 10, items 6 and 1) ----------
+
+FOUR = [[1, 87, 85, 71, 84, 201], [1, 67, 201], [1, 90, 91, 92, 93, 94, 95, 201], [1, 40, 41, 201]]
+
+
+def test_hf_samples_do_not_depend_on_batch_size(tiny):
+    """Each prompt has its own seeded stream: batch 4 and batch 1 give bitwise the same samples
+    (before: one stream for the whole batch, so row r's draws depended on the rows beside it)."""
+    model, tokenizer = tiny
+    params = SamplingParams(12, 1.0, 1.0, seed=7)
+    together = _sampler(tokenizer, batch_size=4).generate(model, FOUR, params)
+    alone = _sampler(tokenizer, batch_size=1).generate(model, FOUR, params)
+    assert [g.response_ids for g in together] == [g.response_ids for g in alone]
+    for a, b in zip(together, alone):
+        assert a.sampling_logprobs == pytest.approx(b.sampling_logprobs, abs=1e-5)
+    nucleus = SamplingParams(12, 0.8, 0.9, seed=7)
+    assert [g.response_ids for g in _sampler(tokenizer, 3).generate(model, FOUR, nucleus)] == [
+        g.response_ids for g in _sampler(tokenizer, 1).generate(model, FOUR, nucleus)
+    ]
+
+
+def test_hf_streams_differ_between_samples_and_follow_the_global_index(tiny):
+    """The same prompt four times gives four different samples (its index is in the seed), and a
+    rank sampling prompts[rank::2] with first_index=rank, index_step=2 gets exactly the samples
+    the whole list would have got: the sample's seed follows its global index, not the rank."""
+    model, tokenizer = tiny
+    sampler = _sampler(tokenizer, batch_size=4)
+    repeated = sampler.generate(model, [FOUR[1]] * 4, SamplingParams(12, 1.0, 1.0, seed=7))
+    assert len({tuple(g.response_ids) for g in repeated}) == 4
+    params = SamplingParams(12, 1.0, 1.0, seed=7)
+    whole = [g.response_ids for g in sampler.generate(model, FOUR, params)]
+    from dataclasses import replace
+
+    for rank in range(2):
+        share = sampler.generate(model, FOUR[rank::2], replace(params, first_index=rank, index_step=2))
+        assert [g.response_ids for g in share] == whole[rank::2]
+
+
+def test_vllm_and_hf_derive_request_seeds_alike():
+    from iq_lightning.samplers import request_seed
+
+    params = SamplingParams(4, 1.0, 1.0, seed=5, first_index=1, index_step=3)
+    assert [params.sample_seed(i) for i in range(3)] == [request_seed(5, 1), request_seed(5, 4), request_seed(5, 7)]
+    assert request_seed(5, 4) == (5 * 100_003 + 4) % 2**63  # vLLM's per-request seed, unchanged
+
+
+def test_hf_sampler_refuses_a_nan_distribution(tiny):
+    """NaN weights: one-line NonFiniteSampling naming what and where, not the last vocabulary id
+    on every step (the inverse-CDF clamp used to turn a NaN distribution into token V-1)."""
+    import copy
+
+    from iq_lightning.errors import UserError
+    from iq_lightning.samplers import NonFiniteSampling
+
+    model, tokenizer = tiny
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        policy.lm_head.weight[5].fill_(float("nan"))
+    for temperature in (1.0, 0.0):
+        with pytest.raises(NonFiniteSampling, match=r"^epoch 3 sampling: the policy's next-token logits hold NaN at response token 1 in 3 of 3 rows") as caught:
+            _sampler(tokenizer, batch_size=3).generate(policy, PROMPTS, SamplingParams(6, temperature, 1.0, seed=0), desc="epoch 3 sampling")
+        assert isinstance(caught.value, UserError) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("bad, what", [(float("inf"), r"\+inf"), (float("-inf"), "only -inf")])
+def test_token_draw_refuses_infinite_logits(bad, what):
+    from iq_lightning.samplers import NonFiniteSampling
+    from iq_lightning.samplers.hf import TokenDraw
+
+    logits = torch.zeros(3, 5)
+    logits[1] = bad if bad < 0 else logits[1]
+    logits[1, 2] = bad
+    with pytest.raises(NonFiniteSampling, match=f"hold {what} at response token 1 in 1 of 3 rows"):
+        TokenDraw(SamplingParams(4, 1.0, 1.0))(torch.zeros(3, 1, dtype=torch.long), logits)

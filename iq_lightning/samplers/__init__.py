@@ -7,7 +7,7 @@ from typing import Callable
 from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.config import SamplerSpec
-from iq_lightning.samplers.base import Generation, Sampler, SamplingParams, cut_at_eos
+from iq_lightning.samplers.base import Generation, NonFiniteSampling, Sampler, SamplingParams, cut_at_eos, request_seed
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_eos) -> list[int]:
@@ -39,4 +39,4 @@ def build_sampler(spec: SamplerSpec, tokenizer, eos: list[int], show_progress: b
     return BACKENDS[spec.backend](spec, tokenizer, eos, show_progress, **kwargs)
 
 
-__all__ = ["Generation", "Sampler", "SamplingParams", "build_sampler", "cut_at_eos", "eos_ids"]
+__all__ = ["Generation", "NonFiniteSampling", "Sampler", "SamplingParams", "build_sampler", "cut_at_eos", "eos_ids", "request_seed"]

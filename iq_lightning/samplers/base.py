@@ -8,15 +8,44 @@ from typing import Sequence
 
 from transformers import PreTrainedModel
 
+from iq_lightning.errors import UserError
+
+
+class NonFiniteSampling(UserError):
+    """The policy's next-token distribution holds NaN or inf (diverged weights): sampling from it
+    would silently pick an arbitrary token, so sampling stops instead."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Identical meaning in every backend. temperature 0 is greedy; top_k is never applied."""
+    """Identical meaning in every backend. temperature 0 is greedy; top_k is never applied.
+
+    Every prompt of a `generate` call has its own random stream, seeded by `request_seed(seed,
+    index)`: its samples do not depend on the batch it was drawn in or on the other prompts. The
+    index of the i-th prompt of a call is `first_index + i * index_step`: a data-parallel rank that
+    samples prompts[rank::world] of a list passes first_index=rank, index_step=world, and the
+    same seed on every rank, so each sample keeps its global index whatever the world size."""
 
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    first_index: int = 0
+    index_step: int = 1
+
+    def sample_index(self, i: int) -> int:
+        """The index of the i-th prompt of a call (see the class docstring)."""
+        return self.first_index + i * self.index_step
+
+    def sample_seed(self, i: int) -> int:
+        """The seed of the i-th prompt's random stream."""
+        return request_seed(self.seed, self.sample_index(i))
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a call made with `seed`, the same derivation in every backend
+    (vLLM seeds each request with it; the HF sampler seeds one generator per row with it)."""
+    return (seed * 100_003 + index) % 2**63
 
 
 @dataclass(frozen=True)

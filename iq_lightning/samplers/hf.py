@@ -1,4 +1,5 @@
-"""Sampling with transformers' `generate`: batched, left-padded, KV cache, seeded."""
+"""Sampling with transformers' `generate`: batched, left-padded, KV cache, one seeded random
+stream per prompt (so a sample does not depend on `batch_size`, as with vLLM)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from iq_lightning.forward import shared_prefix_length
-from iq_lightning.samplers.base import Generation, Sampler, SamplingParams, cut_at_eos
+from iq_lightning.samplers.base import Generation, NonFiniteSampling, Sampler, SamplingParams, cut_at_eos
 from iq_lightning.sharded import ready_for_generate
 
 
@@ -65,12 +66,11 @@ class HFSampler(Sampler):
         results: list[Generation] = []
         eos = set(self.eos_token_ids)
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(params.seed)
-                starts = range(0, len(prompts), self.batch_size)
-                for start in tqdm(starts, desc=desc, unit="batch", disable=not self.show_progress, leave=False):
-                    chunk = prompts[start : start + self.batch_size]
-                    results.extend(self._generate_batch(policy, chunk, config, TokenDraw(params), eos, device))
+            starts = range(0, len(prompts), self.batch_size)
+            for start in tqdm(starts, desc=desc, unit="batch", disable=not self.show_progress, leave=False):
+                chunk = prompts[start : start + self.batch_size]
+                streams = RowStreams([params.sample_seed(i) for i in range(start, start + len(chunk))], params.max_new_tokens, device)
+                results.extend(self._generate_batch(policy, chunk, config, TokenDraw(params, streams, desc), eos, device))
         finally:
             owner.generation_config = saved_config
             policy.train(was_training)
@@ -114,33 +114,82 @@ class HFSampler(Sampler):
         return results
 
 
+class RowStreams:
+    """One random stream per row, each a CPU generator seeded with its prompt's own seed
+    (`SamplingParams.sample_seed`): row r's uniform at step t is the t-th draw of its own
+    generator, whatever the other rows of the batch. The uniforms of `steps` steps are drawn up
+    front and moved to the device once (more are drawn if generate ever asks for more)."""
+
+    def __init__(self, seeds: Sequence[int], steps: int, device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.device = device
+        self.drawn = self._draw(max(steps, 1))
+
+    def _draw(self, steps: int) -> torch.Tensor:
+        return torch.stack([torch.rand(steps, generator=g) for g in self.generators]).to(self.device)
+
+    def uniform(self, step: int) -> torch.Tensor:
+        """(rows, 1) uniforms in [0, 1) for step `step` (0-based)."""
+        while step >= self.drawn.shape[1]:
+            self.drawn = torch.cat([self.drawn, self._draw(self.drawn.shape[1])], dim=1)
+        return self.drawn[:, step : step + 1]
+
+
 class TokenDraw(LogitsProcessor):
     """Draws y_t ~ pi_theta(.|x, y_<t) (temperature, then top-p; argmax at temperature 0) and keeps
     its log-prob, one float per row and step; returns scores that are 0 at the drawn token and
     -inf elsewhere, which generate's greedy step then takes.
+
+    The uniform of each row comes from that row's own stream (`RowStreams`), or from torch's
+    global generator when none is given. A non-finite distribution (NaN or inf logits: diverged
+    weights) raises NonFiniteSampling rather than yield an arbitrary token.
 
     Why not generate's own sampling: it calls torch.multinomial, whose CPU path draws an
     exponential for every vocabulary entry: 150 ms per step for 32 x 49152 on 2 busy cores,
     about 10x this inverse-CDF draw (one uniform per row into the cumulative distribution).
     """
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, streams: RowStreams | None = None, desc: str = "sampling"):
         self.temperature = params.temperature
         self.top_p = TopPLogitsWarper(params.top_p) if params.temperature and params.top_p < 1.0 else None
+        self.streams = streams
+        self.desc = desc
         self.logprobs: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = len(self.logprobs)
+        raw = scores
         if self.temperature == 0:
             logprobs = torch.log_softmax(scores.float(), dim=-1)
-            tokens = logprobs.argmax(-1, keepdim=True)
         else:
             scores = scores.float() / self.temperature
             if self.top_p is not None:
                 scores = self.top_p(input_ids, scores)
             logprobs = torch.log_softmax(scores, dim=-1)
+        # NaN anywhere, +inf, or no finite entry at all: the row's best log-prob is not finite.
+        # (generate already syncs every step for its stopping check, so this costs ~nothing.)
+        if not torch.isfinite(logprobs.amax(-1)).all():
+            self._refuse(raw, logprobs, step)
+        if self.temperature == 0:
+            tokens = logprobs.argmax(-1, keepdim=True)
+        else:
             cdf = logprobs.exp().cumsum(-1)
-            # right=True: the first entry whose cumulative mass exceeds u, never a zero-probability one.
-            u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-            tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+            if self.streams is not None:
+                u = self.streams.uniform(step).to(cdf.dtype)
+            else:
+                u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype)
+            # right=True: the first entry whose cumulative mass exceeds u, never a zero-probability
+            # one; the clamp only catches u * total landing on the total through rounding.
+            tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
         self.logprobs.append(logprobs.gather(-1, tokens))
         return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
+
+    def _refuse(self, raw: torch.Tensor, logprobs: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(logprobs.amax(-1))
+        rows = raw[bad]
+        what = "NaN" if rows.isnan().any() else ("+inf" if (rows == float("inf")).any() else "only -inf")
+        raise NonFiniteSampling(
+            f"{self.desc}: the policy's next-token logits hold {what} at response token {step + 1} in "
+            f"{int(bad.sum())} of {bad.numel()} rows (non-finite weights? the training diverged); stopped "
+            "instead of sampling an arbitrary token"
+        )

@@ -292,14 +292,14 @@ class VLLMSampler(Sampler):
     def sampling_params(self, params: SamplingParams, count: int) -> list:
         vllm = _import_vllm()
         greedy = params.temperature == 0
-        # One seed per request: the same seed gives the same samples whatever the batching.
+        # One seed per request (SamplingParams.sample_seed): the same samples whatever the batching.
         return [
             vllm.SamplingParams(
                 n=1,
                 max_tokens=params.max_new_tokens,
                 temperature=0.0 if greedy else params.temperature,
                 top_p=1.0 if greedy else params.top_p,
-                seed=(params.seed * 100_003 + i) % 2**63,
+                seed=params.sample_seed(i),
                 stop_token_ids=self.eos_token_ids,
                 logprobs=0,
                 detokenize=False,
