@@ -157,6 +157,17 @@ def test_evaluate_mistakes_are_one_line(tmp_path):
     assert "error: reference='nobody' is not a contestant" in result.stderr
 
 
+def test_a_key_for_a_plain_http_remote_judge_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    from iq_lightning.errors import ConfigError
+    from iq_lightning.evaluation.spec import build_eval_spec
+
+    monkeypatch.setenv("LAN_JUDGE_KEY", "k")
+    overrides = TINY_EVAL + [f"out_dir={tmp_path}", "logger=none", "judge=openai", "judge.model=m", "judge.base_url=http://judge.lan:8000/v1"]
+    build_eval_spec(compose_eval(overrides))  # no key named for it: none is sent, nothing to refuse
+    with pytest.raises(ConfigError, match="would travel unencrypted to judge.lan"):
+        build_eval_spec(compose_eval(overrides + ["judge.api_key_env=LAN_JUDGE_KEY"]))
+
+
 @pytest.mark.vllm
 def test_openai_judge_against_a_real_vllm_server_on_loopback(tmp_path, runs):
     """vLLM's OpenAI-compatible server serves the tiny model as judge; the key travels only

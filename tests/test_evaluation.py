@@ -456,3 +456,69 @@ def test_radar_leaves_out_categories_under_the_minimum_count(tmp_path):
     # fewer than three categories with enough prompts: no radar at all
     assert category_radar(rates, counts, "sft", tmp_path / "none.png", min_count=8) is None
     assert not (tmp_path / "none.png").exists()
+
+
+# --- which endpoint gets which key (issue 10, item 9) ----------------------------------------------
+
+SECRET = "sk-official-not-real"
+
+
+@pytest.mark.parametrize(
+    "base_url, key_env, env, want",
+    [
+        (None, "OPENAI_API_KEY", {"OPENAI_API_KEY": SECRET}, SECRET),  # the official endpoint
+        ("https://api.openai.com/v1", "OPENAI_API_KEY", {"OPENAI_API_KEY": SECRET}, SECRET),
+        ("https://proxy.example.com/v1", "OPENAI_API_KEY", {"OPENAI_API_KEY": SECRET}, None),  # never elsewhere
+        ("http://127.0.0.1:8000/v1", "OPENAI_API_KEY", {"OPENAI_API_KEY": SECRET}, None),
+        ("http://api.openai.com/v1", "OPENAI_API_KEY", {"OPENAI_API_KEY": SECRET}, None),  # not over http
+        ("https://proxy.example.com/v1", "PROXY_KEY", {"OPENAI_API_KEY": SECRET, "PROXY_KEY": "p"}, "p"),  # named for it
+        ("http://localhost:8000/v1", "LOCAL_KEY", {"LOCAL_KEY": "l"}, "l"),
+        ("http://[::1]:8000/v1", "LOCAL_KEY", {"LOCAL_KEY": "l"}, "l"),
+        ("http://127.0.0.1:8000/v1", None, {"OPENAI_API_KEY": SECRET}, None),
+    ],
+)
+def test_the_openai_key_goes_only_to_the_official_endpoint(base_url, key_env, env, want):
+    from iq_lightning.evaluation.endpoint import judge_api_key
+
+    assert judge_api_key(base_url, key_env, env) == want
+
+
+def test_a_named_key_over_plain_http_to_another_host_or_unset_is_one_line_error():
+    from iq_lightning.errors import ConfigError
+    from iq_lightning.evaluation.endpoint import judge_api_key
+
+    with pytest.raises(ConfigError, match=r"^judge.base_url=http://judge.lan:8000/v1: the key in \$LAN_KEY would travel unencrypted"):
+        judge_api_key("http://judge.lan:8000/v1", "LAN_KEY", {"LAN_KEY": "k"})
+    with pytest.raises(ConfigError, match=r"^judge.api_key_env=LAN_KEY: \$LAN_KEY is not set"):
+        judge_api_key("https://judge.lan/v1", "LAN_KEY", {})
+
+
+def test_build_judge_hands_a_custom_endpoint_no_openai_key(monkeypatch, caplog):
+    """Before: build_judge passed $OPENAI_API_KEY to whatever judge.base_url said."""
+    from iq_lightning.evaluation import run as eval_run
+    from types import SimpleNamespace
+
+    from iq_lightning.evaluation.spec import JudgeSpec
+
+    got = {}
+
+    class Capture:
+        def __init__(self, model, base_url, key, *args):
+            got.update(base_url=base_url, key=key)
+
+    monkeypatch.setattr(eval_run, "OpenAIJudge", Capture)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv("MY_LOCAL_KEY", raising=False)
+
+    def spec(**judge):
+        return SimpleNamespace(judge=JudgeSpec(backend="openai", model="m", **judge))  # all build_judge reads for openai
+
+    with caplog.at_level("WARNING"):
+        eval_run.build_judge(spec(base_url="http://192.168.1.5:8000/v1"))
+    assert got == {"base_url": "http://192.168.1.5:8000/v1", "key": None}
+    assert "OPENAI_API_KEY is not sent" in caplog.text and SECRET not in caplog.text
+    eval_run.build_judge(spec())
+    assert got["key"] == SECRET
+    monkeypatch.setenv("MY_LOCAL_KEY", "local")
+    eval_run.build_judge(spec(base_url="http://localhost:8000/v1", api_key_env="MY_LOCAL_KEY"))
+    assert got["key"] == "local"

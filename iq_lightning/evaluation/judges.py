@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.data import Messages
 from iq_lightning.errors import ConfigError
+from iq_lightning.evaluation.endpoint import OFFICIAL_OPENAI_URL
 from iq_lightning.forward import pack, response_logprobs, to_device
 
 HELPFUL_HARMLESS = (
@@ -129,7 +130,8 @@ class Judge(ABC):
 
 class OpenAIJudge(Judge):
     """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM's server, ...). The key is
-    read from the environment variable named `api_key_env`, and is never logged or saved."""
+    read from the environment variable named `api_key_env` (`judge_api_key` decides which
+    endpoint may receive which key), and is never logged or saved."""
 
     def __init__(
         self,
@@ -149,8 +151,12 @@ class OpenAIJudge(Judge):
         self.model, self.base_url = model, base_url
         self.temperature, self.max_tokens = temperature, max_tokens
         self.extra_body = dict(extra_body or {})
-        # A local server needs no key; the client still insists on a string.
-        self.client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=max_retries)
+        # A local server needs no key; the client still insists on a string. The official URL is
+        # passed explicitly: left None, the client would take $OPENAI_BASE_URL and send the
+        # official key there.
+        self.client = OpenAI(
+            base_url=base_url or OFFICIAL_OPENAI_URL, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=max_retries
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         return {

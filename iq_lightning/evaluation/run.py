@@ -27,6 +27,7 @@ from iq_lightning.tracking import eval_init_kwargs, eval_metrics
 from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation import judge_free, plots
 from iq_lightning.evaluation.answers import answers, sweep_contestants
+from iq_lightning.evaluation.endpoint import judge_api_key
 from iq_lightning.evaluation.judge_quality import JudgeQuality, control_set, measure_judge, sample_matches, tie_share
 from iq_lightning.evaluation.judges import HELPFUL_HARMLESS, Judge, LikelihoodJudge, OpenAIJudge
 from iq_lightning.evaluation.matches import Judgment, judge_pairings, pairings, write_judgments
@@ -66,7 +67,7 @@ def build_judge(spec: EvalSpec) -> Judge:
     j = spec.judge
     criteria = j.criteria or HELPFUL_HARMLESS
     if j.backend == "openai":
-        key = os.environ.get(j.api_key_env) if j.api_key_env else None
+        key = judge_api_key(j.base_url, j.api_key_env, os.environ)
         return OpenAIJudge(j.model, j.base_url, key, criteria, j.temperature, j.max_tokens, j.extra_body)
     from iq_lightning.generation import model_spec_for
 

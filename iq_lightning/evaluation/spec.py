@@ -21,6 +21,7 @@ from iq_lightning.config import (
     validate_sampler,
 )
 from iq_lightning.errors import ConfigError
+from iq_lightning.evaluation.endpoint import is_official, judge_api_key
 from iq_lightning.principle_check import CHECK_KINDS, CheckSpec
 
 JUDGE_BACKENDS = ("likelihood", "openai")
@@ -192,8 +193,9 @@ def validate_eval(spec: EvalSpec) -> None:
     if j.backend == "openai":
         if not j.model:
             raise ConfigError("judge=openai needs judge.model (the endpoint's model name)")
-        if j.api_key_env and not os.environ.get(j.api_key_env) and not j.base_url:
+        if is_official(j.base_url) and j.api_key_env and not os.environ.get(j.api_key_env):
             raise ConfigError(f"judge=openai: set the API key in ${j.api_key_env} (it is read from the environment only)")
+        judge_api_key(j.base_url, j.api_key_env, os.environ, warn=False)  # which endpoint may get which key
     if spec.data.source not in DATA_SOURCES:
         raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {spec.data.source!r}")
     if spec.data.source == "local" and not (spec.data.path and Path(spec.data.path).is_file()):
