@@ -1,5 +1,6 @@
 """Evaluation arithmetic and judging, against hand-computed values."""
 
+import json
 import math
 from pathlib import Path
 
@@ -522,3 +523,81 @@ def test_build_judge_hands_a_custom_endpoint_no_openai_key(monkeypatch, caplog):
     monkeypatch.setenv("MY_LOCAL_KEY", "local")
     eval_run.build_judge(spec(base_url="http://localhost:8000/v1", api_key_env="MY_LOCAL_KEY"))
     assert got["key"] == "local"
+
+
+# --- torn and half-written files (issue 10, item 7) -------------------------------------------------
+
+
+def _tear(path, keep_of_last_line: int = 7) -> None:
+    """What a kill mid-append leaves: the last line cut short, no final newline."""
+    data = path.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    path.write_bytes(data[: start + keep_of_last_line])
+
+
+def test_a_torn_judgment_cache_is_repaired_not_fatal(tmp_path, caplog):
+    """Before: every rerun died with a raw JSONDecodeError on the torn line."""
+    answers, keys = _answers(6)
+    cache = tmp_path / "judgments.jsonl"
+    ContentJudge.calls = 0
+    first = judge_pairings(ContentJudge(), [("bad", "good")], answers, keys, 0, cache, show_progress=False)
+    _tear(cache)
+    with caplog.at_level("WARNING"):
+        again = judge_pairings(ContentJudge(), [("bad", "good")], answers, keys, 0, cache, show_progress=False)
+    assert again == first and ContentJudge.calls == 7  # only the torn match is judged again
+    assert "dropped a torn last line" in caplog.text
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(line) for line in lines)  # truncated, then appended cleanly
+
+
+def test_a_torn_judge_check_cache_is_repaired_not_fatal(tmp_path):
+    judge = IntactJudge()
+    quality = _measure(judge, tmp_path, min_checked=5)
+    calls = judge.calls
+    _tear(tmp_path / "checks.jsonl")
+    assert _measure(judge, tmp_path, min_checked=5) == quality
+    assert judge.calls == calls + 1
+    assert all(json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines())
+
+
+def test_a_damaged_line_inside_a_cache_is_one_line_error(tmp_path):
+    from iq_lightning.errors import UserError
+    from iq_lightning.evaluation.files import read_jsonl
+
+    path = tmp_path / "judgments.jsonl"
+    path.write_text('{"key": 1}\n{"key": \n{"key": 3}\n')
+    with pytest.raises(UserError, match=rf"^{path}:2: not a JSON record"):
+        read_jsonl(path)
+
+
+def test_rewritten_files_are_replaced_whole_or_left_as_they_were(tmp_path):
+    from iq_lightning.evaluation.files import atomic_path
+    from iq_lightning.evaluation.report import write_csv
+
+    path = write_csv(tmp_path / "results" / "win_rates.csv", ["a"], [{"a": 1}])
+    before = path.read_text()
+
+    class Bad(dict):
+        def keys(self):
+            raise OSError("disk full")
+
+    with pytest.raises(Exception):
+        write_csv(path, ["a"], [{"a": 2}, Bad()])
+    assert path.read_text() == before and sorted(p.name for p in path.parent.iterdir()) == ["win_rates.csv"]
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise OSError("disk full")
+    assert path.read_text() == before and sorted(p.name for p in path.parent.iterdir()) == ["win_rates.csv"]
+
+
+def test_a_half_written_nll_cache_is_scored_again(tmp_path, caplog):
+    from iq_lightning.evaluation.judge_free import _read_cache
+
+    path = tmp_path / "nll-sft-k-s.json"
+    path.write_text('{"p0": 1.5, "p1": 2.')  # what an in-place write_text killed midway left
+    with caplog.at_level("WARNING"):
+        assert _read_cache(path) is None
+    assert "scoring those answers again" in caplog.text
+    path.write_text('{"p0": 1.5}')
+    assert _read_cache(path) == {"p0": 1.5}

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from iq_lightning.analysis import safe_filename
 from iq_lightning.config import ModelSpec
 from iq_lightning.errors import ConfigError
+from iq_lightning.evaluation.files import fsync_file, read_jsonl
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
 from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
 
@@ -88,6 +89,8 @@ def answers(spec: EvalSpec, contestant: ContestantSpec, show_progress: bool = Tr
             ),
             show_progress=show_progress,
         )
+        fsync_file(partial)  # on disk before it is named a cache hit
         partial.replace(path)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        log.info("%s: answers written to %s", contestant.name, path)
+    rows = read_jsonl(path)
     return key, {row["id"]: row for row in rows}

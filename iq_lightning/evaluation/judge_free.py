@@ -21,6 +21,7 @@ import torch
 from iq_lightning.analysis import safe_filename
 from iq_lightning.data import encode_prompt
 from iq_lightning.evaluation.answers import _weights_identity
+from iq_lightning.evaluation.files import write_text_atomic
 from iq_lightning.evaluation.ratings import wilson_interval
 from iq_lightning.evaluation.spec import EvalSpec
 from iq_lightning.guides import with_principle
@@ -96,6 +97,18 @@ def _scorer_key(spec: EvalSpec) -> str:
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _read_cache(path) -> dict | None:
+    """A cached NLL file, or None when there is none or it cannot be read (an older version wrote
+    it in place, so a kill could leave half of one): then it is scored again."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s: unreadable (an interrupted write?); scoring those answers again", path)
+        return None
+
+
 def answer_nlls(
     spec: EvalSpec, rows_by_name: Mapping[str, Mapping[str, dict]], keys: Mapping[str, str], show_progress: bool = True
 ) -> dict[str, dict[str, float]]:
@@ -105,7 +118,7 @@ def answer_nlls(
 
     scorer = _scorer_key(spec)
     paths = {n: spec.out_dir / "judge_free" / f"nll-{safe_filename(n)}-{keys[n]}-{scorer}.json" for n in rows_by_name}
-    found = {n: json.loads(p.read_text(encoding="utf-8")) for n, p in paths.items() if p.is_file()}
+    found = {n: cached for n, p in paths.items() if (cached := _read_cache(p)) is not None}
     missing = [n for n in rows_by_name if n not in found]
     if not missing:
         return found
@@ -124,8 +137,7 @@ def answer_nlls(
         responses = [list(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows]
         values = answer_nll_under(model, tokenizer, prompts, responses, spec.judge_free.batch_size)
         found[name] = {r["id"]: v for r, v in zip(rows, values)}
-        paths[name].parent.mkdir(parents=True, exist_ok=True)
-        paths[name].write_text(json.dumps(found[name]), encoding="utf-8")
+        write_text_atomic(paths[name], json.dumps(found[name]))
         log.info("%s: NLL under pi_w scored for %d answers", name, len(rows))
     del model
     return found

@@ -39,6 +39,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from iq_lightning.evaluation.files import append_jsonl, read_jsonl
 from iq_lightning.evaluation.judges import Comparison, Judge, JudgeReply, map_back, swap_orders
 from iq_lightning.evaluation.ratings import wilson_interval
 from iq_lightning.evaluation.spec import JudgeCheckSpec
@@ -121,12 +122,8 @@ class ReplyCache:
     def __init__(self, path: Path | None, judge: Judge):
         self.path, self.judge = path, judge
         self.judge_id = hashlib.sha256(json.dumps(judge.fingerprint(), sort_keys=True, default=str).encode()).hexdigest()[:12]
-        self.records: dict[str, dict] = {}
-        if path is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    self.records[record["key"]] = record
+        # A kill mid-append leaves a torn last line: dropped (and asked again), never fatal.
+        self.records: dict[str, dict] = {record["key"]: record for record in read_jsonl(path)} if path is not None else {}
 
     def _key(self, mode: str, c: Comparison) -> str:
         shown = json.dumps([self.judge_id, mode, list(c.conversation), c.first, c.second], sort_keys=True, ensure_ascii=False)
@@ -142,10 +139,7 @@ class ReplyCache:
             got = ask([c for _, c in missing], show_progress)
             new = [{"key": k, "mode": mode, "verdict": r.verdict, "raw": r.raw, "log_odds": r.log_odds} for (k, _), r in zip(missing, got)]
             if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as handle:
-                    for record in new:
-                        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                append_jsonl(self.path, new)
             self.records.update({r["key"]: r for r in new})
         return [JudgeReply(self.records[k]["verdict"], self.records[k]["raw"], self.records[k].get("log_odds")) for k in keys]
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from iq_lightning.evaluation.files import append_jsonl, read_jsonl, write_jsonl_atomic
 from iq_lightning.evaluation.judges import Comparison, Judge, map_back, swap_orders
 
 CHUNK = 64
@@ -52,12 +53,8 @@ def judge_pairings(
 ) -> list[Judgment]:
     """Every pair judged on the prompts both answered, each in its seeded shown order."""
     judge_id = _fingerprint(judge)
-    cached: dict[str, dict] = {}
-    if cache_path.is_file():
-        for line in cache_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                cached[record["key"]] = record
+    # A kill mid-append leaves a torn last line: dropped (and judged again), never fatal.
+    cached: dict[str, dict] = {record["key"]: record for record in read_jsonl(cache_path)}
 
     planned = []  # (cache key, a, b, prompt id, swapped)
     for a, b in pairs:
@@ -81,11 +78,12 @@ def judge_pairings(
                 Comparison(tuple(answers[a][prompt_id]["messages"]), answers[first][prompt_id]["response"], answers[second][prompt_id]["response"])
             )
         replies = judge.judge(comparisons, show_progress=False)
-        with cache_path.open("a", encoding="utf-8") as handle:
-            for (key, *_), reply in zip(chunk, replies):
-                record = {"key": key, "shown_verdict": reply.verdict, "raw": reply.raw, "log_odds": reply.log_odds}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                cached[key] = record
+        records = [
+            {"key": key, "shown_verdict": reply.verdict, "raw": reply.raw, "log_odds": reply.log_odds}
+            for (key, *_), reply in zip(chunk, replies)
+        ]
+        append_jsonl(cache_path, records)
+        cached.update((record["key"], record) for record in records)
         bar.update(len(chunk))
     bar.close()
 
@@ -102,7 +100,4 @@ def judge_pairings(
 
 
 def write_judgments(judgments: Sequence[Judgment], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for j in judgments:
-            handle.write(json.dumps(asdict(j), ensure_ascii=False) + "\n")
+    write_jsonl_atomic(path, (asdict(j) for j in judgments))

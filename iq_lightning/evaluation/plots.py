@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only: evaluation runs on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iq_lightning.evaluation.files import atomic_path  # noqa: E402
 from iq_lightning.evaluation.ratings import EloIntervals, EloResult, WinRate, gaussian_smooth  # noqa: E402
 from iq_lightning.evaluation.reward import RewardCurve  # noqa: E402
 
@@ -38,9 +39,9 @@ def _whisker(ax, x: float, y: float, low: float, high: float) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from iq_lightning.config import LoggerSpec
+from iq_lightning.evaluation.files import atomic_path
 from iq_lightning.evaluation.matches import Judgment
 from iq_lightning.evaluation.ratings import EloIntervals, EloResult, WinRate
 
@@ -47,8 +48,7 @@ def elo_rows(elo: EloResult, intervals: EloIntervals | None) -> list[dict]:
 
 
 def write_csv(path: Path, fields: Sequence[str], rows: Sequence[Mapping]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(fields))
         writer.writeheader()
         writer.writerows(rows)

@@ -28,6 +28,7 @@ from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation import judge_free, plots
 from iq_lightning.evaluation.answers import answers, sweep_contestants
 from iq_lightning.evaluation.endpoint import judge_api_key
+from iq_lightning.evaluation.files import write_text_atomic
 from iq_lightning.evaluation.judge_quality import JudgeQuality, control_set, measure_judge, sample_matches, tie_share
 from iq_lightning.evaluation.judges import HELPFUL_HARMLESS, Judge, LikelihoodJudge, OpenAIJudge
 from iq_lightning.evaluation.matches import Judgment, judge_pairings, pairings, write_judgments
@@ -109,9 +110,7 @@ def credit_maps(spec: EvalSpec, rows_by_name: dict[str, dict[str, dict]], show_p
         for i, (r, ids, s) in enumerate(zip(chosen, responses, scores)):
             page = credit_html(tokenizer, ids, s.target_logprobs, s.ref_logprobs, r["messages"][-1]["content"], f"{name}, {r['id']}", spec.beta)
             path = spec.out_dir / "credit" / safe_filename(name) / f"{i:02d}.html"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(page, encoding="utf-8")
-            written.append(path)
+            written.append(write_text_atomic(path, page))
     return written
 
 
@@ -257,8 +256,7 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
 
     unreliable = quality is not None and not quality.reliable
     summary = markdown_summary(rates, elo, increments, judge_block, free_block, intervals, unreliable)
-    (out / "results" / "summary.md").parent.mkdir(parents=True, exist_ok=True)
-    (out / "results" / "summary.md").write_text(summary, encoding="utf-8")
+    write_text_atomic(out / "results" / "summary.md", summary)
     log.info("evaluation written to %s\n%s", out, summary)
     log_to_wandb(
         spec.logger, out, judgments, rows, [rate_row(a, b, r) for (a, b), r in rates.items()], elo,

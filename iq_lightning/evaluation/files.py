@@ -1,0 +1,123 @@
+"""How the evaluation writes its files so that a kill at any moment leaves nothing that stops a rerun.
+
+- A cache that grows by appends (judgments.jsonl, judge_checks.jsonl) is read with `read_jsonl`:
+  a torn last line (a kill mid-append leaves the bytes after the last newline) is dropped with a
+  warning and cut off the file, so the next append starts on a clean line; its record is simply
+  judged again. Appends are flushed and fsynced (`append_jsonl`).
+- Every file rewritten whole (tables, summary, plots, NLL caches, answers) is written to a
+  temporary file beside it, fsynced, and renamed over it (`atomic_path`): a reader sees the old
+  file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from iq_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class CorruptFile(UserError):
+    """A file of the evaluation's output directory damaged beyond a torn last line."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. a platform that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file someone else wrote to disk (before renaming it into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` (same suffix, so writers that go by it still work) to write
+    the whole file to; on leaving the block it is fsynced and renamed over `path`. On an
+    exception the temporary file is removed and `path` keeps what it held."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file that is appended to; [] when there is none. A torn tail (no
+    final newline) is dropped with a warning and truncated away; a complete line that is not JSON
+    is a CorruptFile error naming path:line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning(
+            "%s: dropped a torn last line (%d bytes, an interrupted write); what it held is computed again", path, len(data) - end
+        )
+        with path.open("r+b") as handle:
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+        data = data[:end]
+    records = []
+    for number, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise CorruptFile(f"{path}:{number}: not a JSON record ({exc.msg}); delete the file to compute what it held again") from None
+    return records
+
+
+def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append records, one line each, and fsync: a kill leaves at most a torn last line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return Path(path)
