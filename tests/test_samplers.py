@@ -320,3 +320,38 @@ def test_token_draw_refuses_infinite_logits(bad, what):
     logits[1, 2] = bad
     with pytest.raises(NonFiniteSampling, match=f"hold {what} at response token 1 in 1 of 3 rows"):
         TokenDraw(SamplingParams(4, 1.0, 1.0))(torch.zeros(3, 1, dtype=torch.long), logits)
+
+
+def test_hf_progress_counts_prompts_and_advances_within_a_batch(tiny, monkeypatch):
+    """The bar counts prompts, each as its answer ends (before: one tick per batch, so a single
+    batch showed 0/1 until it was all done)."""
+    from iq_lightning.samplers import hf
+
+    model, tokenizer = tiny
+    ticks = []
+
+    class Bar:
+        def __init__(self, *args, total=None, disable=False, **kwargs):
+            self.total, self.disable, self.n = total, disable, 0
+
+        def update(self, n=1):
+            self.n += n
+            ticks.append(n)
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+        def refresh(self):
+            pass
+
+        def close(self):
+            ticks.append("closed")
+
+    monkeypatch.setattr(hf, "tqdm", Bar)
+    eos = list(range(0, model.config.vocab_size, 4))  # a quarter of the vocabulary ends an answer
+    sampler = HFSampler(8, eos, tokenizer.pad_token_id, show_progress=True)
+    gens = sampler.generate(model, FOUR * 2, SamplingParams(16, 1.0, 1.0, seed=1))
+    assert ticks[-1] == "closed" and sum(t for t in ticks[:-1]) == 8
+    ended = sorted(len(g.response_ids) for g in gens if g.finished)
+    assert len(set(ended)) > 1  # answers of one batch ended at different steps...
+    assert len([t for t in ticks[:-1] if t > 0]) > 1  # ...and the bar moved as they did

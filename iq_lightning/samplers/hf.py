@@ -3,6 +3,7 @@ stream per prompt (so a sample does not depend on `batch_size`, as with vLLM).""
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -65,13 +66,18 @@ class HFSampler(Sampler):
         owner.generation_config = GenerationConfig(eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
         results: list[Generation] = []
         eos = set(self.eos_token_ids)
+        bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not self.show_progress, leave=False)
         try:
-            starts = range(0, len(prompts), self.batch_size)
-            for start in tqdm(starts, desc=desc, unit="batch", disable=not self.show_progress, leave=False):
+            for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start : start + self.batch_size]
                 streams = RowStreams([params.sample_seed(i) for i in range(start, start + len(chunk))], params.max_new_tokens, device)
-                results.extend(self._generate_batch(policy, chunk, config, TokenDraw(params, streams, desc), eos, device))
+                progress = BatchProgress(bar, len(chunk), self.eos_token_ids, params.max_new_tokens, device) if not bar.disable else None
+                draw = TokenDraw(params, streams, desc, progress)
+                results.extend(self._generate_batch(policy, chunk, config, draw, eos, device))
+                if progress is not None:
+                    progress.close()
         finally:
+            bar.close()
             owner.generation_config = saved_config
             policy.train(was_training)
         return results
@@ -114,6 +120,32 @@ class HFSampler(Sampler):
         return results
 
 
+class BatchProgress:
+    """Moves the prompts bar within a batch: a prompt counts as done the step its answer draws an
+    EOS (the rest when the batch ends), and the bar shows the batch's current token."""
+
+    def __init__(self, bar: tqdm, rows: int, eos_token_ids: Sequence[int], max_new_tokens: int, device):
+        self.bar, self.rows, self.max_new_tokens = bar, rows, max_new_tokens
+        self.eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.counted = 0
+        self.drawn_at = time.monotonic()
+
+    def step(self, step: int, tokens: torch.Tensor) -> None:
+        self.done |= torch.isin(tokens.view(-1), self.eos)
+        finished = int(self.done.sum())  # generate syncs every step anyway (its stopping check)
+        self.bar.update(finished - self.counted)  # tqdm redraws at most every mininterval
+        self.counted = finished
+        now = time.monotonic()
+        if now - self.drawn_at >= 1.0:  # the current token, redrawn once a second
+            self.bar.set_postfix_str(f"token {step + 1}/{self.max_new_tokens}")
+            self.drawn_at = now
+
+    def close(self) -> None:
+        self.bar.update(self.rows - self.counted)
+        self.counted = self.rows
+
+
 class RowStreams:
     """One random stream per row, each a CPU generator seeded with its prompt's own seed
     (`SamplingParams.sample_seed`): row r's uniform at step t is the t-th draw of its own
@@ -149,7 +181,10 @@ class TokenDraw(LogitsProcessor):
     about 10x this inverse-CDF draw (one uniform per row into the cumulative distribution).
     """
 
-    def __init__(self, params: SamplingParams, streams: RowStreams | None = None, desc: str = "sampling"):
+    def __init__(
+        self, params: SamplingParams, streams: RowStreams | None = None, desc: str = "sampling", progress: BatchProgress | None = None
+    ):
+        self.progress = progress
         self.temperature = params.temperature
         self.top_p = TopPLogitsWarper(params.top_p) if params.temperature and params.top_p < 1.0 else None
         self.streams = streams
@@ -182,6 +217,8 @@ class TokenDraw(LogitsProcessor):
             # one; the clamp only catches u * total landing on the total through rounding.
             tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
         self.logprobs.append(logprobs.gather(-1, tokens))
+        if self.progress is not None:
+            self.progress.step(step, tokens)
         return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
 
     def _refuse(self, raw: torch.Tensor, logprobs: torch.Tensor, step: int) -> None:
