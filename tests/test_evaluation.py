@@ -601,3 +601,27 @@ def test_a_half_written_nll_cache_is_scored_again(tmp_path, caplog):
     assert "scoring those answers again" in caplog.text
     path.write_text('{"p0": 1.5}')
     assert _read_cache(path) == {"p0": 1.5}
+
+
+def test_answers_are_logged_under_their_final_name_and_a_torn_file_does_not_stop_a_rerun(tmp_path, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from iq_lightning.config import DataSpec, ModelSpec, SamplerSpec
+    from iq_lightning.evaluation import answers as answers_module
+    from iq_lightning.evaluation.spec import ContestantSpec
+
+    def fake_generate(gen_spec, show_progress=True):
+        rows = [{"id": f"p{i}", "messages": [], "response": f"r{i}"} for i in range(3)]
+        gen_spec.output.parent.mkdir(parents=True, exist_ok=True)
+        gen_spec.output.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return gen_spec.output
+
+    monkeypatch.setattr(answers_module, "generate_responses", fake_generate)
+    spec = SimpleNamespace(out_dir=tmp_path, model=ModelSpec(), data=DataSpec(), sampler=SamplerSpec(), seed=0)
+    with caplog.at_level("INFO"):
+        key, rows = answers_module.answers(spec, ContestantSpec("sft"), show_progress=False)
+    path = tmp_path / "generations" / f"sft-{key}.jsonl"
+    assert f"answers written to {path}" in caplog.text and ".partial" not in caplog.text
+    assert sorted(rows) == ["p0", "p1", "p2"] and not list(path.parent.glob("*.partial"))
+    _tear(path)
+    assert sorted(answers_module.answers(spec, ContestantSpec("sft"), show_progress=False)[1]) == ["p0", "p1"]
