@@ -144,6 +144,25 @@ def test_vllm_same_seed_same_samples(tiny, vllm_sampler):
     assert [g.response_ids for g in greedy_vllm] == [g.response_ids for g in greedy_hf]
 
 
+@pytest.mark.vllm
+@vllm_only
+def test_vllm_sampler_refuses_a_nan_distribution(tiny, vllm_sampler):
+    import copy
+
+    from iq_lightning.samplers import NonFiniteSampling
+
+    model, _ = tiny
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        policy.lm_head.weight[5].fill_(float("nan"))
+    vllm_sampler.update_weights(policy)
+    try:
+        with pytest.raises(NonFiniteSampling, match="^epoch 2 sampling: vLLM sampled from a non-finite"):
+            vllm_sampler.generate(policy, PROMPTS, SamplingParams(6, 1.0, 1.0, seed=0), desc="epoch 2 sampling")
+    finally:
+        vllm_sampler.update_weights(model)
+
+
 def test_vllm_missing_is_one_clear_error(monkeypatch):
     import builtins
 
@@ -355,3 +374,4 @@ def test_hf_progress_counts_prompts_and_advances_within_a_batch(tiny, monkeypatc
     ended = sorted(len(g.response_ids) for g in gens if g.finished)
     assert len(set(ended)) > 1  # answers of one batch ended at different steps...
     assert len([t for t in ticks[:-1] if t > 0]) > 1  # ...and the bar moved as they did
+

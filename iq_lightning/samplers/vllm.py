@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -54,7 +55,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from iq_lightning.config import ModelSpec, SamplerSpec
 from iq_lightning.errors import ConfigError, MissingDependencyError
 from iq_lightning.models import plain_named_parameters
-from iq_lightning.samplers.base import Generation, Sampler, SamplingParams
+from iq_lightning.samplers.base import Generation, NonFiniteSampling, Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,12 @@ class VLLMSampler(Sampler):
             completion = out.outputs[0]
             tokens = list(completion.token_ids)
             logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+            bad = next((t for t, lp in enumerate(logprobs) if not math.isfinite(lp)), None)
+            if bad is not None:  # a sampled token has p > 0: a non-finite log-prob is a NaN distribution
+                raise NonFiniteSampling(
+                    f"{desc}: vLLM sampled from a non-finite next-token distribution at response token {bad + 1} "
+                    f"(log-prob {logprobs[bad]}; non-finite weights? the training diverged)"
+                )
             results.append(Generation(tokens, logprobs, finished=bool(tokens) and tokens[-1] in eos))
         return results
 
