@@ -150,3 +150,100 @@ def test_bos_is_kept_when_the_template_leaves_it_to_the_tokenizer(tiny):
     # A template that writes BOS itself gets no second one.
     tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert encode_prompt(tokenizer, messages).count(tokenizer.bos_token_id) == 1
+
+
+# --- ids: unique, the row number where missing ------------------------------------------------
+
+
+def _load_local(path):
+    return load_prompts(DataSpec(source="local", path=str(path), split=None))[0]
+
+
+def test_null_parquet_ids_take_row_numbers(tmp_path):
+    # pyarrow turns a null id into None, which str() made "None" for every such row: evaluation
+    # keys answers by id and collapsed all of them into one prompt.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": [None, "b", None], "prompt": ["one", "two", "three"]}), path)
+    assert [p.id for p in _load_local(path)] == ["1", "b", "3"]
+
+
+def test_missing_null_and_blank_jsonl_ids_take_row_numbers(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"id": None, "prompt": "one"}, {"prompt": "two"}, {"id": "x", "prompt": "three"}, {"id": " ", "prompt": "four"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert [p.id for p in _load_local(path)] == ["1", "2", "x", "4"]
+
+
+def test_duplicate_jsonl_ids_are_refused_naming_the_first(tmp_path):
+    path = tmp_path / "p.jsonl"
+    ids = ["a", "b", "a", "b"]
+    path.write_text("".join(json.dumps({"id": i, "prompt": f"q{n}"}) + "\n" for n, i in enumerate(ids)))
+    with pytest.raises(DataError, match=r"p\.jsonl:3: duplicate id 'a' \(first at \S*p\.jsonl:1\)"):
+        _load_local(path)
+
+
+def test_duplicate_parquet_ids_are_refused_naming_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": ["x", "y", "x"], "prompt": ["one", "two", "three"]}), path)
+    with pytest.raises(DataError, match=r"p\.parquet, row 3: duplicate id 'x' \(first at \S*p\.parquet, row 1\)"):
+        _load_local(path)
+
+
+def test_an_id_equal_to_another_rows_number_is_a_duplicate(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "no id"}\n{"id": 1, "prompt": "explicit 1"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: duplicate id '1' \(first at \S*p\.jsonl:1, which has no id"):
+        _load_local(path)
+
+
+def test_ids_are_unique_across_splits(tmp_path):
+    # Validation tells held-out prompts from training ones by id: a test prompt sharing a
+    # training prompt's id would pass for a training prompt.
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "q", "split": "train"}\n{"id": "a", "prompt": "r", "split": "test"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: duplicate id 'a'"):
+        load_prompts(DataSpec(source="local", path=str(path), split="train"))
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def test_non_utf8_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 \(invalid continuation byte at column 16\)"):
+        _load_local(path)
+
+
+def test_non_utf8_parquet_string_names_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    prompts = pa.array([b"fine", b"also fine", b"caf\xe9"], type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": prompts}), path)
+    with pytest.raises(DataError, match=r"p\.parquet, row 3: not UTF-8"):
+        _load_local(path)
+
+
+def test_jsonl_with_a_utf8_bom_loads(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "one"}\n{"id": "b", "prompt": "two"}\n')
+    assert [p.id for p in _load_local(path)] == ["a", "b"]
+
+
+def test_prepared_prompts_have_unique_ids_for_evaluation(tmp_path, tiny):
+    # generation.py writes one answer row per prompt and evaluation keys them by id.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": pa.array([None] * 4, type=pa.string()), "prompt": ["a", "b", "c", "d"]}), path)
+    prompts, _ = prepare_prompts(DataSpec(source="local", path=str(path), split=None), tiny[1])
+    assert len({p.prompt.id for p in prompts}) == 4
