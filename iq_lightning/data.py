@@ -10,12 +10,12 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.config import DataSpec
-from iq_lightning.errors import DataError, first_line
+from iq_lightning.errors import ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -310,3 +310,52 @@ def prepare_prompts(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple
         raise DataError(f"no usable prompts from data.source={spec.source}: {stats.describe()}")
     return encoded, stats
 
+
+OVER_CONTEXT = "over the context"
+
+
+def fit_context(
+    prompts: Sequence[EncodedPrompt],
+    limits: Mapping[str, int],
+    max_new_tokens: int,
+    stats: PromptStats | None,
+    winner_length: Callable[[EncodedPrompt], int] | None = None,
+    new_tokens_key: str = "sampler.max_new_tokens",
+) -> list[EncodedPrompt]:
+    """The prompts whose longest rendering plus `max_new_tokens` fits the smallest of `limits`
+    (the model's max_position_embeddings, vLLM's max_model_len, an aligned guide's positions; each
+    named for the messages). `winner_length`: the length of the prompt the winner guide reads (x_w,
+    with the principle), where it can be longer than the plain one.
+
+    Like data.max_prompt_tokens, a prompt that does not fit is skipped and counted in `stats`
+    (reason "over the context"), with one warning naming the first; none fitting, or
+    `max_new_tokens` leaving no room at all, is an error."""
+    name, limit = min(limits.items(), key=lambda item: item[1])
+    if max_new_tokens >= limit:
+        raise ConfigError(
+            f"{new_tokens_key}={max_new_tokens} leaves no room for a prompt in the context of {limit} tokens ({name}); "
+            f"lower {new_tokens_key}"
+        )
+    kept, first = [], None
+    for prompt in prompts:
+        length, which = len(prompt.input_ids), "tokens"
+        if winner_length is not None and length + max_new_tokens <= limit:
+            length, which = max(length, winner_length(prompt)), "tokens with the principle"
+        if length + max_new_tokens > limit:
+            first = first or f"id {prompt.prompt.id!r}: {length} {which} + {max_new_tokens} > {limit}"
+            continue
+        kept.append(prompt)
+    skipped = len(prompts) - len(kept)
+    if not skipped:
+        return kept
+    detail = (
+        f"context of {limit} tokens ({name}); first: {first}; "
+        f"shorten the prompts (data.max_prompt_tokens) or lower {new_tokens_key}"
+    )
+    if not kept:
+        raise DataError(f"no prompts fit with {new_tokens_key}={max_new_tokens} in the {detail}")
+    if stats is not None:
+        stats.skipped[OVER_CONTEXT] = stats.skipped.get(OVER_CONTEXT, 0) + skipped
+        stats.kept = len(kept)
+    log.warning("%d of %d prompts skipped: prompt + %s do not fit the %s", skipped, len(prompts), new_tokens_key, detail)
+    return kept

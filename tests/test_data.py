@@ -238,6 +238,73 @@ def test_jsonl_with_a_utf8_bom_loads(tmp_path):
     assert [p.id for p in _load_local(path)] == ["a", "b"]
 
 
+# --- prompt + max_new_tokens within the context ------------------------------------------------
+
+
+def _encoded(tokenizer, *contents):
+    prompts = [Prompt(f"p{i}", ({"role": "user", "content": c},)) for i, c in enumerate(contents)]
+    stats = PromptStats(loaded=len(prompts))
+    return encode_prompts(prompts, tokenizer, max_prompt_tokens=10_000, stats=stats), stats
+
+
+def test_prompts_that_leave_no_room_for_the_response_are_skipped_and_counted(tiny, caplog):
+    from iq_lightning.data import fit_context
+
+    tokenizer = tiny[1]
+    encoded, stats = _encoded(tokenizer, "short", "x" * 300, "brief")
+    lengths = [len(p.input_ids) for p in encoded]
+    limit = max(lengths[0], lengths[2]) + 8
+    assert lengths[1] + 8 > limit
+    with caplog.at_level("WARNING", logger="iq_lightning.data"):
+        kept = fit_context(encoded, {"model max_position_embeddings": limit}, 8, stats)
+    assert [p.prompt.id for p in kept] == ["p0", "p2"]
+    assert stats.skipped == {"over the context": 1} and stats.kept == 2
+    assert "1 over the context" in stats.describe()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "\n" not in warning
+    assert f"id 'p1': {lengths[1]} tokens + 8 > {limit}" in warning and "model max_position_embeddings" in warning
+
+
+def test_the_longer_principle_prompt_must_fit_too(tiny, caplog):
+    from iq_lightning.data import encode_prompt, fit_context
+
+    tokenizer = tiny[1]
+    encoded, stats = _encoded(tokenizer, "short", "a little longer prompt")
+    principle = "Be kind. " * 20
+
+    def winner_length(p):
+        return len(encode_prompt(tokenizer, ({"role": "system", "content": principle}, *p.prompt.messages)))
+
+    limit = winner_length(encoded[0]) + 4
+    # Both plain prompts fit, but only the first one's x_w leaves room for 4 new tokens.
+    assert all(len(p.input_ids) + 4 <= limit for p in encoded) and winner_length(encoded[1]) + 4 > limit
+    with caplog.at_level("WARNING", logger="iq_lightning.data"):
+        kept = fit_context(encoded, {"context": limit}, 4, stats, winner_length=winner_length)
+    assert [p.prompt.id for p in kept] == ["p0"]
+    assert f"id 'p1': {winner_length(encoded[1])} tokens with the principle + 4 > {limit}" in caplog.text
+    assert stats.skipped == {"over the context": 1}
+
+
+def test_the_smallest_context_binds_and_is_named(tiny):
+    from iq_lightning.data import fit_context
+
+    encoded, _ = _encoded(tiny[1], "short", "x" * 300)
+    limit = len(encoded[0].input_ids) + 8
+    limits = {"model max_position_embeddings": 10_000, "sampler.options.max_model_len": limit}
+    with pytest.raises(DataError, match=r"no prompts fit .*context of %d tokens \(sampler\.options\.max_model_len\).*id 'p1'" % limit):
+        fit_context(encoded[1:], limits, 8, None)
+    assert len(fit_context(encoded, limits, 8, None)) == 1
+
+
+def test_max_new_tokens_beyond_the_context_is_a_config_error(tiny):
+    from iq_lightning.data import fit_context
+    from iq_lightning.errors import ConfigError
+
+    encoded, _ = _encoded(tiny[1], "short")
+    with pytest.raises(ConfigError, match=r"sampler\.max_new_tokens=64 leaves no room for a prompt in the context of 64 tokens"):
+        fit_context(encoded, {"model max_position_embeddings": 64}, 64, None)
+
+
 def test_prepared_prompts_have_unique_ids_for_evaluation(tmp_path, tiny):
     # generation.py writes one answer row per prompt and evaluation keys them by id.
     import pyarrow as pa
