@@ -321,6 +321,7 @@ def fit_context(
     stats: PromptStats | None,
     winner_length: Callable[[EncodedPrompt], int] | None = None,
     new_tokens_key: str = "sampler.max_new_tokens",
+    what: str = "prompts",
 ) -> list[EncodedPrompt]:
     """The prompts whose longest rendering plus `max_new_tokens` fits the smallest of `limits`
     (the model's max_position_embeddings, vLLM's max_model_len, an aligned guide's positions; each
@@ -329,7 +330,8 @@ def fit_context(
 
     Like data.max_prompt_tokens, a prompt that does not fit is skipped and counted in `stats`
     (reason "over the context"), with one warning naming the first; none fitting, or
-    `max_new_tokens` leaving no room at all, is an error."""
+    `max_new_tokens` leaving no room at all, is an error. `new_tokens_key` and `what` name the
+    setting and the prompts in the messages (e.g. "val.max_new_tokens", "held-out prompts")."""
     name, limit = min(limits.items(), key=lambda item: item[1])
     if max_new_tokens >= limit:
         raise ConfigError(
@@ -353,9 +355,9 @@ def fit_context(
         f"shorten the prompts (data.max_prompt_tokens) or lower {new_tokens_key}"
     )
     if not kept:
-        raise DataError(f"no prompts fit with {new_tokens_key}={max_new_tokens} in the {detail}")
+        raise DataError(f"no {what} fit with {new_tokens_key}={max_new_tokens} in the {detail}")
     if stats is not None:
         stats.skipped[OVER_CONTEXT] = stats.skipped.get(OVER_CONTEXT, 0) + skipped
         stats.kept = len(kept)
-    log.warning("%d of %d prompts skipped: prompt + %s do not fit the %s", skipped, len(prompts), new_tokens_key, detail)
+    log.warning("%d of %d %s skipped: prompt + %s do not fit the %s", skipped, len(prompts), what, new_tokens_key, detail)
     return kept

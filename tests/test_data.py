@@ -293,6 +293,8 @@ def test_the_smallest_context_binds_and_is_named(tiny):
     limits = {"model max_position_embeddings": 10_000, "sampler.options.max_model_len": limit}
     with pytest.raises(DataError, match=r"no prompts fit .*context of %d tokens \(sampler\.options\.max_model_len\).*id 'p1'" % limit):
         fit_context(encoded[1:], limits, 8, None)
+    with pytest.raises(DataError, match=r"^no held-out prompts fit with val\.max_new_tokens=8 in the context"):
+        fit_context(encoded[1:], limits, 8, None, new_tokens_key="val.max_new_tokens", what="held-out prompts")
     assert len(fit_context(encoded, limits, 8, None)) == 1
 
 
