@@ -316,3 +316,15 @@ def test_prepared_prompts_have_unique_ids_for_evaluation(tmp_path, tiny):
     pq.write_table(pa.table({"id": pa.array([None] * 4, type=pa.string()), "prompt": ["a", "b", "c", "d"]}), path)
     prompts, _ = prepare_prompts(DataSpec(source="local", path=str(path), split=None), tiny[1])
     assert len({p.prompt.id for p in prompts}) == 4
+
+
+def test_hh_rlhf_subset_named_twice_is_a_duplicate(monkeypatch):
+    import datasets
+
+    rows = [{"chosen": CHOSEN, "rejected": REJECTED}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: rows)
+    spec = DataSpec(source="hh_rlhf", split="train", hh_subsets=("helpful-base", "helpful-base"))
+    with pytest.raises(DataError, match=r"data\.source=hh_rlhf: duplicate prompt id 'helpful-base/train/0'"):
+        load_prompts(spec)
+    prompts, _ = load_prompts(DataSpec(source="hh_rlhf", split="train", hh_subsets=("helpful-base", "harmless-base")))
+    assert [p.id for p in prompts] == ["helpful-base/train/0", "harmless-base/train/0"]
