@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.config import DataSpec
-from iq_lightning.errors import DataError, first_line
+from iq_lightning.errors import ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,14 @@ def _messages_from_row(row: dict[str, Any], where: str) -> Messages:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    # Bytes, decoded line by line: a file that is not UTF-8 fails naming its line, not with a
+    # UnicodeDecodeError from the middle of the file iterator.
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading BOM is dropped
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not UTF-8 ({exc.reason} at column {exc.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -171,32 +178,79 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, row
 
 
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read Parquet ({exc})") from None
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError as exc:
+        # Parquet strings are UTF-8 by definition, but writers do not all check: find the row.
+        bad = next(i for i in range(table.num_rows) if not _decodes(table.slice(i, 1)))
+        raise DataError(f"{_where(path, bad + 1)}: not UTF-8 ({exc.reason}); rewrite the file with UTF-8 strings") from None
+
+
+def _decodes(table) -> bool:
+    try:
+        table.to_pylist()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _where(path: Path, number: int) -> str:
+    """Where a row is, for messages: path:line in JSONL, the row number in Parquet."""
+    return f"{path}, row {number}" if path.suffix.lower() == ".parquet" else f"{path}:{number}"
+
+
 def _read_table(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         yield from read_jsonl(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:
-            raise DataError(f"{path}: cannot read Parquet ({exc})") from None
-        for number, row in enumerate(table.to_pylist(), start=1):
-            yield number, row
+        yield from enumerate(_parquet_rows(path), start=1)
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .parquet")
 
 
+def _row_id(row: dict[str, Any]) -> str | None:
+    """The row's own id; None where it has none (missing, null, NaN or blank)."""
+    value = row.get("id")
+    if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
+        return None
+    return str(value)
+
+
 def _load_rows(path: Path, split: str | None, stats: PromptStats) -> list[Prompt]:
+    """Rows of a local file. Ids are unique over the whole file, all splits together (evaluation
+    keys answers by id, validation tells held-out prompts from training ones by id): a row without
+    one takes its row number (its line in JSONL), and a repeated id stops the load."""
     prompts = []
+    first_at: dict[str, str] = {}
     for number, row in _read_table(path):
+        where = _where(path, number)
+        own = _row_id(row)
+        prompt_id = str(number) if own is None else own
+        if prompt_id in first_at:
+            raise DataError(f"{where}: duplicate id {prompt_id!r} (first at {first_at[prompt_id]}); prompt ids must be unique")
+        first_at[prompt_id] = where if own is not None else f"{where}, which has no id and takes its row number"
         if split is not None and "split" in row and row["split"] != split:
             continue
         stats.loaded += 1
-        messages = _messages_from_row(row, f"{path}:{number}")
-        prompts.append(Prompt(id=str(row.get("id", number)), messages=messages, category=row.get("category")))
+        messages = _messages_from_row(row, where)
+        prompts.append(Prompt(id=prompt_id, messages=messages, category=row.get("category")))
     return prompts
+
+
+def _refuse_duplicate_ids(prompts: Sequence[Prompt], source: str) -> None:
+    seen: set[str] = set()
+    for prompt in prompts:
+        if prompt.id in seen:
+            raise DataError(f"data.source={source}: duplicate prompt id {prompt.id!r}; prompt ids must be unique")
+        seen.add(prompt.id)
 
 
 def bundled_prompts_path() -> Path:
@@ -208,6 +262,7 @@ def load_prompts(spec: DataSpec) -> tuple[list[Prompt], PromptStats]:
     stats = PromptStats()
     if spec.source == "hh_rlhf":
         prompts = _load_hh_rlhf(spec, stats)
+        _refuse_duplicate_ids(prompts, spec.source)  # data.hh_subsets naming one subset twice
     elif spec.source == "beavertails":
         prompts = _load_beavertails(spec, stats)
     elif spec.source == "local":
@@ -254,3 +309,55 @@ def prepare_prompts(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple
     if not encoded:
         raise DataError(f"no usable prompts from data.source={spec.source}: {stats.describe()}")
     return encoded, stats
+
+
+OVER_CONTEXT = "over the context"
+
+
+def fit_context(
+    prompts: Sequence[EncodedPrompt],
+    limits: Mapping[str, int],
+    max_new_tokens: int,
+    stats: PromptStats | None,
+    winner_length: Callable[[EncodedPrompt], int] | None = None,
+    new_tokens_key: str = "sampler.max_new_tokens",
+    what: str = "prompts",
+) -> list[EncodedPrompt]:
+    """The prompts whose longest rendering plus `max_new_tokens` fits the smallest of `limits`
+    (the model's max_position_embeddings, vLLM's max_model_len, an aligned guide's positions; each
+    named for the messages). `winner_length`: the length of the prompt the winner guide reads (x_w,
+    with the principle), where it can be longer than the plain one.
+
+    Like data.max_prompt_tokens, a prompt that does not fit is skipped and counted in `stats`
+    (reason "over the context"), with one warning naming the first; none fitting, or
+    `max_new_tokens` leaving no room at all, is an error. `new_tokens_key` and `what` name the
+    setting and the prompts in the messages (e.g. "val.max_new_tokens", "held-out prompts")."""
+    name, limit = min(limits.items(), key=lambda item: item[1])
+    if max_new_tokens >= limit:
+        raise ConfigError(
+            f"{new_tokens_key}={max_new_tokens} leaves no room for a prompt in the context of {limit} tokens ({name}); "
+            f"lower {new_tokens_key}"
+        )
+    kept, first = [], None
+    for prompt in prompts:
+        length, which = len(prompt.input_ids), "tokens"
+        if winner_length is not None and length + max_new_tokens <= limit:
+            length, which = max(length, winner_length(prompt)), "tokens with the principle"
+        if length + max_new_tokens > limit:
+            first = first or f"id {prompt.prompt.id!r}: {length} {which} + {max_new_tokens} > {limit}"
+            continue
+        kept.append(prompt)
+    skipped = len(prompts) - len(kept)
+    if not skipped:
+        return kept
+    detail = (
+        f"context of {limit} tokens ({name}); first: {first}; "
+        f"shorten the prompts (data.max_prompt_tokens) or lower {new_tokens_key}"
+    )
+    if not kept:
+        raise DataError(f"no {what} fit with {new_tokens_key}={max_new_tokens} in the {detail}")
+    if stats is not None:
+        stats.skipped[OVER_CONTEXT] = stats.skipped.get(OVER_CONTEXT, 0) + skipped
+        stats.kept = len(kept)
+    log.warning("%d of %d %s skipped: prompt + %s do not fit the %s", skipped, len(prompts), what, new_tokens_key, detail)
+    return kept

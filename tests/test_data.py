@@ -150,3 +150,181 @@ def test_bos_is_kept_when_the_template_leaves_it_to_the_tokenizer(tiny):
     # A template that writes BOS itself gets no second one.
     tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert encode_prompt(tokenizer, messages).count(tokenizer.bos_token_id) == 1
+
+
+# --- ids: unique, the row number where missing ------------------------------------------------
+
+
+def _load_local(path):
+    return load_prompts(DataSpec(source="local", path=str(path), split=None))[0]
+
+
+def test_null_parquet_ids_take_row_numbers(tmp_path):
+    # pyarrow turns a null id into None, which str() made "None" for every such row: evaluation
+    # keys answers by id and collapsed all of them into one prompt.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": [None, "b", None], "prompt": ["one", "two", "three"]}), path)
+    assert [p.id for p in _load_local(path)] == ["1", "b", "3"]
+
+
+def test_missing_null_and_blank_jsonl_ids_take_row_numbers(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"id": None, "prompt": "one"}, {"prompt": "two"}, {"id": "x", "prompt": "three"}, {"id": " ", "prompt": "four"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert [p.id for p in _load_local(path)] == ["1", "2", "x", "4"]
+
+
+def test_duplicate_jsonl_ids_are_refused_naming_the_first(tmp_path):
+    path = tmp_path / "p.jsonl"
+    ids = ["a", "b", "a", "b"]
+    path.write_text("".join(json.dumps({"id": i, "prompt": f"q{n}"}) + "\n" for n, i in enumerate(ids)))
+    with pytest.raises(DataError, match=r"p\.jsonl:3: duplicate id 'a' \(first at \S*p\.jsonl:1\)"):
+        _load_local(path)
+
+
+def test_duplicate_parquet_ids_are_refused_naming_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": ["x", "y", "x"], "prompt": ["one", "two", "three"]}), path)
+    with pytest.raises(DataError, match=r"p\.parquet, row 3: duplicate id 'x' \(first at \S*p\.parquet, row 1\)"):
+        _load_local(path)
+
+
+def test_an_id_equal_to_another_rows_number_is_a_duplicate(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "no id"}\n{"id": 1, "prompt": "explicit 1"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: duplicate id '1' \(first at \S*p\.jsonl:1, which has no id"):
+        _load_local(path)
+
+
+def test_ids_are_unique_across_splits(tmp_path):
+    # Validation tells held-out prompts from training ones by id: a test prompt sharing a
+    # training prompt's id would pass for a training prompt.
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "q", "split": "train"}\n{"id": "a", "prompt": "r", "split": "test"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:2: duplicate id 'a'"):
+        load_prompts(DataSpec(source="local", path=str(path), split="train"))
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def test_non_utf8_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 \(invalid continuation byte at column 16\)"):
+        _load_local(path)
+
+
+def test_non_utf8_parquet_string_names_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    prompts = pa.array([b"fine", b"also fine", b"caf\xe9"], type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": prompts}), path)
+    with pytest.raises(DataError, match=r"p\.parquet, row 3: not UTF-8"):
+        _load_local(path)
+
+
+def test_jsonl_with_a_utf8_bom_loads(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "one"}\n{"id": "b", "prompt": "two"}\n')
+    assert [p.id for p in _load_local(path)] == ["a", "b"]
+
+
+# --- prompt + max_new_tokens within the context ------------------------------------------------
+
+
+def _encoded(tokenizer, *contents):
+    prompts = [Prompt(f"p{i}", ({"role": "user", "content": c},)) for i, c in enumerate(contents)]
+    stats = PromptStats(loaded=len(prompts))
+    return encode_prompts(prompts, tokenizer, max_prompt_tokens=10_000, stats=stats), stats
+
+
+def test_prompts_that_leave_no_room_for_the_response_are_skipped_and_counted(tiny, caplog):
+    from iq_lightning.data import fit_context
+
+    tokenizer = tiny[1]
+    encoded, stats = _encoded(tokenizer, "short", "x" * 300, "brief")
+    lengths = [len(p.input_ids) for p in encoded]
+    limit = max(lengths[0], lengths[2]) + 8
+    assert lengths[1] + 8 > limit
+    with caplog.at_level("WARNING", logger="iq_lightning.data"):
+        kept = fit_context(encoded, {"model max_position_embeddings": limit}, 8, stats)
+    assert [p.prompt.id for p in kept] == ["p0", "p2"]
+    assert stats.skipped == {"over the context": 1} and stats.kept == 2
+    assert "1 over the context" in stats.describe()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "\n" not in warning
+    assert f"id 'p1': {lengths[1]} tokens + 8 > {limit}" in warning and "model max_position_embeddings" in warning
+
+
+def test_the_longer_principle_prompt_must_fit_too(tiny, caplog):
+    from iq_lightning.data import encode_prompt, fit_context
+
+    tokenizer = tiny[1]
+    encoded, stats = _encoded(tokenizer, "short", "a little longer prompt")
+    principle = "Be kind. " * 20
+
+    def winner_length(p):
+        return len(encode_prompt(tokenizer, ({"role": "system", "content": principle}, *p.prompt.messages)))
+
+    limit = winner_length(encoded[0]) + 4
+    # Both plain prompts fit, but only the first one's x_w leaves room for 4 new tokens.
+    assert all(len(p.input_ids) + 4 <= limit for p in encoded) and winner_length(encoded[1]) + 4 > limit
+    with caplog.at_level("WARNING", logger="iq_lightning.data"):
+        kept = fit_context(encoded, {"context": limit}, 4, stats, winner_length=winner_length)
+    assert [p.prompt.id for p in kept] == ["p0"]
+    assert f"id 'p1': {winner_length(encoded[1])} tokens with the principle + 4 > {limit}" in caplog.text
+    assert stats.skipped == {"over the context": 1}
+
+
+def test_the_smallest_context_binds_and_is_named(tiny):
+    from iq_lightning.data import fit_context
+
+    encoded, _ = _encoded(tiny[1], "short", "x" * 300)
+    limit = len(encoded[0].input_ids) + 8
+    limits = {"model max_position_embeddings": 10_000, "sampler.options.max_model_len": limit}
+    with pytest.raises(DataError, match=r"no prompts fit .*context of %d tokens \(sampler\.options\.max_model_len\).*id 'p1'" % limit):
+        fit_context(encoded[1:], limits, 8, None)
+    with pytest.raises(DataError, match=r"^no held-out prompts fit with val\.max_new_tokens=8 in the context"):
+        fit_context(encoded[1:], limits, 8, None, new_tokens_key="val.max_new_tokens", what="held-out prompts")
+    assert len(fit_context(encoded, limits, 8, None)) == 1
+
+
+def test_max_new_tokens_beyond_the_context_is_a_config_error(tiny):
+    from iq_lightning.data import fit_context
+    from iq_lightning.errors import ConfigError
+
+    encoded, _ = _encoded(tiny[1], "short")
+    with pytest.raises(ConfigError, match=r"sampler\.max_new_tokens=64 leaves no room for a prompt in the context of 64 tokens"):
+        fit_context(encoded, {"model max_position_embeddings": 64}, 64, None)
+
+
+def test_prepared_prompts_have_unique_ids_for_evaluation(tmp_path, tiny):
+    # generation.py writes one answer row per prompt and evaluation keys them by id.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": pa.array([None] * 4, type=pa.string()), "prompt": ["a", "b", "c", "d"]}), path)
+    prompts, _ = prepare_prompts(DataSpec(source="local", path=str(path), split=None), tiny[1])
+    assert len({p.prompt.id for p in prompts}) == 4
+
+
+def test_hh_rlhf_subset_named_twice_is_a_duplicate(monkeypatch):
+    import datasets
+
+    rows = [{"chosen": CHOSEN, "rejected": REJECTED}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: rows)
+    spec = DataSpec(source="hh_rlhf", split="train", hh_subsets=("helpful-base", "helpful-base"))
+    with pytest.raises(DataError, match=r"data\.source=hh_rlhf: duplicate prompt id 'helpful-base/train/0'"):
+        load_prompts(spec)
+    prompts, _ = load_prompts(DataSpec(source="hh_rlhf", split="train", hh_subsets=("helpful-base", "harmless-base")))
+    assert [p.id for p in prompts] == ["helpful-base/train/0", "harmless-base/train/0"]
