@@ -8,6 +8,7 @@ Examples:
     python generate.py 'principle="Always reply in French."'   # the Prompting baseline
 """
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -39,7 +40,8 @@ def main(cfg: DictConfig) -> None:
         placement=plain["placement"],
         name=plain["name"],
     )
-    generate_responses(spec)
+    out = generate_responses(spec)
+    logging.getLogger("generate").info("wrote the responses to %s", out)
 
 
 if __name__ == "__main__":

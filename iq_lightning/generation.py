@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iq_lightning.config import DataSpec, ModelSpec, SamplerSpec
-from iq_lightning.data import EncodedPrompt, encode_prompt, prepare_prompts
+from iq_lightning.data import EncodedPrompt, encode_prompt, fit_context, prepare_prompts
 from iq_lightning.errors import ConfigError
 from iq_lightning.guides import with_principle
 from iq_lightning.models import load_model
@@ -72,13 +72,20 @@ def generate_responses(spec: GenerateSpec, show_progress: bool = True) -> Path:
     if torch.cuda.is_available():
         model.to("cuda")
     prompts, stats = prepare_prompts(spec.data, tokenizer)
-    log.info("prompts: %s", stats.describe())
     if spec.principle:
         # The Prompting baseline: the principle in the prompt at inference time.
         prompts = [
             EncodedPrompt(p.prompt, tuple(encode_prompt(tokenizer, with_principle(p.prompt.messages, spec.principle, spec.placement))))
             for p in prompts
         ]
+    positions = getattr(model.config, "max_position_embeddings", None) or 2048
+    limits = {"model max_position_embeddings": positions}
+    if spec.sampler.backend == "vllm":
+        from iq_lightning.samplers.vllm import max_model_len
+
+        limits["vLLM max_model_len"] = max_model_len(spec.sampler.options, positions)
+    prompts = fit_context(prompts, limits, spec.sampler.max_new_tokens, stats)
+    log.info("prompts: %s", stats.describe())
     eos = eos_ids(tokenizer, model.generation_config.eos_token_id)
     sampler = build_sampler(spec.sampler, tokenizer, eos, show_progress=show_progress, model_spec=spec.model, seed=spec.seed)
     params = SamplingParams(spec.sampler.max_new_tokens, spec.sampler.temperature, spec.sampler.top_p, spec.seed)
@@ -101,5 +108,5 @@ def generate_responses(spec: GenerateSpec, show_progress: bool = True) -> Path:
                 "num_tokens": len(g.response_ids),
             }
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    log.info("wrote %d responses to %s", len(generations), spec.output)
+    log.debug("wrote %d responses to %s", len(generations), spec.output)  # callers name the final file
     return spec.output

@@ -142,6 +142,12 @@ def _import_vllm():
     return vllm
 
 
+def max_model_len(options: dict, positions: int | None) -> int:
+    """The engine's context: `sampler.options.max_model_len`, else the model's positions capped
+    at 2048 (a longer default reserves KV cache no prompt here needs)."""
+    return options.get("max_model_len") or min(positions or 2048, 2048)
+
+
 class VLLMSampler(Sampler):
     def __init__(
         self,
@@ -231,7 +237,7 @@ class VLLMSampler(Sampler):
         opts = self.options
         cuda = torch.cuda.is_available()
         dtype = opts["dtype"] or ("bfloat16" if cuda else str(policy.dtype).removeprefix("torch."))
-        max_len = opts["max_model_len"] or min(getattr(policy.config, "max_position_embeddings", 2048), 2048)
+        max_len = max_model_len(opts, getattr(policy.config, "max_position_embeddings", None))
         kwargs: dict[str, Any] = dict(
             model=self._config_dir.name,
             load_format="dummy",
