@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,9 @@ from tqdm.auto import tqdm
 from iq_lightning.evaluation.files import append_jsonl, read_jsonl, write_jsonl_atomic
 from iq_lightning.evaluation.judges import Comparison, Judge, map_back, swap_orders
 
-CHUNK = 64
+CHUNK = 16  # the bar moves and the cache grows every 16 verdicts; the judge batches within a chunk
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ def judge_pairings(
     missing = [p for p in planned if p[0] not in cached]
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     # Judged in chunks, each appended at once: an interrupted evaluation keeps what it judged.
+    log.info("judging %d matches (%d of %d cached in %s)", len(missing), len(planned) - len(missing), len(planned), cache_path)
     bar = tqdm(total=len(missing), desc="judging", unit="match", disable=not show_progress or not missing)
     for start in range(0, len(missing), CHUNK):
         chunk = missing[start : start + CHUNK]

@@ -158,6 +158,7 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
     files: list[Path] = []
 
     # 1. answers (cached per contestant)
+    log.info("[1/4] answers of %d contestants: %s", len(contestants), ", ".join(names))
     keys, rows = {}, {}
     for c in contestants:
         keys[c.name], rows[c.name] = answers(spec, c, show_progress)
@@ -166,6 +167,7 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
     check = build_check(spec.principle_check, spec.guide.principle if spec.guide.kind == "principle" else None)
     free = []
     if spec.judge_free.enabled:
+        log.info("[2/4] judge-free figures (%s check, NLL under pi_w, repetition, length) of %d answer sets", check.name, len(rows))
         free = judge_free.judge_free_figures(spec, rows, keys, check, show_progress)
         files.append(write_csv(out / "results" / "judge_free.csv", judge_free.FIELDS, [f.row() for f in free]))
         files.append(plots.judge_free_panels(free, out / "plots" / "judge_free.png", check.name))
@@ -179,6 +181,7 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
     if len(contestants) >= 2:
         judge = build_judge(spec)
         bars = spec.judge_check
+        log.info("[3/4] measuring the judge %s: %d position-bias matches, %d corrupted-answer controls", type(judge).__name__, bars.matches, bars.controls)
         quality = measure_judge(
             judge,
             sample_matches(_planned_matches(names, spec, rows), rows, bars.matches, spec.seed),
@@ -188,6 +191,7 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
         note, warn = quality.note(), not quality.reliable
         if warn:
             log.warning("UNRELIABLE JUDGE %s: %s", quality.judge, "; ".join(quality.problems))
+        log.info("[4/4] judging %d pairings", len(pairings(names, spec.reference, spec.pairs)))
         judgments = judge_pairings(judge, pairings(names, spec.reference, spec.pairs), rows, keys, spec.seed, out / "judgments.jsonl", show_progress)
         del judge
         write_judgments(judgments, out / "results" / "verdicts.jsonl")
