@@ -25,7 +25,8 @@ def masked_reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str = "to
       - "sum": sum over masked tokens;
       - "token_mean": that sum over the number of masked tokens (1 if none);
       - "sequence_mean": each sequence's token mean, averaged over sequences with >= 1 token.
-    Entries outside the mask are dropped (torch.where), so a NaN or inf there does not reach the value (its gradient may still be NaN).
+    Entries outside the mask are dropped (torch.where): a NaN or inf there does not reach the
+    value, though its gradient may still be NaN.
     """
     masked = torch.where(mask.bool(), values, torch.zeros_like(values))
     mask = mask.to(values.dtype)
@@ -55,6 +56,12 @@ def _row_divergence(student: torch.Tensor, teacher: torch.Tensor, divergence: st
     kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
     kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
     return beta * kl_t + (1.0 - beta) * kl_s
+
+
+def _kept_rows_divergence(student, teacher, keep, divergence, beta, temperature):
+    """_row_divergence of the rows `keep` of a chunk; selected inside the checkpointed region so
+    that autograd saves only views of the caller's logits, never copies of them."""
+    return _row_divergence(student.index_select(0, keep), teacher.index_select(0, keep), divergence, beta, temperature)
 
 
 def distill_loss(
@@ -105,10 +112,12 @@ def distill_loss(
         piece = torch.zeros(rows.shape[0], dtype=out_dtype, device=flat_s.device)
         keep = rows.nonzero().squeeze(-1)
         if keep.numel():
-            s = flat_s[start : start + _DISTILL_CHUNK_ROWS].index_select(0, keep)
-            t = flat_t[start : start + _DISTILL_CHUNK_ROWS].index_select(0, keep)
-            args = (s, t, divergence, beta, temperature)
-            div = checkpoint(_row_divergence, *args, use_reentrant=False) if needs_grad else _row_divergence(*args)
+            s, t = flat_s[start : start + _DISTILL_CHUNK_ROWS], flat_t[start : start + _DISTILL_CHUNK_ROWS]
+            args = (s, t, keep, divergence, beta, temperature)
+            if needs_grad:
+                div = checkpoint(_kept_rows_divergence, *args, use_reentrant=False)
+            else:
+                div = _kept_rows_divergence(*args)
             piece = piece.index_copy(0, keep, div)
         pieces.append(piece)
     per_token = torch.cat(pieces).view(mask.shape)
