@@ -280,7 +280,9 @@ def _trl_dpo(chosen_tok, rejected_tok, ref_chosen, ref_rejected, mask, beta):
 
 
 def test_dpo_loss_matches_trl_dpo_trainer():
-    pytest.importorskip("trl")
+    trl = pytest.importorskip("trl")
+    if trl.__version__ != "1.16.0":  # the stub mirrors _compute_loss's attributes in this version
+        pytest.skip(f"the DPOTrainer stub is written for trl 1.16.0, not {trl.__version__}")
     mask = MASK[[0, 1, 3]]
     chosen_tok = (_randn(3, 5, seed=18).float() - 2) * mask
     rejected_tok = (_randn(3, 5, seed=19).float() - 2) * mask
