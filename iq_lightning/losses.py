@@ -13,7 +13,7 @@ from iq_lightning.objective import REDUCTIONS
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
-# Rows of (V,) logits per chunk in distill_loss. Each chunk holds about six float32 (rows, V)
+# Positions of one sequence, (V,) logits each, per chunk in distill_loss. Each chunk holds about six float32 (rows, V)
 # temporaries (two log-softmaxes, the mixture and its two-row stack, the pointwise terms), and
 # the same again while its backward recomputes it; nothing of (..., T, V) size is kept.
 _DISTILL_CHUNK_ROWS = 128
@@ -101,25 +101,26 @@ def distill_loss(
             divergence = "forward_kl"
         elif beta == 1.0:
             divergence = "reverse_kl"
-    vocab = student_logits.shape[-1]
-    flat_s, flat_t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-    flat_mask = mask.reshape(-1).bool()
+    steps, vocab = student_logits.shape[-2:]
+    # (rows, T, V) views: a slice along T of model logits stays a view (flattening T would copy it)
+    seq_s, seq_t = student_logits.reshape(-1, steps, vocab), teacher_logits.reshape(-1, steps, vocab)
+    seq_mask = mask.reshape(-1, steps).bool()
     needs_grad = torch.is_grad_enabled() and (student_logits.requires_grad or teacher_logits.requires_grad)
     out_dtype = torch.promote_types(student_logits.dtype, torch.float32)
     pieces = []
-    for start in range(0, flat_s.shape[0], _DISTILL_CHUNK_ROWS):
-        rows = flat_mask[start : start + _DISTILL_CHUNK_ROWS]
-        piece = torch.zeros(rows.shape[0], dtype=out_dtype, device=flat_s.device)
-        keep = rows.nonzero().squeeze(-1)
-        if keep.numel():
-            s, t = flat_s[start : start + _DISTILL_CHUNK_ROWS], flat_t[start : start + _DISTILL_CHUNK_ROWS]
-            args = (s, t, keep, divergence, beta, temperature)
-            if needs_grad:
-                div = checkpoint(_kept_rows_divergence, *args, use_reentrant=False)
-            else:
-                div = _kept_rows_divergence(*args)
-            piece = piece.index_copy(0, keep, div)
-        pieces.append(piece)
+    for row in range(seq_s.shape[0]):
+        for start in range(0, steps, _DISTILL_CHUNK_ROWS):
+            span = slice(start, start + _DISTILL_CHUNK_ROWS)
+            keep = seq_mask[row, span].nonzero().squeeze(-1)
+            piece = torch.zeros(seq_mask[row, span].shape[0], dtype=out_dtype, device=student_logits.device)
+            if keep.numel():
+                args = (seq_s[row, span], seq_t[row, span], keep, divergence, beta, temperature)
+                if needs_grad:
+                    div = checkpoint(_kept_rows_divergence, *args, use_reentrant=False)
+                else:
+                    div = _kept_rows_divergence(*args)
+                piece = piece.index_copy(0, keep, div)
+            pieces.append(piece)
     per_token = torch.cat(pieces).view(mask.shape)
     return masked_reduce(per_token, mask, reduction)
 
