@@ -13,9 +13,9 @@ from iq_lightning.objective import REDUCTIONS
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
-# Positions of one sequence, (V,) logits each, per chunk in distill_loss. Each chunk holds about six float32 (rows, V)
-# temporaries (two log-softmaxes, the mixture and its two-row stack, the pointwise terms), and
-# the same again while its backward recomputes it; nothing of (..., T, V) size is kept.
+# Positions of one sequence per chunk in distill_loss. Each chunk holds about six float32
+# (rows, V) temporaries (two log-softmaxes, the mixture and its two-row stack, the pointwise
+# terms), and the same again while its backward recomputes it; nothing (..., T, V) is kept.
 _DISTILL_CHUNK_ROWS = 128
 
 
