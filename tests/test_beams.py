@@ -114,7 +114,8 @@ def _generate(tmp_path, name: str, **kwargs):
     return path.read_bytes(), [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_one_beam_is_the_samplers_decoding_and_more_beams_are_beam_search(tmp_path, tiny):
+def test_one_beam_is_the_samplers_decoding_and_more_beams_are_beam_search(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # generate on the CPU, as the answers it is compared with
     model, tokenizer = tiny
     default, rows = _generate(tmp_path, "default")
     one_beam, _ = _generate(tmp_path, "one_beam", decoding=DecodingSpec(num_beams=1, length_penalty=3.0, early_stopping=True))

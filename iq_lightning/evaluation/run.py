@@ -253,13 +253,14 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
         sweep = [(c.alpha, r.win_minus_lose) for c in contestants if c.alpha is not None and (r := versus.get(c.name)) is not None]
         if sweep:
             files.append(plots.alpha_sweep(sweep, spec.reference, out / "plots" / "alpha_sweep.png", note, warn))
+        # r-to-Q*: one policy's win rate against the number of beams it searches its likelihood with
         beams = [(c.decoding.num_beams, c.name, r, mean_tokens(rows[c.name])) for c in beam_sweep if (r := versus.get(c.name)) is not None]
-        if beams:  # r-to-Q*: win rate against the number of beams of one policy
-            files.append(write_csv(out / "results" / "beam_sweep.csv", ["num_beams", "mean_tokens", *RATE_FIELDS], [
-                {"num_beams": k, "mean_tokens": round(length, 2), **rate_row(name, spec.reference, r)} for k, name, r, length in beams
-            ]))
+        if beams:
+            table = [{"num_beams": k, "mean_tokens": round(length, 2), **rate_row(name, spec.reference, r)} for k, name, r, length in beams]
+            files.append(write_csv(out / "results" / "beam_sweep.csv", ["num_beams", "mean_tokens", *RATE_FIELDS], table))
             points = [(k, r, length) for k, _, r, length in beams]
-            files.append(plots.win_rate_vs_beams(points, spec.beam_sweep.contestant, spec.reference, out / "plots" / "win_rate_vs_beams.png", note, warn))
+            plot = out / "plots" / "win_rate_vs_beams.png"
+            files.append(plots.win_rate_vs_beams(points, spec.beam_sweep.contestant, spec.reference, plot, note, warn))
 
     # 5. reward-model curve over a run's epochs
     increments = None
