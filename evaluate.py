@@ -6,6 +6,7 @@ Examples:
     python evaluate.py 'sweep_dir="multirun/2026-11-23/11-00-00"' pairs=reference   # an alpha sweep (Fig. 7)
     python evaluate.py judge=openai judge.model=gpt-4-turbo
     python evaluate.py reward.model=/path/to/reward_model reward.run_dir=outputs/...   # Fig. 6
+    python evaluate.py '+contestants.iq.run_dir="outputs/2026-11-23/10-00-00"' beam_sweep.contestant=iq pairs=reference   # win rate vs beams
 """
 
 from pathlib import Path

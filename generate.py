@@ -6,6 +6,7 @@ Examples:
     python generate.py run_dir=outputs/2026-11-23/10-00-00    # a training run's final/ policy
     python generate.py model_path=/path/to/hf_dir data=local data.path=prompts.jsonl
     python generate.py 'principle="Always reply in French."'   # the Prompting baseline
+    python generate.py run_dir=outputs/2026-11-23/10-00-00 decoding.num_beams=4   # beam search over the policy's likelihood
 """
 
 import logging
@@ -24,7 +25,7 @@ CONF = Path(__file__).resolve().parent / "conf"
 def main(cfg: DictConfig) -> None:
     from omegaconf import OmegaConf
 
-    from iq_lightning.config import DataSpec, ModelSpec, SamplerSpec, build_spec, validate_sampler
+    from iq_lightning.config import DataSpec, DecodingSpec, ModelSpec, SamplerSpec, build_spec, validate_sampler
     from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
 
     single_log_stream()  # after Lightning's import has attached its handlers
@@ -39,6 +40,7 @@ def main(cfg: DictConfig) -> None:
         principle=plain["principle"],
         placement=plain["placement"],
         name=plain["name"],
+        decoding=build_spec(DecodingSpec, plain["decoding"], "decoding"),
     )
     out = generate_responses(spec)
     logging.getLogger("generate").info("wrote the responses to %s", out)

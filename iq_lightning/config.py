@@ -108,6 +108,25 @@ class SamplerSpec:
 
 
 @dataclass(frozen=True)
+class DecodingSpec:
+    """How answers are decoded for generate.py and the evaluation (never for training rollouts).
+    num_beams 1: the sampler's own decoding (temperature, top_p). num_beams > 1: beam search over
+    the model's own likelihood with transformers' generate (sampler=hf only): r-to-Q* (Rafailov et
+    al. 2024) reads a policy trained on token-level rewards as a Q-function, so this searches its
+    implicit reward. Finished beams are ranked by sum log p / length**length_penalty; early_stopping
+    is transformers' (true: stop once num_beams answers have finished; false: once no running beam
+    can beat them, by its heuristic; "never": only when none can, the slowest)."""
+
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    @property
+    def beam_search(self) -> bool:
+        return self.num_beams > 1
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     alpha: float = 1.5
     beta: float = 0.1
@@ -210,6 +229,8 @@ def build_spec(cls: type, node: Any, where: str) -> Any:
             value = None if value is None else build_spec(ModelSpec, value, f"{where}.model")
         elif name == "hh_subsets":
             value = tuple(value)
+        elif name == "decoding":
+            value = build_spec(DecodingSpec, value, f"{where}.decoding")
         elif name == "options":
             value = dict(value or {})
         elif name in ("architecture", "check"):  # optional mappings
@@ -335,3 +356,19 @@ def validate_sampler(s: SamplerSpec) -> SamplerSpec:
     _check(0 < top_p <= 1, f"sampler.top_p must be in (0, 1], got {s.top_p}")
     _integer(s.batch_size, "sampler.batch_size", 1)
     return s
+
+
+def validate_decoding(d: DecodingSpec, backend: str, where: str = "decoding") -> DecodingSpec:
+    """`where`: the config path of the block (decoding, contestants.NAME.decoding)."""
+    _integer(d.num_beams, f"{where}.num_beams", 1)
+    _number(d.length_penalty, f"{where}.length_penalty")
+    _check(
+        isinstance(d.early_stopping, bool) or d.early_stopping == "never",
+        f"{where}.early_stopping must be true, false or never, got {d.early_stopping!r}",
+    )
+    _check(
+        not (d.beam_search and backend != "hf"),
+        f"{where}.num_beams={d.num_beams}: beam search runs with transformers' generate only; add sampler=hf "
+        f"(sampler={backend} decodes with num_beams=1)",
+    )
+    return d

@@ -7,10 +7,10 @@ import json
 import logging
 
 import torch
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from iq_lightning.config import DataSpec, ModelSpec, SamplerSpec
+from iq_lightning.config import DataSpec, DecodingSpec, ModelSpec, SamplerSpec, validate_decoding
 from iq_lightning.data import EncodedPrompt, encode_prompt, fit_context, prepare_prompts
 from iq_lightning.errors import ConfigError
 from iq_lightning.guides import with_principle
@@ -31,6 +31,7 @@ class GenerateSpec:
     principle: str | None = None
     placement: str = "system"
     name: str | None = None
+    decoding: DecodingSpec = DecodingSpec()  # num_beams > 1: beam search (samplers/beam.py) instead of the sampler
 
 
 def model_spec_for(run_dir: str | None, model_path: str | None, fallback: ModelSpec) -> ModelSpec:
@@ -63,7 +64,17 @@ def validate_generate(spec: GenerateSpec) -> GenerateSpec:
     d: DataSpec = spec.data
     if d.source == "local" and not (d.path and Path(d.path).is_file()):
         raise ConfigError(f"data.path={d.path}: no such file")
+    validate_decoding(spec.decoding, spec.sampler.backend)
     return spec
+
+
+def build_decoder(spec: GenerateSpec, tokenizer, eos: list[int], show_progress: bool):
+    """The sampler of `spec.sampler`, or beam search when `spec.decoding.num_beams` > 1."""
+    if spec.decoding.beam_search:
+        from iq_lightning.samplers.beam import BeamSearch
+
+        return BeamSearch(spec.decoding, spec.sampler.batch_size, eos, tokenizer.pad_token_id, show_progress=show_progress)
+    return build_sampler(spec.sampler, tokenizer, eos, show_progress=show_progress, model_spec=spec.model, seed=spec.seed)
 
 
 def generate_responses(spec: GenerateSpec, show_progress: bool = True) -> Path:
@@ -87,10 +98,11 @@ def generate_responses(spec: GenerateSpec, show_progress: bool = True) -> Path:
     prompts = fit_context(prompts, limits, spec.sampler.max_new_tokens, stats)
     log.info("prompts: %s", stats.describe())
     eos = eos_ids(tokenizer, model.generation_config.eos_token_id)
-    sampler = build_sampler(spec.sampler, tokenizer, eos, show_progress=show_progress, model_spec=spec.model, seed=spec.seed)
+    sampler = build_decoder(spec, tokenizer, eos, show_progress)
     params = SamplingParams(spec.sampler.max_new_tokens, spec.sampler.temperature, spec.sampler.top_p, spec.seed)
+    desc = f"beam search ({spec.decoding.num_beams} beams)" if spec.decoding.beam_search else "generating"
     try:
-        generations = sampler.generate(model, [p.input_ids for p in prompts], params, desc="generating")
+        generations = sampler.generate(model, [p.input_ids for p in prompts], params, desc=desc)
     finally:
         sampler.close()
     spec.output.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +119,8 @@ def generate_responses(spec: GenerateSpec, show_progress: bool = True) -> Path:
                 "finished": g.finished,
                 "num_tokens": len(g.response_ids),
             }
+            if spec.decoding.beam_search:  # (rows of the default decoding stay as they were)
+                row["decoding"] = asdict(spec.decoding)
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     log.debug("wrote %d responses to %s", len(generations), spec.output)  # callers name the final file
     return spec.output

@@ -22,18 +22,22 @@ MOST_USED_GROUP_KEYS = {
         "model.gradient_checkpointing", "strategy.devices", "val.every_n_epochs", "val.prompts", "val.split",
         "logger.mode", "logger.project",
     ],
-    "generate": ["sampler.max_new_tokens", "sampler.temperature", "data.path", "data.split", "data.limit"],
+    "generate": [
+        "sampler.max_new_tokens", "sampler.temperature", "data.path", "data.split", "data.limit", "decoding.num_beams",
+        "decoding.length_penalty",
+    ],
     "evaluate": [
         "judge.model_path", "judge.model", "judge.base_url", "judge.api_key_env", "judge.criteria", "judge.tie_margin", "judge.balanced", "judge_check.matches",
         "judge_check.controls", "elo.bootstrap", "reward.model", "reward.run_dir", "principle_check.kind",
         "judge_free.enabled", "sampler.max_new_tokens", "sampler.temperature", "data.split", "data.limit",
-        "guide.principle", "logger.mode",
+        "guide.principle", "logger.mode", "beam_sweep.contestant", "beam_sweep.num_beams",
     ],
 }
 # Mapping-valued keys shown as one usage line instead of their entries.
 USAGE_LINES = {
     "evaluate": {
-        "contestants": '\'+contestants.<name>.run_dir="outputs/<date>/<time>"\'   (or .model_path=DIR; ~contestants.<name> removes one)',
+        "contestants": '\'+contestants.<name>.run_dir="outputs/<date>/<time>"\'   (or .model_path=DIR; ~contestants.<name> removes one; '
+        "+contestants.<name>.decoding.num_beams=4 decodes it by beam search)",
     },
 }
 NOTES = {

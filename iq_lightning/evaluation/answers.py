@@ -1,6 +1,6 @@
 """Contestants' answers for the evaluation prompts, cached on disk: judging again, or with more
 contestants, costs no generation. A cache file is named by a hash of everything that decides
-its answers (model weights' identity, principle, prompts, sampling), so a changed setting
+its answers (model weights' identity, principle, prompts, sampling, decoding), so a changed setting
 writes a new file instead of silently reusing a stale one."""
 
 from __future__ import annotations
@@ -40,6 +40,20 @@ def sweep_contestants(sweep_dir: str | Path) -> list[ContestantSpec]:
     return sorted(found, key=lambda c: (c.alpha, c.name))
 
 
+def beam_sweep_contestants(spec: EvalSpec) -> list[ContestantSpec]:
+    """`beam_sweep`'s contestant decoded with each of its numbers of beams, in increasing order:
+    the contestant itself for its own num_beams, else a copy named <name>@beams=k (every other
+    setting, the length penalty included, kept). [] without a beam sweep."""
+    sweep = spec.beam_sweep
+    if sweep.contestant is None:
+        return []
+    base = next(c for c in spec.contestants if c.name == sweep.contestant)
+    return [
+        base if k == base.decoding.num_beams else replace(base, name=f"{base.name}@beams={k}", decoding=replace(base.decoding, num_beams=k))
+        for k in sorted(sweep.num_beams)
+    ]
+
+
 def contestant_model(contestant: ContestantSpec, base: ModelSpec) -> ModelSpec:
     return model_spec_for(contestant.run_dir, contestant.model_path, base)
 
@@ -65,6 +79,8 @@ def generation_key(spec: EvalSpec, contestant: ContestantSpec) -> str:
         "sampler": {k: v for k, v in asdict(spec.sampler).items() if k != "batch_size"},
         "seed": spec.seed,
     }
+    if contestant.decoding.beam_search:  # the default decoding leaves the key (and the caches) as they were
+        decided_by["decoding"] = asdict(contestant.decoding)
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -86,6 +102,7 @@ def answers(spec: EvalSpec, contestant: ContestantSpec, show_progress: bool = Tr
                 principle=contestant.principle,
                 placement=contestant.placement,
                 name=contestant.name,
+                decoding=contestant.decoding,
             ),
             show_progress=show_progress,
         )

@@ -152,6 +152,37 @@ def alpha_sweep(points: Sequence[tuple[float, float]], reference: str, path: Pat
     return _save(fig, path)
 
 
+def win_rate_vs_beams(
+    points: Sequence[tuple[int, WinRate, float]], contestant: str, reference: str, path: Path, note: str | None = None, warn: bool = False
+) -> Path:
+    """r-to-Q* (Rafailov et al. 2024): one policy's win and lose rates against the reference per
+    number of beams (95% Wilson whiskers), and its mean answer length on the right axis.
+    `points`: (num_beams, its WinRate against the reference, mean answer tokens)."""
+    points = sorted(points, key=lambda p: p[0])
+    beams = [k for k, _, _ in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for attribute, interval, colour, label in (("win_rate", "win_interval", WIN, "win"), ("lose_rate", "lose_interval", LOSE, "lose")):
+        rates = np.array([getattr(r, attribute) for _, r, _ in points]) * 100
+        bounds = np.array([getattr(r, interval) for _, r, _ in points]) * 100
+        errors = np.nan_to_num(np.abs(bounds.T - rates))  # [[below], [above]]
+        ax.errorbar(beams, rates, yerr=errors, color=colour, marker="o", capsize=3, label=f"{label} rate vs {reference}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(beams, [str(k) for k in beams])
+    ax.minorticks_off()
+    ax.set_ylim(0, 100)
+    ax.set_xlabel(f"number of beams ({contestant})")
+    ax.set_ylabel("% of judged prompts (whiskers: 95% Wilson)")
+    length = ax.twinx()
+    length.plot(beams, [t for _, _, t in points], color=GREY, marker="s", linestyle="--", label="mean answer length")
+    length.set_ylabel("mean answer length (tokens)", color=GREY)
+    length.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()
+    extra = length.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper left")
+    _judge_title(ax, f"{contestant}: beam search over its likelihood", note, warn, width=60)
+    return _save(fig, path)
+
+
 def judge_free_panels(figures: Sequence, path: Path, check_name: str) -> Path:
     """The judge-free figures of every contestant side by side: principle check rate (95%
     Wilson whiskers), NLL under pi_w, repetition, length. `figures`: JudgeFreeFigures."""

@@ -26,7 +26,7 @@ from iq_lightning.data import EncodedPrompt, Prompt, encode_prompt
 from iq_lightning.tracking import eval_init_kwargs, eval_metrics
 from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation import judge_free, plots
-from iq_lightning.evaluation.answers import answers, sweep_contestants
+from iq_lightning.evaluation.answers import answers, beam_sweep_contestants, sweep_contestants
 from iq_lightning.evaluation.endpoint import judge_api_key
 from iq_lightning.evaluation.files import write_text_atomic
 from iq_lightning.evaluation.judge_quality import JudgeQuality, control_set, measure_judge, sample_matches, tie_share
@@ -144,6 +144,12 @@ def added_contestants(spec: EvalSpec) -> list[str]:
     return [c.name for c in spec.contestants if c.run_dir or c.model_path]
 
 
+def mean_tokens(rows: dict[str, dict]) -> float:
+    """Mean answer length in tokens of one contestant's answer rows (NaN for none)."""
+    lengths = [r["num_tokens"] for r in rows.values() if "num_tokens" in r]
+    return sum(lengths) / len(lengths) if lengths else float("nan")
+
+
 def _planned_matches(names: list[str], spec: EvalSpec, rows: dict[str, dict[str, dict]]) -> list[tuple[str, str, str]]:
     return [(a, b, pid) for a, b in pairings(names, spec.reference, spec.pairs) for pid in rows[a] if pid in rows[b]]
 
@@ -152,6 +158,8 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
     out = spec.out_dir
     out.mkdir(parents=True, exist_ok=True)
     contestants = list(spec.contestants) + (sweep_contestants(spec.sweep_dir) if spec.sweep_dir else [])
+    beam_sweep = beam_sweep_contestants(spec)
+    contestants += [c for c in beam_sweep if c not in spec.contestants]
     names = [c.name for c in contestants]
     if len(set(names)) != len(names):
         raise ConfigError(f"contestant names must be unique, got {names}")
@@ -245,6 +253,14 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
         sweep = [(c.alpha, r.win_minus_lose) for c in contestants if c.alpha is not None and (r := versus.get(c.name)) is not None]
         if sweep:
             files.append(plots.alpha_sweep(sweep, spec.reference, out / "plots" / "alpha_sweep.png", note, warn))
+        # r-to-Q*: one policy's win rate against the number of beams it searches its likelihood with
+        beams = [(c.decoding.num_beams, c.name, r, mean_tokens(rows[c.name])) for c in beam_sweep if (r := versus.get(c.name)) is not None]
+        if beams:
+            table = [{"num_beams": k, "mean_tokens": round(length, 2), **rate_row(name, spec.reference, r)} for k, name, r, length in beams]
+            files.append(write_csv(out / "results" / "beam_sweep.csv", ["num_beams", "mean_tokens", *RATE_FIELDS], table))
+            points = [(k, r, length) for k, _, r, length in beams]
+            plot = out / "plots" / "win_rate_vs_beams.png"
+            files.append(plots.win_rate_vs_beams(points, spec.beam_sweep.contestant, spec.reference, plot, note, warn))
 
     # 5. reward-model curve over a run's epochs
     increments = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,11 +13,13 @@ from iq_lightning.config import (
     DATA_SOURCES,
     PLACEMENTS,
     DataSpec,
+    DecodingSpec,
     GuideSpec,
     LoggerSpec,
     ModelSpec,
     SamplerSpec,
     build_spec,
+    validate_decoding,
     validate_sampler,
 )
 from iq_lightning.errors import ConfigError
@@ -31,7 +33,8 @@ PAIRINGS = ("all", "reference")
 @dataclass(frozen=True)
 class ContestantSpec:
     """One answer source: a training run's final/, any save_pretrained directory, or (neither)
-    the `model` group's model; with `principle` set, the Prompting baseline of that model."""
+    the `model` group's model; with `principle` set, the Prompting baseline of that model;
+    `decoding`: how its answers are decoded (num_beams > 1: beam search over its likelihood)."""
 
     name: str
     run_dir: str | None = None
@@ -39,6 +42,18 @@ class ContestantSpec:
     principle: str | None = None
     placement: str = "system"
     alpha: float | None = None  # a sweep run's alpha (Fig. 7)
+    decoding: DecodingSpec = DecodingSpec()
+
+
+@dataclass(frozen=True)
+class BeamSweepSpec:
+    """r-to-Q*: win rate against the number of beams of one contestant. `contestant` answers
+    again with each count of `num_beams` (as contestant <name>@beams=k; the contestant itself
+    stands for its own count), and plots/win_rate_vs_beams.png draws each one's win rate against
+    the reference."""
+
+    contestant: str | None = None
+    num_beams: tuple[int, ...] = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -132,10 +147,14 @@ class EvalSpec:
     beta: float = 0.1
     credit_maps: int = 3
     seed: int = 0
+    beam_sweep: BeamSweepSpec = BeamSweepSpec()
 
 
 _TOP = {"reference", "focus", "pairs", "sweep_dir", "alpha", "beta", "credit_maps", "seed", "name", "out_dir", "min_category_count"}
-_GROUPS = {"model", "data", "sampler", "guide", "logger", "judge", "elo", "reward", "contestants", "judge_check", "principle_check", "judge_free"}
+_GROUPS = {
+    "model", "data", "sampler", "guide", "logger", "judge", "elo", "reward", "contestants", "judge_check", "principle_check", "judge_free",
+    "beam_sweep",
+}
 
 
 def _contestants(node: Any) -> tuple[ContestantSpec, ...]:
@@ -146,7 +165,7 @@ def _contestants(node: Any) -> tuple[ContestantSpec, ...]:
         if settings is None:  # `~contestants.prompting` or `contestants.prompting=null` removes one
             continue
         if not isinstance(settings, Mapping):
-            raise ConfigError(f"contestants.{name} must be a mapping (run_dir, model_path, principle, placement)")
+            raise ConfigError(f"contestants.{name} must be a mapping (run_dir, model_path, principle, placement, decoding)")
         found.append(build_spec(ContestantSpec, {"name": str(name), **settings}, f"contestants.{name}"))
     return tuple(found)
 
@@ -162,6 +181,9 @@ def build_eval_spec(cfg: DictConfig | Mapping[str, Any]) -> EvalSpec:
         raise ConfigError(f"unknown top-level key {stray[0]!r} (known: {', '.join(sorted(_TOP | _GROUPS))})")
     judge = dict(plain.get("judge") or {})
     judge["extra_body"] = dict(judge.get("extra_body") or {})
+    beam_sweep = dict(plain.get("beam_sweep") or {})
+    if isinstance(beam_sweep.get("num_beams"), (list, tuple)):
+        beam_sweep["num_beams"] = tuple(beam_sweep["num_beams"])
     try:
         spec = EvalSpec(
             model=build_spec(ModelSpec, plain.get("model"), "model"),
@@ -177,6 +199,7 @@ def build_eval_spec(cfg: DictConfig | Mapping[str, Any]) -> EvalSpec:
             judge_check=build_spec(JudgeCheckSpec, plain.get("judge_check"), "judge_check"),
             principle_check=build_spec(CheckSpec, plain.get("principle_check"), "principle_check"),
             judge_free=build_spec(JudgeFreeSpec, plain.get("judge_free"), "judge_free"),
+            beam_sweep=build_spec(BeamSweepSpec, beam_sweep, "beam_sweep"),
             **{k: plain[k] for k in _TOP - {"name", "out_dir"} if k in plain},
         )
     except (TypeError, ValueError) as exc:
@@ -217,6 +240,8 @@ def validate_eval(spec: EvalSpec) -> None:
                 raise ConfigError(f"contestants.{c.name}.{key}={path}: no such directory")
         if c.placement not in PLACEMENTS:
             raise ConfigError(f"contestants.{c.name}.placement must be system or user, got {c.placement!r}")
+        validate_decoding(c.decoding, spec.sampler.backend, f"contestants.{c.name}.decoding")
+    validate_beam_sweep(spec, names)
     if spec.sweep_dir and not Path(spec.sweep_dir).is_dir():
         raise ConfigError(f"sweep_dir={spec.sweep_dir}: no such directory")
     r = spec.reward
@@ -244,3 +269,21 @@ def validate_eval(spec: EvalSpec) -> None:
         raise ConfigError(f"min_category_count must be >= 1, got {spec.min_category_count}")
     if spec.judge_free.batch_size < 1:
         raise ConfigError(f"judge_free.batch_size must be >= 1, got {spec.judge_free.batch_size}")
+
+
+def validate_beam_sweep(spec: EvalSpec, names: list[str]) -> None:
+    sweep = spec.beam_sweep
+    if sweep.contestant is None:
+        return
+    if sweep.contestant not in names:
+        raise ConfigError(f"beam_sweep.contestant={sweep.contestant!r} is not a contestant (contestants: {', '.join(names)})")
+    if sweep.contestant == spec.reference:
+        raise ConfigError(f"beam_sweep.contestant={sweep.contestant!r} is the reference its win rates are measured against: set another reference")
+    counts = sweep.num_beams
+    if not isinstance(counts, tuple) or not counts:
+        raise ConfigError(f"beam_sweep.num_beams must be a list of beam counts, e.g. [1,2,4,8], got {counts!r}")
+    if len(set(counts)) != len(counts):
+        raise ConfigError(f"beam_sweep.num_beams names a count twice: {list(counts)}")
+    base = next(c for c in spec.contestants if c.name == sweep.contestant)
+    for k in counts:
+        validate_decoding(replace(base.decoding, num_beams=k), spec.sampler.backend, "beam_sweep")
