@@ -12,9 +12,12 @@ logits as running the prefix in every row, for B - 1 prefix copies fewer.
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from types import MethodType
+from typing import Iterator, Sequence
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from iq_lightning.logprobs import token_logprobs
@@ -104,8 +107,46 @@ def response_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor], shar
 
 
 def response_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) for every response position, (B, T); padding positions are junk."""
-    return token_logprobs(response_logits(model, batch, share_prefix), batch["response_ids"])
+    """log pi(y_t | x, y_<t) for every response position, (B, T); padding positions are junk.
+
+    Under mixed precision the LM head and the log-softmax run in float32 (`float32_head`): the
+    targets log pi_hat(y_t) are float32, and bf16 logits would put an error of the order of the
+    training signal into log pi_theta (0.011 nats mean on SmolLM2 at identical weights)."""
+    device_type = batch["input_ids"].device.type
+    with float32_head(model, device_type):
+        logits = response_logits(model, batch, share_prefix)
+    with torch.autocast(device_type, enabled=False):
+        return token_logprobs(logits, batch["response_ids"])
+
+
+@contextmanager
+def float32_head(model: PreTrainedModel, device_type: str) -> Iterator[None]:
+    """While autocast is on, run `model`'s output projection (an nn.Linear: every causal LM of
+    transformers) in float32, outside autocast, on its float32 input; a no-op otherwise.
+
+    The head's forward is replaced on the instance for the duration only: the module tree, its
+    state_dict keys and its hooks (ZeRO-3 gathers the weight in a pre-forward hook, FSDP while the
+    enclosing unit runs) stay as they are, so the weight seen here is the whole, gathered one."""
+    head = model.get_output_embeddings() if torch.is_autocast_enabled(device_type) else None
+    if type(head) is not nn.Linear:
+        yield
+        return
+    had_own_forward = "forward" in head.__dict__
+    previous = head.__dict__.get("forward")
+
+    def forward32(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return nn.functional.linear(hidden.float(), self.weight.float(), bias)
+
+    head.forward = MethodType(forward32, head)
+    try:
+        yield
+    finally:
+        if had_own_forward:
+            head.forward = previous
+        else:
+            del head.forward
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
