@@ -161,16 +161,23 @@ class InverseQModule(L.LightningModule):
         finite = norm_is_finite(self.sharding.local_gradients(self.policy))
         return not self._on_any_rank(~finite.reshape(1)).any()
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """After the epoch's last step, before its checkpoint: a step that took the weights past
+        float32's range stops the run here, so the last checkpoint stays a good one.
+
+        Not in on_train_epoch_end: Lightning's progress bar (rank 0 only) syncs the epoch's logged
+        metrics there, before the module's hook, and a collective of ours would pair with those."""
+        if not self.trainer.is_last_batch:
+            return
+        finite = all_finite(self.sharding.local_parameters(self.policy))
+        if self._on_any_rank(~finite.reshape(1)).any():
+            self.nonfinite.stop(PARAMETERS, self.current_epoch, self.global_step)
+
     def on_train_epoch_start(self) -> None:
         self._epoch_started = time.perf_counter()
         self._train_peaks = PhasePeaks()
 
     def on_train_epoch_end(self) -> None:
-        # Before ModelCheckpoint writes the epoch (Lightning runs checkpoint callbacks after this
-        # hook): a step that took the weights past float32's range leaves the last checkpoint good.
-        finite = all_finite(self.sharding.local_parameters(self.policy))
-        if self._on_any_rank(~finite.reshape(1)).any():
-            self.nonfinite.stop(PARAMETERS, self.current_epoch, self.global_step)
         stats = dict(getattr(self.trainer.datamodule, "epoch_stats", {}) or {})
         stats["train/nonfinite_skipped"] = self.nonfinite.skipped
         stats["time/train_s"] = time.perf_counter() - self._epoch_started

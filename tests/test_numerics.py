@@ -134,12 +134,15 @@ def test_nonfinite_gradient_with_finite_loss_stops(tmp_path, monkeypatch):
 
 
 def test_nonfinite_parameters_stop_before_the_epoch_checkpoint(tmp_path, monkeypatch):
+    original = InverseQModule.on_train_batch_end
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.trainer.global_step == 2:  # after epoch 0's last step
             with torch.no_grad():
                 next(self.policy.parameters()).view(-1)[0] = math.inf
+        original(self, outputs, batch, batch_idx)
 
-    monkeypatch.setattr(InverseQModule, "on_train_batch_end", on_train_batch_end, raising=False)
+    monkeypatch.setattr(InverseQModule, "on_train_batch_end", on_train_batch_end)
     with pytest.raises(NonFiniteError, match=r"^non-finite policy parameters at epoch 0, step 2: "):
         _run(tmp_path, "epochs=2")
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))  # epoch 0 never completed
@@ -202,3 +205,51 @@ def test_fused_kernel_devices_fallback_without_torch_private(monkeypatch):
     fresh = importlib.import_module("iq_lightning.module")  # the package imports without it
     expected = {d for d in ("cpu", "cuda") if d in private and (d != "cuda" or torch.cuda.is_available())}
     assert fresh.fused_kernel_devices() == expected
+
+
+# --- DDP: ranks agree ----------------------------------------------------------------------------
+
+_NAN_ON_RANK_1 = '''
+import sys
+sys.path.insert(0, {repo!r})
+from iq_lightning.module import InverseQModule
+
+original = InverseQModule.batch_metrics
+
+def batch_metrics(self, batch):
+    metrics = original(self, batch)
+    if self.global_rank == 1 and self.trainer.global_step == 1:
+        metrics["loss"] = metrics["loss"] * float("nan")
+    return metrics
+
+InverseQModule.batch_metrics = batch_metrics
+# Not runpy.run_path: it sets sys.argv[0] to train.py, and Lightning starts rank 1 from argv[0].
+exec(compile(open({train!r}).read(), {train!r}, "exec"), {{"__name__": "__main__", "__file__": {train!r}}})
+'''
+
+
+def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1 alone sees a NaN loss (epoch 1, step 1): both ranks stop together, with one line
+    and exit code 2, instead of rank 0 waiting forever in its next collective."""
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    script = tmp_path / "train_nan_rank1.py"
+    script.write_text(_NAN_ON_RANK_1.format(repo=str(REPO), train=str(REPO / "train.py")))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    overrides = [
+        f"hydra.run.dir={run_dir}", "model=tiny", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8",
+        "alpha=3.0", "logger=none", "val.every_n_epochs=0", "credit_maps_per_epoch=0", "strategy=ddp",
+        "strategy.devices=2", "strategy.accelerator=cpu", "epochs=2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), *overrides], capture_output=True, text=True, env=env, timeout=300, cwd=run_dir)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and errors[0].startswith("error: non-finite loss at epoch 1, step 1: training stopped"), result.stderr[-3000:]
+    assert not (run_dir / "final").exists()
+    ckpt = _checkpoint(run_dir)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (0, 1)
