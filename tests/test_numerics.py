@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from conftest import compose
 from iq_lightning.config import build_run_config
@@ -177,7 +178,8 @@ def test_bf16_mixed_policy_logprobs_use_a_float32_head(tiny):
         with torch.no_grad():
             reference = response_logprobs(model, batch)
             hidden.clear()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            # What Lightning's precision="bf16-mixed" wraps training_step in (torch.autocast on CPU).
+            with MixedPrecision("bf16-mixed", "cpu").forward_context():
                 mixed = response_logprobs(model, batch)
     finally:
         handle.remove()
@@ -191,6 +193,14 @@ def test_bf16_mixed_policy_logprobs_use_a_float32_head(tiny):
     assert (mixed - reference)[mask].abs().mean() < 1e-3
     # The head is back to its own forward afterwards (nothing stays patched).
     assert "forward" not in model.get_output_embeddings().__dict__
+
+
+def test_bf16_mixed_run_trains_through_the_float32_head(tmp_path):
+    """precision=bf16-mixed end to end (backward through the patched head, non-fused AdamW)."""
+    result = _run(tmp_path, "epochs=1", "precision=bf16-mixed", "save_final=false")
+    assert result.trainer.global_step == 2
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in result.module.policy.parameters())
+    assert "forward" not in result.module.policy.get_output_embeddings().__dict__
 
 
 # --- private imports ------------------------------------------------------------------------------
