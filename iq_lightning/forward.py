@@ -106,13 +106,19 @@ def response_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor], shar
     return out.logits[:, -(response_len + 1) : -1]
 
 
-def response_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> torch.Tensor:
+def response_logprobs(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], share_prefix: bool = True, float32_logits: bool = False
+) -> torch.Tensor:
     """log pi(y_t | x, y_<t) for every response position, (B, T); padding positions are junk.
 
-    Under mixed precision the LM head and the log-softmax run in float32 (`float32_head`): the
-    targets log pi_hat(y_t) are float32, and bf16 logits would put an error of the order of the
-    training signal into log pi_theta (0.011 nats mean on SmolLM2 at identical weights)."""
+    log pi(y_t) = (W h_t)[y_t] - logsumexp_v (W h_t)[v], always reduced in float32. With
+    `float32_logits` (the policy's log pi_theta, regressed onto float32 targets log pi_hat) the LM
+    head W h_t is computed in float32 too, under autocast (bf16-mixed) or on bf16 weights
+    (DeepSpeed's bf16): bf16 logits of magnitude 16-32 are rounded to steps of 0.125, an error
+    in log pi_theta of the order of the training signal (0.011 nats mean, 0.05 max on SmolLM2)."""
     device_type = batch["input_ids"].device.type
+    if not float32_logits:
+        return token_logprobs(response_logits(model, batch, share_prefix), batch["response_ids"])
     with float32_head(model, device_type):
         logits = response_logits(model, batch, share_prefix)
     with torch.autocast(device_type, enabled=False):
@@ -121,18 +127,21 @@ def response_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor], sh
 
 @contextmanager
 def float32_head(model: PreTrainedModel, device_type: str) -> Iterator[None]:
-    """While autocast is on, run `model`'s output projection (an nn.Linear: every causal LM of
-    transformers) in float32, outside autocast, on its float32 input; a no-op otherwise.
+    """Run `model`'s output projection (an nn.Linear in every causal LM of transformers) in
+    float32, outside autocast, on its input upcast to float32; a no-op where it already is
+    (float32 weights, no autocast) or where the head is no plain nn.Linear or has a forward of
+    its own (accelerate's offloading hooks), which are left alone.
 
     The head's forward is replaced on the instance for the duration only: the module tree, its
     state_dict keys and its hooks (ZeRO-3 gathers the weight in a pre-forward hook, FSDP while the
     enclosing unit runs) stay as they are, so the weight seen here is the whole, gathered one."""
-    head = model.get_output_embeddings() if torch.is_autocast_enabled(device_type) else None
-    if type(head) is not nn.Linear:
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or "forward" in head.__dict__:
         yield
         return
-    had_own_forward = "forward" in head.__dict__
-    previous = head.__dict__.get("forward")
+    if head.weight.dtype == torch.float32 and not torch.is_autocast_enabled(device_type):
+        yield
+        return
 
     def forward32(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type, enabled=False):
@@ -143,10 +152,7 @@ def float32_head(model: PreTrainedModel, device_type: str) -> Iterator[None]:
     try:
         yield
     finally:
-        if had_own_forward:
-            head.forward = previous
-        else:
-            del head.forward
+        del head.forward
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

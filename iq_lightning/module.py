@@ -96,7 +96,7 @@ class InverseQModule(L.LightningModule):
 
     def batch_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss and diagnostics on one micro-batch of rollouts."""
-        policy_logprobs = response_logprobs(self.policy, batch)
+        policy_logprobs = response_logprobs(self.policy, batch, float32_logits=True)
         mask = batch["response_mask"]
         targets = batch["target_logprobs"]
         loss = inverse_q_loss(policy_logprobs, targets, mask, self.reduction)

@@ -180,7 +180,7 @@ def test_bf16_mixed_policy_logprobs_use_a_float32_head(tiny):
             hidden.clear()
             # What Lightning's precision="bf16-mixed" wraps training_step in (torch.autocast on CPU).
             with MixedPrecision("bf16-mixed", "cpu").forward_context():
-                mixed = response_logprobs(model, batch)
+                mixed = response_logprobs(model, batch, float32_logits=True)
     finally:
         handle.remove()
     assert mixed.dtype == torch.float32
@@ -193,6 +193,35 @@ def test_bf16_mixed_policy_logprobs_use_a_float32_head(tiny):
     assert (mixed - reference)[mask].abs().mean() < 1e-3
     # The head is back to its own forward afterwards (nothing stays patched).
     assert "forward" not in model.get_output_embeddings().__dict__
+
+
+def _exact_logprobs(hidden: torch.Tensor, weight: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+    """log_softmax(W h)[y] in float64 from the head's inputs, response-aligned."""
+    width = response_ids.shape[1]
+    logits = hidden.double()[:, -(width + 1) : -1] @ weight.double().T
+    return torch.log_softmax(logits, -1).gather(-1, response_ids[..., None]).squeeze(-1)
+
+
+def test_bf16_weights_policy_logprobs_use_a_float32_head(tiny):
+    """Weights in bf16 without autocast (DeepSpeed's bf16): the head still runs in float32 on the
+    bf16 hidden states upcast, instead of rounding logits to bf16; guides' calls are unchanged."""
+    import copy
+
+    model = copy.deepcopy(tiny[0]).to(torch.bfloat16)
+    batch = _batch(tiny[1], model.config.vocab_size)
+    mask = batch["response_mask"].bool()
+    head = model.get_output_embeddings()
+    hidden = []
+    handle = head.register_forward_pre_hook(lambda m, args: hidden.append(args[0]))
+    try:
+        with torch.no_grad():
+            policy = response_logprobs(model, batch, float32_logits=True)
+            plain = response_logprobs(model, batch)
+    finally:
+        handle.remove()
+    exact = _exact_logprobs(hidden[0], head.weight, batch["response_ids"])
+    torch.testing.assert_close(policy[mask].double(), exact[mask], atol=1e-5, rtol=0)
+    assert (plain - exact)[mask].abs().max() > 1e-4  # the bf16 logits' rounding, still there by default
 
 
 def test_bf16_mixed_run_trains_through_the_float32_head(tmp_path):
