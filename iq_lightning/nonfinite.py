@@ -76,7 +76,7 @@ class NonFiniteGuard:
         if not note and self.allowance and self.skipped >= self.allowance:
             note = f" after {self.skipped} skipped steps (nonfinite_skips={self.allowance})"
         raise NonFiniteError(
-            f"non-finite {what} at epoch {epoch}, step {step}{note}: training stopped, the checkpoint "
-            "of the last completed epoch is kept and final/ is not written; lower lr, set max_grad_norm "
-            "or check the guides (nonfinite_skips=N skips a few such steps)"
+            f"non-finite {what} at epoch {epoch}, step {step}{note}: training stopped, checkpoints/ "
+            "holds only completed epochs and final/ is not written; lower lr, set max_grad_norm or "
+            "check the guides (nonfinite_skips=N skips a few such steps)"
         )

@@ -5,6 +5,7 @@ under mixed precision; private torch imports have a working fallback."""
 import csv
 import importlib
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from conftest import compose
+from conftest import compose, has_module
 from iq_lightning.config import build_run_config
 from iq_lightning.errors import NonFiniteError
 from iq_lightning.forward import pack, response_logprobs
@@ -292,3 +293,30 @@ def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path):
     assert not (run_dir / "final").exists()
     ckpt = _checkpoint(run_dir)
     assert (ckpt["epoch"], ckpt["global_step"]) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "strategy, error",
+    [
+        # ZeRO-3's engine steps from its own gradient partitions: no skip, the run stops at once.
+        pytest.param("deepspeed_zero3", r"non-finite loss at epoch 0, step 1 \(this strategy cannot skip a step\): ",
+                     marks=pytest.mark.skipif(not has_module("deepspeed"), reason="deepspeed is not installed")),
+        # FSDP skips the first (its gradient shards dropped); the weights, already ~1e30, overflow again.
+        ("fsdp", r"non-finite loss at epoch 1, step 2 after 1 skipped steps \(nonfinite_skips=1\): "),
+    ],
+    ids=["deepspeed_zero3", "fsdp"],
+)
+def test_sharded_strategies_skip_or_stop_together(strategy, error, tmp_path):
+    """lr=1e30 without clipping under ZeRO-3 and FSDP on 2 CPU processes: each rank checks the
+    gradient and parameter shards it holds, and both ranks stop with the same line, exit code 2."""
+    from test_cli import _train
+
+    result = _train(
+        tmp_path, "model=tiny", "lr=1e30", "max_grad_norm=null", "epochs=2", "logger=none", "samples_per_epoch=8",
+        "micro_batch_size=2", "sampler.max_new_tokens=8", "val.every_n_epochs=0", "credit_maps_per_epoch=0",
+        f"strategy={strategy}", "strategy.devices=2", "strategy.accelerator=cpu", "nonfinite_skips=1",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
+    assert len(errors) == 1 and re.match("error: " + error, errors.pop()), result.stderr[-3000:]
+    assert not (tmp_path / "final").exists()
