@@ -140,6 +140,9 @@ class TrainSpec:
     reduction: str = "token_mean"
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    # Optimizer steps with a non-finite loss, guide target or gradient norm that are skipped
+    # (their gradients discarded, counted as train/nonfinite_skipped) before the run stops.
+    nonfinite_skips: int = 0
     precision: str = "32-true"
     save_final: bool = True
     save_epoch_policies: bool = False  # policies/epoch_NNN after every epoch (reward curves, Fig. 6)
@@ -304,6 +307,7 @@ def validate(run: RunConfig) -> None:
     _integer(t.accumulate_grad_batches, "accumulate_grad_batches", 1)
     _integer(t.passes_per_epoch, "passes_per_epoch", 1)
     _integer(t.seed, "seed", 0)
+    _integer(t.nonfinite_skips, "nonfinite_skips", 0)
     _integer(t.credit_maps_per_epoch, "credit_maps_per_epoch", 0)
     _integer(t.rollout_table_rows, "rollout_table_rows", 0)
     _check(str(t.precision) in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")

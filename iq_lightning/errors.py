@@ -17,6 +17,11 @@ class ModelLoadError(UserError):
     """A model or tokenizer that cannot be loaded (missing, offline, incompatible)."""
 
 
+class NonFiniteError(UserError):
+    """A non-finite loss, guide target, gradient norm or parameter: training stops before the
+    optimizer step (or the checkpoint) that would keep it, so the last checkpoint stays good."""
+
+
 class MissingDependencyError(UserError):
     """An optional package that the chosen configuration needs is not installed."""
 

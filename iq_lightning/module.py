@@ -6,14 +6,39 @@ import time
 
 import lightning as L
 import torch
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from transformers import PreTrainedModel
 
+from iq_lightning.config import StrategySpec
 from iq_lightning.device_memory import PhasePeaks
 from iq_lightning.forward import response_logprobs
 from iq_lightning.guides import GuideScorer
+from iq_lightning.nonfinite import GRAD_NORM, LOSS, PARAMETERS, TARGETS, NonFiniteGuard, all_finite, norm_is_finite
 from iq_lightning.objective import inverse_q_loss, token_credit
 from iq_lightning.rank_models import RankModels
+from iq_lightning.strategies import Replicated, Sharding
+
+
+def fused_kernel_devices() -> set[str]:
+    """Device types with fused optimizer kernels. torch's own list is private
+    (torch.utils._foreach_utils); should it move, each device type is asked instead by stepping a
+    one-element fused AdamW there (`_fused_adamw_works`)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return {device for device in ("cpu", "cuda") if _fused_adamw_works(device)}
+    return set(_get_fused_kernels_supported_devices())
+
+
+def _fused_adamw_works(device_type: str) -> bool:
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False
+    try:
+        param = torch.nn.Parameter(torch.zeros(1, device=device_type))
+        param.grad = torch.zeros_like(param)
+        torch.optim.AdamW([param], fused=True).step()
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 class InverseQModule(L.LightningModule):
@@ -38,6 +63,7 @@ class InverseQModule(L.LightningModule):
         weight_decay: float = 0.0,
         guide_device: str | None = None,
         models: RankModels | None = None,
+        nonfinite_skips: int = 0,
     ):
         super().__init__()
         self.policy = policy
@@ -48,6 +74,8 @@ class InverseQModule(L.LightningModule):
         self.reduction = reduction
         self.weight_decay = weight_decay
         self.guide_device = guide_device
+        self.nonfinite = NonFiniteGuard(nonfinite_skips)
+        self.sharding: Sharding = models.sharding if models is not None else Replicated(StrategySpec())
         self.save_hyperparameters(ignore=["policy", "guide", "models"])
         self._epoch_started = 0.0
         self._train_peaks: PhasePeaks | None = None
@@ -68,7 +96,7 @@ class InverseQModule(L.LightningModule):
 
     def batch_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss and diagnostics on one micro-batch of rollouts."""
-        policy_logprobs = response_logprobs(self.policy, batch)
+        policy_logprobs = response_logprobs(self.policy, batch, float32_logits=True)
         mask = batch["response_mask"]
         targets = batch["target_logprobs"]
         loss = inverse_q_loss(policy_logprobs, targets, mask, self.reduction)
@@ -87,8 +115,19 @@ class InverseQModule(L.LightningModule):
             }
         return {"loss": loss, **metrics}
 
+    def _on_any_rank(self, flags: torch.Tensor) -> torch.Tensor:
+        """`flags` (0/1 per check) summed over the ranks: every rank takes the same verdict."""
+        return self.trainer.strategy.reduce(flags.to(self.device, torch.float32), reduce_op="sum") > 0
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        targets_finite = torch.isfinite(batch["target_logprobs"]).all()  # padding is 0, not junk
         metrics = self.batch_metrics(batch)
+        bad = self._on_any_rank(torch.stack([~targets_finite, ~torch.isfinite(metrics["loss"].detach())]))
+        if bad.any():
+            # Backward still runs (under DDP every rank must take part in the gradient all-reduce);
+            # the step's gradients are then discarded in on_before_optimizer_step, or the run stops here.
+            self.nonfinite.found(TARGETS if bad[0] else LOSS, self.current_epoch, self.global_step, self.sharding.discards_gradients)
+            return metrics["loss"]
         size = batch["response_ids"].shape[0]
         # sync_dist: with DDP the epoch figures average every rank's share, not rank 0's alone.
         self.log("train/loss", metrics["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
@@ -105,16 +144,52 @@ class InverseQModule(L.LightningModule):
         self.log("train/response_length", metrics["response_length"], on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         return metrics["loss"]
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Between backward (gradients unscaled) and clipping and the step: skip the step, or stop,
+        when a micro-batch's loss or targets (training_step) or the gradient norm is non-finite."""
+        if self.nonfinite.pending is None and not self._gradients_finite():
+            self.nonfinite.found(GRAD_NORM, self.current_epoch, self.global_step, self.sharding.discards_gradients)
+        what = self.nonfinite.take_pending()
+        if what is not None:
+            self.sharding.discard_gradients(self.policy)
+            self.nonfinite.skip(what, self.current_epoch, self.global_step)
+
+    def _gradients_finite(self) -> bool:
+        # A loss scaler (16-mixed) overflows on purpose and skips such steps itself.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return True
+        finite = norm_is_finite(self.sharding.local_gradients(self.policy))
+        return not self._on_any_rank(~finite.reshape(1)).any()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """After the epoch's last step, before its checkpoint: a step that took the weights past
+        float32's range stops the run here, so the last checkpoint stays a good one.
+
+        Not in on_train_epoch_end: Lightning's progress bar (rank 0 only) syncs the epoch's logged
+        metrics there, before the module's hook, and a collective of ours would pair with those."""
+        if not self.trainer.is_last_batch:
+            return
+        finite = all_finite(self.sharding.local_parameters(self.policy))
+        if self._on_any_rank(~finite.reshape(1)).any():
+            self.nonfinite.stop(PARAMETERS, self.current_epoch, self.global_step)
+
     def on_train_epoch_start(self) -> None:
         self._epoch_started = time.perf_counter()
         self._train_peaks = PhasePeaks()
 
     def on_train_epoch_end(self) -> None:
         stats = dict(getattr(self.trainer.datamodule, "epoch_stats", {}) or {})
+        stats["train/nonfinite_skipped"] = self.nonfinite.skipped
         stats["time/train_s"] = time.perf_counter() - self._epoch_started
         self._train_peaks.mark("train")
         stats.update(self._train_peaks.figures)
         self.log_dict({k: float(v) for k, v in stats.items()}, on_epoch=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_skipped"] = self.nonfinite.skipped  # the allowance is per run, not per restart
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.skipped = checkpoint.get("nonfinite_skipped", 0)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val and self.models is not None and self.models.sharding.clip_gradients(self.policy, gradient_clip_val):
@@ -131,6 +206,6 @@ class InverseQModule(L.LightningModule):
         foreach 0.38 s), the same update. Lightning's mixed-precision plugins refuse gradient
         clipping with a fused optimizer (they cannot unscale its gradients first), so mixed
         precision keeps the default."""
-        supported = _get_fused_kernels_supported_devices()
+        supported = fused_kernel_devices()
         mixed = str(self.trainer.precision).endswith("-mixed")
         return not mixed and all(p.device.type in supported and p.is_floating_point() for p in params)

@@ -243,7 +243,15 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
 
     t = run.train
     module = InverseQModule(
-        None, None, lr=t.lr, beta=t.beta, reduction=t.reduction, weight_decay=t.weight_decay, guide_device=run.guide.device, models=models
+        None,
+        None,
+        lr=t.lr,
+        beta=t.beta,
+        reduction=t.reduction,
+        weight_decay=t.weight_decay,
+        guide_device=run.guide.device,
+        models=models,
+        nonfinite_skips=t.nonfinite_skips,
     )
     datamodule = OnPolicyDataModule(
         prompts,

@@ -42,6 +42,8 @@ class Sharding(ABC):
     """How one strategy materialises the policy and the frozen guides on each rank."""
 
     sharded: bool = False
+    # Whether `discard_gradients` can make a coming optimizer step change nothing (nonfinite.py).
+    discards_gradients: bool = True
 
     def __init__(self, spec: StrategySpec):
         self.spec = spec
@@ -69,6 +71,26 @@ class Sharding(ABC):
         False: leave it to Lightning."""
         return False
 
+    # --- non-finite checks (nonfinite.py): each rank looks at what it holds, the flags are then
+    # reduced over the ranks, so only the local pieces are needed here, never a gather.
+
+    def local_gradients(self, trained: nn.Module) -> list[torch.Tensor]:
+        """The gradients of `trained` this rank holds between backward and the optimizer step:
+        whole (and already averaged) under DDP; under FSDP (use_orig_params) each parameter's
+        .grad is this rank's piece of it."""
+        return [p.grad for p in trained.parameters() if p.grad is not None]
+
+    def local_parameters(self, trained: nn.Module) -> list[torch.Tensor]:
+        """The trainable parameter values this rank holds (FSDP: its shards, outside forward)."""
+        return [p.detach() for p in trained.parameters() if p.requires_grad]
+
+    def discard_gradients(self, trained: nn.Module) -> None:
+        """Drop the gradients of the coming optimizer step so that it changes nothing. torch
+        optimizers skip a parameter whose .grad is None (AdamW: no update, no moment decay, no
+        step count), so the skipped step leaves weights and optimizer state as they were."""
+        for p in trained.parameters():
+            p.grad = None
+
 
 class Replicated(Sharding):
     """One process, or DDP: whole models on every rank."""
@@ -81,6 +103,9 @@ class ZeRO3(Sharding):
     """DeepSpeed ZeRO stage 3: parameters, gradients and optimizer state partitioned over ranks."""
 
     sharded = True
+    # The engine's step reads its own gradient partitions, and Lightning's DeepSpeed plugin
+    # always calls it: a non-finite step cannot be skipped from here, only refused.
+    discards_gradients = False
 
     def trainer_strategy(self, micro_batch_size: int):
         if importlib.util.find_spec("deepspeed") is None:
@@ -128,6 +153,22 @@ class ZeRO3(Sharding):
         engine, *_ = deepspeed.initialize(model=model, config=_zero3_inference_config(next(model.parameters()).dtype))
         engine.eval()
         return engine.module
+
+    def local_gradients(self, trained: nn.Module) -> list[torch.Tensor]:
+        # .grad is None under ZeRO-3: each rank's gradient partition lives in DeepSpeed's
+        # optimizer, readable between backward and step through its public "local" API.
+        from deepspeed.utils import safe_get_local_grad
+
+        grads = (safe_get_local_grad(p) for p in trained.parameters() if p.requires_grad)
+        return [g for g in grads if g is not None]
+
+    def local_parameters(self, trained: nn.Module) -> list[torch.Tensor]:
+        # The parameters themselves are empty placeholders outside forward; ds_tensor is this
+        # rank's partition of the values.
+        return [getattr(p, "ds_tensor", p).detach() for p in trained.parameters() if p.requires_grad]
+
+    def discard_gradients(self, trained: nn.Module) -> None:
+        raise NotImplementedError("ZeRO-3 steps cannot be skipped (discards_gradients is False)")
 
 
 def _zero3_inference_config(dtype: torch.dtype) -> dict:
