@@ -8,10 +8,10 @@ from typing import Sequence
 
 from transformers import PreTrainedModel
 
-from iq_lightning.errors import UserError
+from iq_lightning.errors import NonFiniteError
 
 
-class NonFiniteSampling(UserError):
+class NonFiniteSampling(NonFiniteError):
     """The policy's next-token distribution holds NaN or inf (diverged weights): sampling from it
     would silently pick an arbitrary token, so sampling stops instead."""
 
