@@ -126,7 +126,8 @@ class EpochCheckpoint(Checkpoint):
                 "nothing half-written was kept: free space and rerun the same command to resume"
             ) from None
         if trainer.is_global_zero:
-            _remove(final)  # only after a kill between a rename and the pruning below
+            if final.is_dir():  # os.replace overwrites a file, not a directory (sharded strategies)
+                _remove(final)
             os.replace(tmp, final)
             link_tmp = self.dirpath / (LAST_LINK + ".tmp")
             _remove(link_tmp)

@@ -166,11 +166,11 @@ def restart_settings(run: RunConfig) -> dict:
     plain.pop("run_dir")
     plain.update(plain.pop("train"))  # train keys are top-level on the command line
     flat = _flat(plain)
-    return {
-        key: value
-        for key, value in flat.items()
-        if not any(key == pattern or (pattern.endswith(".*") and key.startswith(pattern[:-1])) for pattern in RESTART_MAY_CHANGE)
-    }
+
+    def may_change(key: str) -> bool:
+        return any(key in (pattern, pattern.removesuffix(".*")) or key.startswith(pattern[:-1]) for pattern in RESTART_MAY_CHANGE if pattern.endswith(".*")) or key in RESTART_MAY_CHANGE
+
+    return {key: value for key, value in flat.items() if not may_change(key)}
 
 
 def _legacy_fingerprint(run: RunConfig) -> dict:
