@@ -107,6 +107,10 @@ class EpochCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
+        # The epoch's metrics are reduced over the ranks (sync_dist) the first time they are read;
+        # the progress bar reads them on rank zero only, so every rank must read them here, as
+        # Lightning's ModelCheckpoint does, or that reduction waits forever for the other ranks.
+        trainer.callback_metrics
         epoch = trainer.current_epoch
         final = self.dirpath / f"epoch{epoch:03d}.ckpt"
         tmp = self.dirpath / f"epoch{epoch:03d}.ckpt.tmp"

@@ -101,14 +101,11 @@ runpy.run_path({train!r}, run_name="__main__")
 '''
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _train(run_dir: Path, *extra: str, wrapper: Path | None = None, point: str | None = None) -> subprocess.CompletedProcess:
+def _train(run_dir: Path, *extra: str, wrapper: Path | None = None, point: str | None = None, **env: str) -> subprocess.CompletedProcess:
     head = [sys.executable, str(wrapper), point] if wrapper else [sys.executable, str(REPO / "train.py")]
     cmd = head + ARGS + list(extra) + [f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -192,3 +189,18 @@ def test_a_restart_with_a_changed_setting_names_it(reference, tmp_path):
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "model.lora.enabled: false -> true" in errors[0], refused.stderr[-3000:]
     assert "epochs" not in errors[0].split("(")[1]  # epochs may change on a restart
+
+
+def test_wandb_steps_never_go_back_after_a_kill(wrapper, tmp_path):
+    from iq_lightning.tracking import read_offline_run
+
+    extra = ["logger=wandb", "val.every_n_epochs=0", "save_final=false"]
+    killed = _train(tmp_path, *extra, wrapper=wrapper, point="training_step", WANDB_MODE="offline")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    _ok(_train(tmp_path, *extra, WANDB_MODE="offline"))
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
+    assert len(runs) == 2
+    recorded = [read_offline_run(runs[0], wait_s=0), read_offline_run(runs[1])]
+    assert recorded[0].id == recorded[1].id  # one W&B run, continued
+    steps = [row["trainer/global_step"] for run in recorded for row in run.history if "trainer/global_step" in row]
+    assert steps == sorted(steps) and steps[-1] == 6, steps
