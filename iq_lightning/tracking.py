@@ -206,10 +206,11 @@ class RunTracking(Callback):
 
 
 class WandbLogger(_LightningWandbLogger):
-    """Lightning's WandbLogger (same name: callbacks find W&B loggers by it) whose
-    `trainer/global_step` never goes back. A run resumed after a kill -9 replays the steps after
-    its last checkpoint; W&B already holds them (up to `resume_step`, the highest step the run
-    logged, read from metrics.csv), so those are not sent again."""
+    """Lightning's WandbLogger (same name: callbacks find W&B loggers by it) that does not send a
+    step twice. A run resumed after a kill -9 replays the steps after its last checkpoint; W&B
+    already holds them (up to `resume_step`, the highest step the run logged, read from
+    metrics.csv), so those below it are not sent again and `trainer/global_step` goes on from
+    where the killed attempt stopped."""
 
     def __init__(self, *args, resume_step: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
