@@ -199,6 +199,26 @@ def test_restart_with_changed_settings_is_refused(tmp_path):
     assert resumed.trainer.global_step == 4
 
 
+def test_every_fingerprinted_key_is_named_when_it_changes(tmp_path):
+    from iq_lightning.errors import ConfigError
+    from iq_lightning.run import FINGERPRINT_FILE, RESTART_MAY_CHANGE, check_resumable, restart_settings
+
+    run = build_run_config(compose(TINY), tmp_path)
+    settings = restart_settings(run)
+    assert {"lr", "reduction", "model.lora.r", "model.tiny.hidden_size", "model.chat_template", "model.revision",
+            "data.limit", "data.max_prompt_tokens", "data.hh_subsets", "guide.model", "seed"} <= set(settings)
+    assert not {"epochs", "logger.kind", "dry_run", "save_final", "val.table_rows", "sampler.batch_size"} & set(settings)
+    assert "epochs" in RESTART_MAY_CHANGE
+    path = tmp_path / FINGERPRINT_FILE
+    for key in settings:
+        path.write_text(json.dumps({"settings": {**settings, key: "old"}}))
+        with pytest.raises(ConfigError) as refused:
+            check_resumable(run)
+        assert f'({key}: "old" -> {json.dumps(settings[key])});' in str(refused.value), key
+    path.write_text(json.dumps({"settings": settings}))
+    check_resumable(build_run_config(compose(TINY + ["epochs=9", "logger=csv", "val.table_rows=1"]), tmp_path))
+
+
 def test_a_run_that_failed_before_starting_accepts_the_corrected_command(tmp_path):
     from iq_lightning.errors import DataError
 
