@@ -63,12 +63,6 @@ def last_checkpoint(directory: str | Path) -> Path | None:
     return legacy if legacy.exists() else None
 
 
-def checkpoint_epoch(path: str | Path) -> int | None:
-    """The epoch a checkpoint was written after, from its name (a legacy last.ckpt: its target's)."""
-    match = _EPOCH_CHECKPOINT.match(Path(path).resolve().name)
-    return int(match.group(1)) if match else None
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -110,7 +104,7 @@ class EpochCheckpoint(Checkpoint):
         # The epoch's metrics are reduced over the ranks (sync_dist) the first time they are read;
         # the progress bar reads them on rank zero only, so every rank must read them here, as
         # Lightning's ModelCheckpoint does, or that reduction waits forever for the other ranks.
-        trainer.callback_metrics
+        _ = trainer.callback_metrics
         epoch = trainer.current_epoch
         final = self.dirpath / f"epoch{epoch:03d}.ckpt"
         tmp = self.dirpath / f"epoch{epoch:03d}.ckpt.tmp"
@@ -133,10 +127,7 @@ class EpochCheckpoint(Checkpoint):
             if final.is_dir():  # os.replace overwrites a file, not a directory (sharded strategies)
                 _remove(final)
             os.replace(tmp, final)
-            link_tmp = self.dirpath / (LAST_LINK + ".tmp")
-            _remove(link_tmp)
-            os.symlink(final.name, link_tmp)
-            os.replace(link_tmp, self.dirpath / LAST_LINK)
+            self._link_last(final)
             fsync_dir(self.dirpath)
             for _, path in epoch_checkpoints(self.dirpath):
                 if path != final:
@@ -144,6 +135,17 @@ class EpochCheckpoint(Checkpoint):
             for stale in self.dirpath.glob("last-v*.ckpt"):  # older versions' copies
                 _remove(stale)
         trainer.strategy.barrier("EpochCheckpoint.done")
+
+    def _link_last(self, final: Path) -> None:
+        last, link_tmp = self.dirpath / LAST_LINK, self.dirpath / (LAST_LINK + ".tmp")
+        try:
+            if last.exists() and not last.is_symlink():  # an older version's copy
+                _remove(last)
+            _remove(link_tmp)
+            os.symlink(final.name, link_tmp)
+            os.replace(link_tmp, last)
+        except OSError as exc:  # a file system without links: the link is only a convenience
+            log.debug("no %s link: %s", last, exc)
 
 
 def epoch_policy_dir(run_dir: str | Path, epoch: int) -> Path:

@@ -19,7 +19,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport, checkpoint_epoch
+from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
 from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig
 from iq_lightning.data import encode_prompt, prepare_prompts
@@ -165,12 +165,15 @@ def restart_settings(run: RunConfig) -> dict:
     plain = json.loads(json.dumps(dataclasses.asdict(run), default=str))
     plain.pop("run_dir")
     plain.update(plain.pop("train"))  # train keys are top-level on the command line
-    flat = _flat(plain)
+    return {key: value for key, value in _flat(plain).items() if not _may_change(key)}
 
-    def may_change(key: str) -> bool:
-        return any(key in (pattern, pattern.removesuffix(".*")) or key.startswith(pattern[:-1]) for pattern in RESTART_MAY_CHANGE if pattern.endswith(".*")) or key in RESTART_MAY_CHANGE
 
-    return {key: value for key, value in flat.items() if not may_change(key)}
+def _may_change(key: str) -> bool:
+    for pattern in RESTART_MAY_CHANGE:
+        group = pattern.removesuffix(".*")
+        if key == group or (group != pattern and key.startswith(group + ".")):
+            return True
+    return False
 
 
 def _legacy_fingerprint(run: RunConfig) -> dict:
