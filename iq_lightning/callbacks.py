@@ -1,14 +1,18 @@
-"""Per-epoch artefacts of a training run that evaluation reads back: the policy after each epoch
-(reward-model curves, paper Fig. 6) and token-credit maps of a few samples (Fig. 8)."""
+"""Per-epoch artefacts of a training run: the checkpoint a restart resumes from, and what
+evaluation reads back: the policy after each epoch (reward-model curves, paper Fig. 6) and
+token-credit maps of a few samples (Fig. 8)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.analysis import (
@@ -20,13 +24,128 @@ from iq_lightning.analysis import (
     safe_filename,
     scale_note,
 )
+from iq_lightning.errors import UserError
 from iq_lightning.models import export_policy
-from iq_lightning.rollouts import read_rollouts
+from iq_lightning.rollouts import fsync_dir, read_rollouts, write_atomically
 
 log = logging.getLogger(__name__)
 
 POLICY_DIR = "policies"
 CREDIT_DIR = "credit"
+
+
+LAST_LINK = "last.ckpt"
+_EPOCH_CHECKPOINT = re.compile(r"^epoch(\d+)(?:-v\d+)?\.ckpt$")  # -vN: written by older versions
+
+
+def epoch_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in `directory`, (epoch, path) oldest first. A checkpoint is a file,
+    or a directory for the sharded strategies; it only ever appears under its final name complete."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _EPOCH_CHECKPOINT.match(path.name)
+        if match and not path.is_symlink():
+            found.append((int(match.group(1)), path))
+    return sorted(found, key=lambda item: (item[0], item[1].stat().st_mtime))
+
+
+def last_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint, by the epoch in its name. The `last.ckpt` link is only a
+    convenience: it is stale after a kill between the checkpoint's rename and the link's update,
+    and older versions left it pointing at an old epoch after a run directory was moved."""
+    found = epoch_checkpoints(directory)
+    if found:
+        return found[-1][1]
+    legacy = Path(directory) / LAST_LINK  # a run directory of a version that kept only last.ckpt
+    return legacy if legacy.exists() else None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_tree(path: Path) -> None:
+    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class EpochCheckpoint(Checkpoint):
+    """checkpoints/epochNNN.ckpt after every completed epoch; only the newest is kept.
+
+    Written under a temporary name, synced, then renamed: a checkpoint under its final name is
+    complete, whatever moment a kill -9 or a full disk strikes; a restart resumes from the highest
+    epoch found (`last_checkpoint`). `last.ckpt` is a relative link to it, replaced atomically.
+    No paths are stored in the callback's state (Lightning's ModelCheckpoint keeps its directory's
+    absolute path and, resumed from a moved run directory, writes last-v1.ckpt and stops pruning)."""
+
+    def __init__(self, dirpath: str | Path):
+        self.dirpath = Path(dirpath)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # A kill or a full disk mid-write leaves only a *.tmp, never read: remove it.
+        if trainer.is_global_zero and self.dirpath.is_dir():
+            for leftover in self.dirpath.glob("*.tmp"):
+                _remove(leftover)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        # The epoch's metrics are reduced over the ranks (sync_dist) the first time they are read;
+        # the progress bar reads them on rank zero only, so every rank must read them here, as
+        # Lightning's ModelCheckpoint does, or that reduction waits forever for the other ranks.
+        _ = trainer.callback_metrics
+        epoch = trainer.current_epoch
+        final = self.dirpath / f"epoch{epoch:03d}.ckpt"
+        tmp = self.dirpath / f"epoch{epoch:03d}.ckpt.tmp"
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)
+        trainer.strategy.barrier("EpochCheckpoint.prepare")
+        try:
+            trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero:
+                _fsync_tree(tmp)
+        except OSError as exc:
+            if trainer.is_global_zero:
+                _remove(tmp)
+            raise UserError(
+                f"cannot write the checkpoint of epoch {epoch} to {self.dirpath} ({exc.strerror or exc}); "
+                "nothing half-written was kept: free space and rerun the same command to resume"
+            ) from None
+        if trainer.is_global_zero:
+            if final.is_dir():  # os.replace overwrites a file, not a directory (sharded strategies)
+                _remove(final)
+            os.replace(tmp, final)
+            self._link_last(final)
+            fsync_dir(self.dirpath)
+            for _, path in epoch_checkpoints(self.dirpath):
+                if path != final:
+                    _remove(path)
+            for stale in self.dirpath.glob("last-v*.ckpt"):  # older versions' copies
+                _remove(stale)
+        trainer.strategy.barrier("EpochCheckpoint.done")
+
+    def _link_last(self, final: Path) -> None:
+        last, link_tmp = self.dirpath / LAST_LINK, self.dirpath / (LAST_LINK + ".tmp")
+        try:
+            if last.exists() and not last.is_symlink():  # an older version's copy
+                _remove(last)
+            _remove(link_tmp)
+            os.symlink(final.name, link_tmp)
+            os.replace(link_tmp, last)
+        except OSError as exc:  # a file system without links: the link is only a convenience
+            log.debug("no %s link: %s", last, exc)
 
 
 def epoch_policy_dir(run_dir: str | Path, epoch: int) -> Path:
@@ -68,8 +187,7 @@ class CreditMaps(Callback):
             return float(stored["scale"]), stored["note"]
         value = credit_scale(rollout_credits(rollouts, self.beta))
         note = scale_note(value, f"epoch {epoch}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"scale": value, "note": note, "epoch": epoch, "quantile": CREDIT_QUANTILE, "beta": self.beta}))
+        write_atomically(path, json.dumps({"scale": value, "note": note, "epoch": epoch, "quantile": CREDIT_QUANTILE, "beta": self.beta}))
         return value, note
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

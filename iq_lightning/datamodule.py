@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from iq_lightning.data import EncodedPrompt
 from iq_lightning.device_memory import PhasePeaks
 from iq_lightning.guides import GuideScorer
-from iq_lightning.rollouts import LengthGroupedBatches, Rollout, collate, read_rollouts, write_rollouts
+from iq_lightning.rollouts import LengthGroupedBatches, Rollout, TornRolloutsError, collate, read_rollouts, write_rollouts
 from iq_lightning.samplers import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -123,16 +123,32 @@ class OnPolicyDataModule(L.LightningDataModule):
             for p, g, s in zip(prompts, generations, scores)
         ]
 
+    def _finished(self, epoch: int) -> bool:
+        """Whether `epoch` is already trained: Lightning, restoring an end-of-epoch checkpoint,
+        asks for the checkpoint's own epoch once before it moves on to the next one; that epoch is
+        then counted processed (the checkpoint was saved at its end) but not yet completed."""
+        progress = self.trainer.fit_loop.epoch_progress.current
+        return progress.processed > progress.completed and epoch == progress.completed
+
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch
+        if self._finished(epoch):
+            # Never iterated (Lightning reloads for the next epoch first), but it must not be
+            # empty, or fit stops: one placeholder batch, and no sampling with the wrong weights.
+            return DataLoader([None], batch_size=1, collate_fn=list)
         path = self.rollout_path(epoch)
+        rollouts = None
         if path.exists():
             # A resumed run restarts this epoch from the checkpoint these samples were drawn with,
             # so they are still on-policy; reuse them rather than sample again.
-            rollouts = read_rollouts(path)
-            self.epoch_stats = {"time/sample_s": 0.0, "time/score_s": 0.0}
-            log.info("epoch %d: reusing %d rollouts from %s", epoch, len(rollouts), path)
-        else:
+            try:
+                rollouts = read_rollouts(path)
+            except TornRolloutsError as exc:
+                log.warning("epoch %d: %s; sampling the epoch again", epoch, exc)
+            else:
+                self.epoch_stats = {"time/sample_s": 0.0, "time/score_s": 0.0}
+                log.info("epoch %d: reusing %d rollouts from %s", epoch, len(rollouts), path)
+        if rollouts is None:
             module = self.trainer.lightning_module
             rollouts = self.collect(module.policy, module.guide, epoch)
             write_rollouts(path, rollouts)

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler as TorchSampler
 
+from iq_lightning.errors import UserError
 from iq_lightning.forward import pack
 
 
@@ -39,19 +40,61 @@ class Rollout:
             raise ValueError(f"rollout {self.prompt_id}: per-token lists differ in length from the response ({n})")
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a kill or a full disk leaves either the old file or the new
+    one, never a torn one: a temporary file, synced, renamed over `path`. An OSError (disk full)
+    is one line naming the file; the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"cannot write {path} ({exc.strerror or exc}); nothing half-written was kept: free space and rerun the same command to resume"
+        ) from None
+    fsync_dir(path.parent)
+
+
 def write_rollouts(path: Path, rollouts: Sequence[Rollout]) -> None:
-    """Atomic: a crash mid-write never leaves a truncated file that a resume would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for rollout in rollouts:
-            handle.write(json.dumps(asdict(rollout), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Atomic and synced: a crash mid-write never leaves a truncated file that a resume would trust."""
+    write_atomically(path, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rollouts))
+
+
+class TornRolloutsError(UserError):
+    """A rollout file that does not parse (cut short outside this program, or edited)."""
 
 
 def read_rollouts(path: Path) -> list[Rollout]:
-    with path.open(encoding="utf-8") as handle:
-        return [Rollout(**json.loads(line)) for line in handle if line.strip()]
+    rollouts = []
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                rollouts.append(Rollout(**json.loads(line.decode("utf-8"))))
+            except (ValueError, TypeError) as exc:
+                raise TornRolloutsError(f"{path}:{number}: not a rollout ({str(exc).splitlines()[0]})") from None
+    return rollouts
 
 
 def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from iq_lightning.callbacks import CreditMaps, EpochPolicyExport
+from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
+from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
 from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig
 from iq_lightning.data import encode_prompt, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
@@ -30,6 +31,7 @@ from iq_lightning.models import export_policy, frozen_reference, generation_eos,
 from iq_lightning.module import InverseQModule
 from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
+from iq_lightning.rollouts import write_atomically
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 from iq_lightning.strategies import sharding_for, trainer_kwargs
 from iq_lightning.tracking import RunTracking, wandb_init_kwargs
@@ -87,19 +89,22 @@ def build_loggers(spec: LoggerSpec, run_dir: Path, wandb_init: dict | None = Non
 
     if spec.kind == "none":
         return []
-    loggers = [ResumableCSVLogger(save_dir=str(run_dir))]
+    csv_logger = ResumableCSVLogger(save_dir=str(run_dir))
+    loggers = [csv_logger]
     if spec.kind == "wandb":
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("logger=wandb needs wandb: pip install wandb (or use logger=csv)")
-        from lightning.pytorch.loggers import WandbLogger
+        from iq_lightning.logging_csv import logged_max_step
+        from iq_lightning.tracking import WandbLogger
 
         # One W&B run per run directory: a resumed run continues the same W&B run.
         id_file = run_dir / "wandb_run_id"
         if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex[:12])
+            write_atomically(id_file, uuid.uuid4().hex[:12])
         loggers.insert(
             0,
             WandbLogger(
+                resume_step=logged_max_step(csv_logger.metrics_file),
                 project=spec.project,
                 name=spec.name or run_dir.name,
                 entity=spec.entity,
@@ -115,12 +120,64 @@ def build_loggers(spec: LoggerSpec, run_dir: Path, wandb_init: dict | None = Non
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    path = run_dir / CHECKPOINT_DIR / "last.ckpt"
-    return path if path.exists() else None  # DeepSpeed checkpoints are directories
+    """The newest complete checkpoint of the run (a file, or a directory for the sharded strategies)."""
+    return last_checkpoint_in(run_dir / CHECKPOINT_DIR)
 
 
-# Settings whose change makes a run directory's stored rollouts and checkpoint meaningless.
-def _fingerprint(run: RunConfig) -> dict:
+FINGERPRINT_FILE = "run_fingerprint.json"
+
+# The restart check compares the whole resolved config (keys as on the command line: `lr`, not
+# `train.lr`) except these, which may change when a run is continued. Everything else shapes the
+# samples, the targets, the weights or the optimizer state a checkpoint holds, and a restart with
+# another value would silently mix two runs (or die on a state_dict mismatch).
+RESTART_MAY_CHANGE = (
+    "epochs",  # continue a finished run for more epochs
+    "dry_run",
+    "save_final",  # what is written, not what is trained
+    "save_epoch_policies",
+    "credit_maps_per_epoch",
+    "rollout_table_rows",
+    "logger.*",  # where metrics go, and how progress is shown
+    "val.table_rows",
+    "val.batch_size",  # speed and memory only
+    "sampler.batch_size",
+    "sampler.options.*",
+    "guide.batch_size",
+    "guide.device",
+    "model.gradient_checkpointing",
+    "model.architecture.*",  # the memory plan's sizes, when config.json is not local
+    "model.lora.merge_on_export",
+    "strategy.device_memory_gib",
+)
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: value}
+
+
+def restart_settings(run: RunConfig) -> dict:
+    """The resolved config, flat and JSON-plain, less `run_dir` and the keys that may change."""
+    plain = json.loads(json.dumps(dataclasses.asdict(run), default=str))
+    plain.pop("run_dir")
+    plain.update(plain.pop("train"))  # train keys are top-level on the command line
+    return {key: value for key, value in _flat(plain).items() if not _may_change(key)}
+
+
+def _may_change(key: str) -> bool:
+    for pattern in RESTART_MAY_CHANGE:
+        group = pattern.removesuffix(".*")
+        if key == group or (group != pattern and key.startswith(group + ".")):
+            return True
+    return False
+
+
+def _legacy_fingerprint(run: RunConfig) -> dict:
+    """The fingerprint of runs started before the whole config was compared."""
     return {
         "model": run.model.name_or_path,
         "lora": run.model.lora.enabled,
@@ -135,19 +192,45 @@ def _fingerprint(run: RunConfig) -> dict:
 
 def check_resumable(run: RunConfig) -> None:
     """A restart in an existing run directory must continue the same run: refuse one whose
-    settings changed, rather than silently training on targets computed for other settings."""
-    path = run.run_dir / "run_fingerprint.json"
-    current = _fingerprint(run)
-    if path.exists():
+    settings changed, naming every key with its old and new value, rather than silently training
+    on targets computed for other settings. Nothing is written here: `RunStarted` records the
+    settings once the run has really started, so a run that stopped on a mistake (a malformed
+    data file, a model that did not load) accepts the corrected command."""
+    path = run.run_dir / FINGERPRINT_FILE
+    if not path.exists():
+        return
+    try:
         stored = json.loads(path.read_text())
-        changed = sorted(k for k in current if stored.get(k) != current[k])
-        if changed:
-            raise ConfigError(
-                f"{run.run_dir} holds a run with different {', '.join(changed)}; "
-                "start a new run directory (hydra.run.dir=...) instead of resuming this one"
-            )
+    except ValueError:
+        log.warning("%s does not parse (cut short?): the run's settings are recorded again", path)
+        return
+    if "settings" in stored:
+        old, new = stored["settings"], restart_settings(run)
     else:
-        path.write_text(json.dumps(current, indent=1))
+        old, new = stored, json.loads(json.dumps(_legacy_fingerprint(run)))
+    missing = object()
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing))
+    if changed:
+        def show(settings, key):
+            return json.dumps(settings[key]) if key in settings else "(unset)"
+
+        differences = "; ".join(f"{k}: {show(old, k)} -> {show(new, k)}" for k in changed)
+        raise ConfigError(
+            f"{run.run_dir} holds a run with other settings ({differences}); rerun with the old values to resume, "
+            "or start a new run directory (hydra.run.dir=...)"
+        )
+
+
+class RunStarted(Callback):
+    """Writes the run's restart settings once models are loaded and before the first sample."""
+
+    def __init__(self, run: RunConfig):
+        self.path = run.run_dir / FINGERPRINT_FILE
+        self.settings = restart_settings(run)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            write_atomically(self.path, json.dumps({"settings": self.settings}, indent=1))
 
 
 def held_out_prompts(run: RunConfig, tokenizer: PreTrainedTokenizerBase, training: list) -> tuple[list, list]:
@@ -264,17 +347,9 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         passes_per_epoch=t.passes_per_epoch,
         seed=t.seed,
     )
-    # After every completed epoch; only the newest is kept, and last.ckpt (a link to it) is what
-    # a restart in the same run directory resumes from.
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / CHECKPOINT_DIR,
-        filename="epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        save_top_k=1,
-        save_last="link",
-        every_n_epochs=1,
-    )
-    callbacks = [checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
+    # After every completed epoch (only the newest is kept): what a restart resumes from.
+    checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)
+    callbacks = [RunStarted(run), checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
     if run.val.every_n_epochs:
         callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded))
     if t.credit_maps_per_epoch:

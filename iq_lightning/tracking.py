@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
 from iq_lightning.config import ModelSpec, RunConfig
 from iq_lightning.rollouts import Rollout, read_rollouts
@@ -202,6 +203,23 @@ class RunTracking(Callback):
         table = rollouts_table(read_rollouts(path), self.tokenizer, self.beta, self.table_rows)
         for logger in wandb_loggers:
             logger.experiment.log({"rollouts": table, "trainer/global_step": trainer.global_step})
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's WandbLogger (same name: callbacks find W&B loggers by it) that does not send a
+    step twice. A run resumed after a kill -9 replays the steps after its last checkpoint; W&B
+    already holds them (up to `resume_step`, the highest step the run logged, read from
+    metrics.csv), so those below it are not sent again and `trainer/global_step` goes on from
+    where the killed attempt stopped."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if step is not None and self.resume_step is not None and step < self.resume_step:
+            return
+        super().log_metrics(metrics, step)
 
 
 # Evaluation runs

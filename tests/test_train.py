@@ -181,8 +181,172 @@ def test_restart_with_changed_settings_is_refused(tmp_path):
     from iq_lightning.errors import ConfigError
 
     _run(tmp_path, "epochs=1", "logger=none", "save_final=false")
-    with pytest.raises(ConfigError, match="different alpha"):
-        _run(tmp_path, "epochs=2", "logger=none", "alpha=1.0")
+    for override, change in [
+        ("alpha=1.0", "alpha: 3.0 -> 1.0"),
+        ("model.lora.r=16", "model.lora.r: 8 -> 16"),
+        ("lr=0.5", "lr: 0.0001 -> 0.5"),
+        ("model.tiny.hidden_size=64", "model.tiny.hidden_size: 128 -> 64"),
+        ("reduction=sum", 'reduction: "token_mean" -> "sum"'),
+        ("data.limit=10", "data.limit: null -> 10"),
+    ]:
+        with pytest.raises(ConfigError, match="holds a run with other settings") as refused:
+            _run(tmp_path, "epochs=2", "logger=none", override)
+        message = str(refused.value)
+        assert change in message and "\n" not in message, message
+        assert message.count(" -> ") == 1, message
+    # Keys that may change on a restart: epochs, the logger, what is saved, speed knobs.
+    resumed = _run(tmp_path, "epochs=2", "logger=csv", "save_final=false", "sampler.batch_size=2", "val.table_rows=3")
+    assert resumed.trainer.global_step == 4
+
+
+def test_every_fingerprinted_key_is_named_when_it_changes(tmp_path):
+    from iq_lightning.errors import ConfigError
+    from iq_lightning.run import FINGERPRINT_FILE, RESTART_MAY_CHANGE, check_resumable, restart_settings
+
+    run = build_run_config(compose(TINY), tmp_path)
+    settings = restart_settings(run)
+    assert {"lr", "reduction", "model.lora.r", "model.tiny.hidden_size", "model.chat_template", "model.revision",
+            "data.limit", "data.max_prompt_tokens", "data.hh_subsets", "guide.model", "seed"} <= set(settings)
+    assert not {"epochs", "logger.kind", "dry_run", "save_final", "val.table_rows", "sampler.batch_size"} & set(settings)
+    assert "epochs" in RESTART_MAY_CHANGE
+    path = tmp_path / FINGERPRINT_FILE
+    for key in settings:
+        path.write_text(json.dumps({"settings": {**settings, key: "old"}}))
+        with pytest.raises(ConfigError) as refused:
+            check_resumable(run)
+        assert f'({key}: "old" -> {json.dumps(settings[key])});' in str(refused.value), key
+    path.write_text(json.dumps({"settings": settings}))
+    check_resumable(build_run_config(compose(TINY + ["epochs=9", "logger=csv", "val.table_rows=1"]), tmp_path))
+
+
+def test_a_run_that_failed_before_starting_accepts_the_corrected_command(tmp_path):
+    from iq_lightning.errors import DataError
+
+    bad, good = tmp_path / "bad.jsonl", tmp_path / "good.jsonl"
+    bad.write_text("{oops\n")
+    good.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(8)))
+    run_dir = tmp_path / "run"
+    common = ["epochs=1", "logger=none", "save_final=false", "data=local", "val.every_n_epochs=0"]
+    with pytest.raises(DataError):
+        _run(run_dir, *common, f"data.path={bad}")
+    assert not (run_dir / "run_fingerprint.json").exists()
+    assert _run(run_dir, *common, f"data.path={good}").trainer.global_step == 2
+
+
+def test_last_checkpoint_is_the_newest_complete_epoch_not_the_link(tmp_path):
+    from iq_lightning.run import last_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir(parents=True)
+    assert last_checkpoint(tmp_path) is None
+    for name in ("epoch000.ckpt", "epoch001.ckpt"):
+        (ckpts / name).write_bytes(b"x")
+    (ckpts / "epoch002.ckpt.tmp").write_bytes(b"half")  # a kill mid-write
+    (ckpts / "last.ckpt").symlink_to("epoch000.ckpt")  # a kill before the link's update
+    assert last_checkpoint(tmp_path) == ckpts / "epoch001.ckpt"
+    (ckpts / "epoch010.ckpt").mkdir()  # sharded strategies write directories
+    assert last_checkpoint(tmp_path) == ckpts / "epoch010.ckpt"
+
+
+def _metric_keys(run_dir: Path) -> list[tuple]:
+    """(epoch, step, the metrics it holds) of every row of metrics.csv."""
+    import csv
+
+    rows = csv.DictReader(open(run_dir / "metrics" / "metrics.csv", newline=""))
+    return [(r["epoch"], r["step"], tuple(sorted(k for k, v in r.items() if v and k not in ("epoch", "step")))) for r in rows]
+
+
+def test_moved_run_directory_resumes_twice_without_retraining(tmp_path):
+    first = tmp_path / "first"
+    _run(first, "epochs=1", "logger=csv", "save_final=false", "val.every_n_epochs=0")
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    _run(moved, "epochs=2", "logger=csv", "save_final=false", "val.every_n_epochs=0")
+    third = _run(moved, "epochs=3", "logger=csv", "save_final=false", "val.every_n_epochs=0")
+    assert third.trainer.global_step == 6
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["epoch002.ckpt", "last.ckpt"]
+    assert (moved / "checkpoints" / "last.ckpt").resolve() == (moved / "checkpoints" / "epoch002.ckpt")
+    keys = _metric_keys(moved)
+    assert len(keys) == len(set(keys))
+    assert sorted(k[0] for k in keys if "train/loss_epoch" in k[2]) == ["0", "1", "2"]
+
+
+def test_a_kill_before_the_link_update_resumes_from_the_newest_checkpoint(tmp_path):
+    _run(tmp_path, "epochs=2", "logger=none", "save_final=false", "val.every_n_epochs=0")
+    (tmp_path / "checkpoints" / "last.ckpt").unlink()  # as if killed between the rename and the link
+    resumed = _run(tmp_path, "epochs=3", "logger=none", "save_final=false", "val.every_n_epochs=0")
+    assert resumed.trainer.ckpt_path and resumed.trainer.ckpt_path.endswith("epoch001.ckpt")
+
+
+def test_resume_never_resamples_a_finished_epoch(tmp_path):
+    _run(tmp_path, "epochs=1", "logger=none", "save_final=false", "val.every_n_epochs=0")
+    (tmp_path / "rollouts" / "epoch_000.jsonl").unlink()
+    _run(tmp_path, "epochs=2", "logger=none", "save_final=false", "val.every_n_epochs=0")
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == ["epoch_001.jsonl"]
+
+
+def test_metrics_rows_are_not_duplicated_by_a_resume_and_a_torn_line_is_dropped(tmp_path):
+    import csv
+
+    _run(tmp_path, "epochs=1", "logger=csv", "save_final=false")
+    metrics = tmp_path / "metrics" / "metrics.csv"
+    clean = _metric_keys(tmp_path)
+    # As if killed during epoch 1 after logging two of its steps, the last one cut short.
+    rows = list(csv.DictReader(open(metrics, newline="")))
+    steps = [dict(r, epoch="1", step=str(2 + i)) for i, r in enumerate(r for r in rows if r["train/loss_step"])]
+    with metrics.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writerows(steps)
+    metrics.write_text(metrics.read_text() + "1,3,0.12")
+    _run(tmp_path, "epochs=2", "logger=csv", "save_final=false")
+    keys = _metric_keys(tmp_path)
+    assert len(keys) == len(set(keys)), [k for k in keys if keys.count(k) > 1]
+    assert set(clean) < set(keys)
+    assert {k[1] for k in keys if k[0] == "1" and "train/loss_step" in k[2]} == {"2", "3"}
+    assert not metrics.read_text().endswith("0.12")
+
+
+def test_wandb_steps_never_go_back_after_a_resume():
+    from iq_lightning.tracking import WandbLogger
+
+    class Experiment:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, row):
+            self.logged.append(row)
+
+    logger = WandbLogger(resume_step=5, offline=True)
+    logger._experiment = Experiment()
+    for step in (3, 4, 5, 6):
+        logger.log_metrics({"train/loss_step": 0.1}, step=step)
+    assert [r["trainer/global_step"] for r in logger._experiment.logged] == [5, 6]
+
+
+def test_rollout_files_are_atomic_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from iq_lightning import rollouts as module
+    from iq_lightning.errors import UserError
+    from iq_lightning.rollouts import Rollout, TornRolloutsError, write_rollouts
+
+    one = Rollout(0, "p", None, [{"role": "user", "content": "hi"}], [1], [2], "x", True, [-0.1], [-0.2], [-0.3])
+    path = tmp_path / "epoch_000.jsonl"
+    write_rollouts(path, [one])
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(module.os, "fsync", full)
+    with pytest.raises(UserError, match="cannot write .*epoch_000.jsonl \\(No space left on device\\)"):
+        write_rollouts(path, [one, one])
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["epoch_000.jsonl"]
+    path.write_bytes(before + before[: len(before) // 2])  # a torn tail, cut outside the program
+    with pytest.raises(TornRolloutsError, match="epoch_000.jsonl:2: not a rollout"):
+        read_rollouts(path)
 
 
 def test_a_chat_template_that_rejects_the_placement_is_a_config_error(tiny):
