@@ -301,8 +301,9 @@ def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path):
         # ZeRO-3's engine steps from its own gradient partitions: no skip, the run stops at once.
         pytest.param("deepspeed_zero3", r"non-finite loss at epoch 0, step 1 \(this strategy cannot skip a step\): ",
                      marks=pytest.mark.skipif(not has_module("deepspeed"), reason="deepspeed is not installed")),
-        # FSDP skips the first (its gradient shards dropped); the weights, already ~1e30, overflow again.
-        ("fsdp", r"non-finite loss at epoch 1, step 2 after 1 skipped steps \(nonfinite_skips=1\): "),
+        # FSDP skips the first (its gradient shards dropped); the second step leaves finite weights
+        # of ~1e30 whose next-token logits are NaN: the sampler of every rank stops epoch 1.
+        ("fsdp", r"epoch 1 sampling: the policy's next-token logits hold NaN at response token 1 in \d of 4 rows"),
     ],
     ids=["deepspeed_zero3", "fsdp"],
 )
@@ -318,5 +319,6 @@ def test_sharded_strategies_skip_or_stop_together(strategy, error, tmp_path):
     )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
-    assert len(errors) == 1 and re.match("error: " + error, errors.pop()), result.stderr[-3000:]
+    # One line per rank; their row counts may differ.
+    assert 1 <= len(errors) <= 2 and all(re.match("error: " + error, e) for e in errors), result.stderr[-3000:]
     assert not (tmp_path / "final").exists()
