@@ -167,6 +167,15 @@ class ValSpec:
 
 
 @dataclass(frozen=True)
+class ObjectiveSpec:
+    """The training objective (objectives.py): inverse_q, or a baseline beside it."""
+
+    name: str = "inverse_q"
+    divergence: str = "reverse_kl"  # distill: reverse_kl | forward_kl | jsd
+    beta: float = 0.5  # distill with jsd: the mixture weight of the teacher (TRL's GKD convention)
+
+
+@dataclass(frozen=True)
 class StrategySpec:
     name: str = "cpu"
     accelerator: str = "cpu"
@@ -197,6 +206,7 @@ class RunConfig:
     logger: LoggerSpec
     run_dir: Path
     val: ValSpec = field(default_factory=ValSpec)
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
 
 
 SAMPLER_BACKENDS = ("hf", "vllm")
@@ -255,7 +265,7 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
     else:
         plain = dict(cfg)
     top = {k: v for k, v in plain.items() if k in _TRAIN_KEYS}
-    groups = {"model", "data", "guide", "sampler", "strategy", "logger", "val"}
+    groups = {"model", "data", "guide", "sampler", "strategy", "logger", "val", "objective"}
     stray = sorted(set(plain) - _TRAIN_KEYS - groups - {"hydra"})
     if stray:
         raise ConfigError(f"unknown top-level key {stray[0]!r} (known: {', '.join(sorted(_TRAIN_KEYS | groups))})")
@@ -270,6 +280,7 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
             logger=build_spec(LoggerSpec, plain.get("logger"), "logger"),
             run_dir=Path(run_dir),
             val=build_spec(ValSpec, plain.get("val"), "val"),
+            objective=build_spec(ObjectiveSpec, plain.get("objective"), "objective"),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config: {exc}") from None
@@ -313,6 +324,8 @@ def validate(run: RunConfig) -> None:
     _check(str(t.precision) in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(t.reduction in REDUCTIONS, f"reduction must be one of {', '.join(REDUCTIONS)}, got {t.reduction!r}")
 
+    validate_objective(run)
+
     m = run.model
     _check(m.source in MODEL_SOURCES, f"model.source must be one of {', '.join(MODEL_SOURCES)}, got {m.source!r}")
     _check(m.source == "tiny" or bool(m.name_or_path), "model.name_or_path is empty")
@@ -350,6 +363,18 @@ def validate(run: RunConfig) -> None:
         _check(_number(v.temperature, "val.temperature") >= 0, f"val.temperature must be >= 0, got {v.temperature}")
         if v.max_new_tokens is not None:
             _integer(v.max_new_tokens, "val.max_new_tokens", 1)
+
+
+def validate_objective(run: RunConfig) -> None:
+    from iq_lightning.losses import DIVERGENCES
+    from iq_lightning.objectives import OBJECTIVES
+
+    o = run.objective
+    _check(o.name in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {o.name!r}")
+    _check(o.divergence in DIVERGENCES, f"objective.divergence must be one of {', '.join(DIVERGENCES)}, got {o.divergence!r}")
+    _check(0.0 <= _number(o.beta, "objective.beta") <= 1.0, f"objective.beta must be in [0, 1], got {o.beta}")
+    if o.name == "sft":
+        _check(run.guide.kind == "principle", "objective=sft samples pi_w's answers from the initial policy given the principle: it needs guide=principle")
 
 
 def validate_sampler(s: SamplerSpec) -> SamplerSpec:

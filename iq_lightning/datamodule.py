@@ -3,6 +3,7 @@ policy, scores them with the frozen guides, stores the rollouts and serves micro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -16,7 +17,9 @@ from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.data import EncodedPrompt
 from iq_lightning.device_memory import PhasePeaks
+from iq_lightning.errors import UserError
 from iq_lightning.guides import GuideScorer
+from iq_lightning.objectives import SamplePlan, sampling_prompt_ids
 from iq_lightning.rollouts import LengthGroupedBatches, Rollout, TornRolloutsError, collate, read_rollouts, write_rollouts
 from iq_lightning.samplers import Sampler, SamplingParams
 
@@ -49,6 +52,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         sampling: SamplingParams,
         passes_per_epoch: int = 1,
         seed: int = 0,
+        plan: SamplePlan = SamplePlan(),
     ):
         super().__init__()
         self.prompts = list(prompts)
@@ -60,6 +64,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.sampling = sampling
         self.passes_per_epoch = passes_per_epoch
         self.seed = seed
+        self.plan = plan
         self.epoch_stats: dict[str, float] = {}
 
     def rollout_path(self, epoch: int) -> Path:
@@ -82,17 +87,22 @@ class OnPolicyDataModule(L.LightningDataModule):
         # numbers of optimizer steps and the gradient all-reduce would hang.
         per_rank = -(-self.samples_per_epoch // world)
         prompts = draw_prompts(self.prompts, per_rank * world, self._epoch_seed(epoch))[rank::world]
+        # Each sample's random stream follows its index in the epoch's draw, so the samples are the
+        # same whatever the world size or the sampler's batch size.
         params = SamplingParams(
             max_new_tokens=self.sampling.max_new_tokens,
             temperature=self.sampling.temperature,
             top_p=self.sampling.top_p,
-            seed=(self._epoch_seed(epoch) * 97 + rank) % 2**31,
+            seed=self._epoch_seed(epoch),
+            first_index=rank,
+            index_step=world,
         )
         started = time.perf_counter()
         peaks = PhasePeaks()
         self.sampler.update_weights(policy)  # an engine's first call also starts it
         synced = time.perf_counter()
-        generations = self.sampler.generate(policy, [p.input_ids for p in prompts], params, desc=f"epoch {epoch} sampling")
+        sampled_from = [sampling_prompt_ids(self.plan, guide, p) for p in prompts]
+        generations = self.sampler.generate(policy, sampled_from, params, desc=f"epoch {epoch} sampling")
         sampled = time.perf_counter()
         peaks.mark("sample")
         scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring")
@@ -148,6 +158,9 @@ class OnPolicyDataModule(L.LightningDataModule):
             else:
                 self.epoch_stats = {"time/sample_s": 0.0, "time/score_s": 0.0}
                 log.info("epoch %d: reusing %d rollouts from %s", epoch, len(rollouts), path)
+        if rollouts is None and not self.plan.on_policy and epoch > 0:
+            rollouts = self._first_epoch_samples(epoch)
+            write_rollouts(path, rollouts)
         if rollouts is None:
             module = self.trainer.lightning_module
             rollouts = self.collect(module.policy, module.guide, epoch)
@@ -158,6 +171,16 @@ class OnPolicyDataModule(L.LightningDataModule):
         return DataLoader(
             rollouts, batch_sampler=batches, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id)
         )
+
+    def _first_epoch_samples(self, epoch: int) -> list[Rollout]:
+        """An objective that samples once (its samples come from the initial policy) trains every
+        epoch on epoch 0's samples; stored again under this epoch so every reader finds them."""
+        first = self.rollout_path(0)
+        if not first.exists():
+            raise UserError(f"{first} is missing: this objective draws its samples once, at epoch 0, from the initial policy; start a new run")
+        self.epoch_stats = {"time/sample_s": 0.0, "time/score_s": 0.0}
+        log.info("epoch %d: training on epoch 0's samples again (drawn once)", epoch)
+        return [dataclasses.replace(r, epoch=epoch) for r in read_rollouts(first)]
 
     def teardown(self, stage: str) -> None:
         self.sampler.close()

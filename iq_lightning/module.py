@@ -1,4 +1,4 @@
-"""The LightningModule: the trainable policy pi_theta, the frozen guides and the Inverse-Q* loss."""
+"""The LightningModule: the trainable policy pi_theta, the frozen guides and the objective (Inverse-Q* by default)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from transformers import PreTrainedModel
 
 from iq_lightning.config import StrategySpec
 from iq_lightning.device_memory import PhasePeaks
-from iq_lightning.forward import response_logprobs
 from iq_lightning.guides import GuideScorer
 from iq_lightning.nonfinite import GRAD_NORM, LOSS, PARAMETERS, TARGETS, NonFiniteGuard, all_finite, norm_is_finite
 from iq_lightning.objective import inverse_q_loss, token_credit
+from iq_lightning.objectives import InverseQ, Objective
 from iq_lightning.rank_models import RankModels
 from iq_lightning.strategies import Replicated, Sharding
 
@@ -64,6 +64,7 @@ class InverseQModule(L.LightningModule):
         guide_device: str | None = None,
         models: RankModels | None = None,
         nonfinite_skips: int = 0,
+        objective: Objective | None = None,
     ):
         super().__init__()
         self.policy = policy
@@ -72,11 +73,12 @@ class InverseQModule(L.LightningModule):
         self.lr = lr
         self.beta = beta
         self.reduction = reduction
+        self.objective = objective or InverseQ(reduction)
         self.weight_decay = weight_decay
         self.guide_device = guide_device
         self.nonfinite = NonFiniteGuard(nonfinite_skips)
         self.sharding: Sharding = models.sharding if models is not None else Replicated(StrategySpec())
-        self.save_hyperparameters(ignore=["policy", "guide", "models"])
+        self.save_hyperparameters(ignore=["policy", "guide", "models", "objective"])
         self._epoch_started = 0.0
         self._train_peaks: PhasePeaks | None = None
 
@@ -95,25 +97,28 @@ class InverseQModule(L.LightningModule):
             self.guide.to(self.guide_device or self.device)
 
     def batch_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loss and diagnostics on one micro-batch of rollouts."""
-        policy_logprobs = response_logprobs(self.policy, batch, float32_logits=True)
+        """The objective's loss on one micro-batch of rollouts, and diagnostics that every
+        objective logs against the same stored targets (so runs of different objectives compare)."""
+        step = self.objective.step(self.policy, batch, self.guide)
         mask = batch["response_mask"]
         targets = batch["target_logprobs"]
-        loss = inverse_q_loss(policy_logprobs, targets, mask, self.reduction)
         with torch.no_grad():
+            policy_logprobs = step.policy_logprobs.detach()
             tokens = mask.sum().clamp(min=1.0)
             log_ratio = (targets - policy_logprobs) * mask  # log pi_hat - log pi_theta
             # k3 estimator of KL(pi_theta || pi_hat) on tokens sampled from pi_theta: unbiased, >= 0.
             kl = ((torch.exp(log_ratio) - 1.0 - log_ratio) * mask).sum() / tokens
             credit = token_credit(targets, batch["ref_logprobs"], self.beta) * mask
             metrics = {
+                # Inverse-Q*'s regression error, whatever the objective: one scale for all of them.
                 "loss_token_mean": inverse_q_loss(policy_logprobs, targets, mask, "token_mean"),
                 "log_ratio_mean": log_ratio.sum() / tokens,
                 "kl_policy_pi_hat": kl,
                 "credit_mean": credit.sum() / tokens,
                 "response_length": mask.sum(-1).mean(),
+                **step.figures,
             }
-        return {"loss": loss, **metrics}
+        return {"loss": step.loss, **metrics}
 
     def _on_any_rank(self, flags: torch.Tensor) -> torch.Tensor:
         """`flags` (0/1 per check) summed over the ranks: every rank takes the same verdict."""

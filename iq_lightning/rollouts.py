@@ -97,7 +97,7 @@ def read_rollouts(path: Path) -> list[Rollout]:
     return rollouts
 
 
-def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict:
     """Model inputs (left-padded prompts, right-padded responses) plus (B, T) targets.
 
     The prompts' common prefix stays in every row: at micro-batch 4 running it once saves no
@@ -109,6 +109,8 @@ def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]
         for i, r in enumerate(rollouts):
             values[i, : len(r.response_ids)] = torch.as_tensor(getattr(r, key), dtype=torch.float32)
         batch[key] = values
+    # The prompts themselves, for objectives whose guides run in the training step (distill).
+    batch["prompts"] = [{"id": r.prompt_id, "messages": r.messages, "category": r.category, "input_ids": r.prompt_ids} for r in rollouts]
     return batch
 
 

@@ -22,13 +22,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
 from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig
-from iq_lightning.data import encode_prompt, prepare_prompts
+from iq_lightning.data import encode_prompt, fit_context, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError, UserError
 from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide, with_principle
 from iq_lightning.memory_plan import MemoryPlan, device_capacity, plan_memory, world_size_of
 from iq_lightning.models import export_policy, frozen_reference, generation_eos, load_model, load_tokenizer, output_vocab_size, same_tokenizer
 from iq_lightning.module import InverseQModule
+from iq_lightning.objectives import build_objective
 from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
 from iq_lightning.rollouts import write_atomically
@@ -81,6 +82,30 @@ def check_principle_prompt(tokenizer: PreTrainedTokenizerBase, principle: str, p
             f"the chat template cannot render the principle with guide.placement={placement} ({exc}); "
             f"try guide.placement={'user' if placement == 'system' else 'system'}"
         ) from None
+
+
+def context_limits(run: RunConfig, sampler: bool = True) -> dict[str, int]:
+    """The token limits a prompt plus its response must fit, by name: the policy's positions, an
+    aligned guide's, and (sampler=False for validation, which decodes with HF) vLLM's max_model_len.
+    Read from the config alone, as the memory plan does: weights load later, per rank."""
+    from iq_lightning.memory_plan import architecture_of
+    from iq_lightning.samplers.vllm import max_model_len
+
+    positions = architecture_of(run.model).max_position_embeddings
+    limits = {"model max_position_embeddings": positions}
+    if run.guide.kind == "aligned_model":
+        limits["guide.model max_position_embeddings"] = architecture_of(run.guide.model, "guide.model").max_position_embeddings
+    if sampler and run.sampler.backend == "vllm":
+        limits["vLLM max_model_len"] = max_model_len(run.sampler.options, positions)
+    return limits
+
+
+def principle_prompt_length(run: RunConfig, tokenizer: PreTrainedTokenizerBase):
+    """len(x_w) of a prompt, as PrincipleGuide encodes it; None where the guide reads the plain prompt."""
+    g = run.guide
+    if g.kind != "principle":
+        return None
+    return lambda p: len(encode_prompt(tokenizer, with_principle(p.prompt.messages, g.principle, g.placement)))
 
 
 def build_loggers(spec: LoggerSpec, run_dir: Path, wandb_init: dict | None = None) -> list:
@@ -148,6 +173,7 @@ RESTART_MAY_CHANGE = (
     "model.architecture.*",  # the memory plan's sizes, when config.json is not local
     "model.lora.merge_on_export",
     "strategy.device_memory_gib",
+    "nonfinite_skips",  # an allowance: raising it lets a stopped run continue
 )
 
 
@@ -312,12 +338,16 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     # Weights are loaded inside fit, per rank (rank_models.py); here only what every rank needs first.
     tokenizer = load_tokenizer(run.model)
     prompts, stats = prepare_prompts(run.data, tokenizer)
-    log.info("prompts (%s): %s", run.data.source, stats.describe())
     if run.guide.kind == "principle":
         check_principle_prompt(tokenizer, run.guide.principle, run.guide.placement, prompts[0])
+    winner_length = principle_prompt_length(run, tokenizer)
+    prompts = fit_context(prompts, context_limits(run), run.sampler.max_new_tokens, stats, winner_length)
+    log.info("prompts (%s): %s", run.data.source, stats.describe())
     held_out = []
     if run.val.every_n_epochs:
         held_out, prompts = held_out_prompts(run, tokenizer, prompts)
+        val_new_tokens, key = (run.val.max_new_tokens, "val.max_new_tokens") if run.val.max_new_tokens else (run.sampler.max_new_tokens, "sampler.max_new_tokens")
+        held_out = fit_context(held_out, context_limits(run, sampler=False), val_new_tokens, None, winner_length, key, "held-out prompts")
     eos = eos_ids(tokenizer, generation_eos(run.model))
     sampler = build_sampler(
         run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharding.sharded
@@ -325,6 +355,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     models = RankModels(run.model, run.guide, run.train.alpha, tokenizer, sharding, show_progress)
 
     t = run.train
+    objective = build_objective(run.objective, t.alpha, t.reduction)
     module = InverseQModule(
         None,
         None,
@@ -335,6 +366,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         guide_device=run.guide.device,
         models=models,
         nonfinite_skips=t.nonfinite_skips,
+        objective=objective,
     )
     datamodule = OnPolicyDataModule(
         prompts,
@@ -346,6 +378,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         sampling=SamplingParams(run.sampler.max_new_tokens, run.sampler.temperature, run.sampler.top_p, t.seed),
         passes_per_epoch=t.passes_per_epoch,
         seed=t.seed,
+        plan=objective.plan,
     )
     # After every completed epoch (only the newest is kept): what a restart resumes from.
     checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)

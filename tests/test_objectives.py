@@ -1,0 +1,128 @@
+"""Objectives beside Inverse-Q* (objectives.py): each trains end to end through the same
+DataModule, sampler, checkpoints and export; each step's loss equals an independent computation;
+SFT's samples are pi_w's own answers, drawn once."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import compose
+from iq_lightning.config import TinySpec, build_run_config
+from iq_lightning.errors import ConfigError
+from iq_lightning.forward import pack, response_logits
+from iq_lightning.guides import PrincipleGuide
+from iq_lightning.models import build_tiny, frozen_copy
+from iq_lightning.objectives import OBJECTIVES, Distill, batch_prompts
+from iq_lightning.rollouts import collate, read_rollouts
+from iq_lightning.run import train
+
+TINY = [
+    "model=tiny",
+    "samples_per_epoch=8",
+    "micro_batch_size=4",
+    "sampler.max_new_tokens=10",
+    "sampler.batch_size=8",
+    "alpha=3.0",
+    "lr=1e-3",
+    "logger=csv",
+    "val.every_n_epochs=0",
+    "credit_maps_per_epoch=0",
+]
+
+
+def _run(tmp, *extra):
+    return train(build_run_config(compose(TINY + list(extra)), tmp), show_progress=False)
+
+
+def _initial_policy():
+    policy, tokenizer = build_tiny(TinySpec())
+    return policy, tokenizer
+
+
+@pytest.mark.parametrize(
+    "objective", [["objective=inverse_q"], ["objective=distill"], ["objective=distill", "objective.divergence=jsd"], ["objective=sft"]]
+)
+def test_every_objective_trains_end_to_end_and_moves_the_weights(tmp_path, objective):
+    result = _run(tmp_path, "epochs=2", *objective)
+    initial, _ = _initial_policy()
+    trained = result.module.policy
+    moved = max((a.detach() - b).abs().max().item() for a, b in zip(trained.parameters(), initial.parameters()))
+    assert moved > 1e-4, moved
+    assert all(torch.isfinite(p).all() for p in trained.parameters())
+    assert (tmp_path / "final" / "config.json").exists()
+    header = (tmp_path / "metrics" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/loss_epoch" in header and "train/kl_policy_pi_hat" in header
+
+
+def test_the_objective_group_is_typed_and_its_mistakes_are_one_line(tmp_path):
+    run = build_run_config(compose(TINY + ["objective=distill", "objective.divergence=jsd", "objective.beta=0.25"]), tmp_path)
+    assert (run.objective.name, run.objective.divergence, run.objective.beta) == ("distill", "jsd", 0.25)
+    with pytest.raises(ConfigError, match="objective.divergence must be one of"):
+        build_run_config(compose(TINY + ["objective=distill", "objective.divergence=tvd"]), tmp_path)
+    with pytest.raises(ConfigError, match="needs guide=principle"):
+        build_run_config(compose(TINY + ["objective=sft", "guide=aligned_model", "guide.model.name_or_path=tiny"]), tmp_path)
+
+
+def test_distill_step_is_the_reverse_kl_to_pi_hat_computed_independently(tmp_path):
+    """One micro-batch: sum_t sum_v pi_theta(v) (log pi_theta(v) - log pi_hat(v)) / tokens, with
+    pi_hat from full float64 forwards of x_w + y and x + y (no shared prefix, no chunking)."""
+    result = _run(tmp_path, "epochs=1", "objective=distill")
+    rollouts = read_rollouts(tmp_path / "rollouts" / "epoch_000.jsonl")[:4]
+    policy, tokenizer = _initial_policy()
+    run = build_run_config(compose(TINY + ["objective=distill"]), tmp_path)
+    guide = PrincipleGuide(frozen_copy(policy), tokenizer, run.guide.principle, run.guide.placement, run.train.alpha, show_progress=False)
+    batch = collate(rollouts, tokenizer.pad_token_id)
+    got = Distill(run.train.alpha, "reverse_kl").step(policy, batch, guide).loss
+
+    responses = [r.response_ids for r in rollouts]
+    prompts = batch_prompts(batch)
+    with torch.no_grad():
+        pad = tokenizer.pad_token_id
+        log_w = response_logits(policy, pack([guide.winner_prompt_ids(p) for p in prompts], responses, pad, False)).double().log_softmax(-1)
+        log_l = response_logits(policy, pack([p.input_ids for p in prompts], responses, pad, False)).double().log_softmax(-1)
+        log_hat = (run.train.alpha * log_w + (1 - run.train.alpha) * log_l).log_softmax(-1)
+        log_theta = response_logits(policy, pack([p.input_ids for p in prompts], responses, pad, False)).double().log_softmax(-1)
+    kl = (log_theta.exp() * (log_theta - log_hat)).sum(-1)
+    mask = batch["response_mask"].double()
+    want = (kl * mask).sum() / mask.sum()
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+    assert want.item() > 0.01  # the check can fail: pi_hat is far from the policy at alpha 3
+
+
+def test_sft_samples_are_pi_w_answers_drawn_once_and_learned(tmp_path):
+    from iq_lightning.samplers import SamplingParams
+    from iq_lightning.samplers.hf import HFSampler
+
+    result = _run(tmp_path, "epochs=2", "objective=sft")
+    epoch0 = read_rollouts(tmp_path / "rollouts" / "epoch_000.jsonl")
+    epoch1 = read_rollouts(tmp_path / "rollouts" / "epoch_001.jsonl")
+    assert [(r.prompt_id, r.response_ids) for r in epoch1] == [(r.prompt_id, r.response_ids) for r in epoch0]  # drawn once
+    assert {r.epoch for r in epoch1} == {1}
+    policy, tokenizer = _initial_policy()
+    run = build_run_config(compose(TINY + ["objective=sft"]), tmp_path)
+    guide = PrincipleGuide(policy, tokenizer, run.guide.principle, run.guide.placement, run.train.alpha, show_progress=False)
+    prompts = batch_prompts(collate(epoch0, tokenizer.pad_token_id))
+    # The initial model given x_w, with the epoch's per-sample seeds, draws exactly the stored answers.
+    module = result.datamodule
+    params = SamplingParams(run.sampler.max_new_tokens, run.sampler.temperature, run.sampler.top_p, module._epoch_seed(0))
+    sampler = HFSampler(8, module.sampler.eos_token_ids, tokenizer.pad_token_id, show_progress=False)
+    drawn = sampler.generate(policy, [guide.winner_prompt_ids(p) for p in prompts], params)
+    assert [g.response_ids for g in drawn] == [r.response_ids for r in epoch0]
+    # and the stored prompt is the plain x the policy learns to answer that way
+    assert [tuple(r.prompt_ids) for r in epoch0] == [p.input_ids for p in prompts]
+    assert all(tuple(r.prompt_ids) != guide.winner_prompt_ids(p) for r, p in zip(epoch0, prompts))
+    # Training raised the likelihood of y_w given x.
+    batch = collate(epoch0, tokenizer.pad_token_id)
+    mask = batch["response_mask"]
+    with torch.no_grad():
+        before = (response_logits(policy, batch).log_softmax(-1).gather(-1, batch["response_ids"][..., None])[..., 0] * mask).sum() / mask.sum()
+        after = (response_logits(result.module.policy, batch).log_softmax(-1).gather(-1, batch["response_ids"][..., None])[..., 0] * mask).sum() / mask.sum()
+    assert after > before + 0.05, (before, after)
+
+
+def test_objectives_registry_names_each_config():
+    from pathlib import Path
+
+    names = {p.stem for p in (Path(__file__).parent.parent / "conf" / "objective").glob("*.yaml")}
+    assert names == set(OBJECTIVES)
