@@ -790,10 +790,21 @@ def _training(c: _Context) -> list[PlanItem]:
     rows = c.new_tokens + 1
     logits = 2 * batch * rows * arch.vocab_size * c.num.compute + 2 * rows * arch.vocab_size * 4
     logits_fix = f"micro_batch_size={max(batch // 2, 1)}" if batch > 1 else f"sampler.max_new_tokens={max(c.new_tokens // 2, 1)}"
-    return [
+    items = [
         PlanItem(f"training: activations ({batch} x {length} tokens, {arch.num_layers} layers)", activations, fix, (TRAINING,)),
         PlanItem(f"training: response logits and their gradient ({batch} x {rows} x {arch.vocab_size})", logits, logits_fix, (TRAINING,)),
     ]
+    from iq_lightning.losses import _DISTILL_CHUNK_ROWS
+    from iq_lightning.objectives import OBJECTIVES
+
+    if OBJECTIVES[run.objective.name].guides_in_step:
+        # Both guides' (B, T+1, V) logits, then pi_hat in float32, then the divergence's float32
+        # chunks (losses._DISTILL_CHUNK_ROWS rows, about six temporaries, again in backward).
+        element = _guide_element(c, run.model.dtype)
+        teacher = 2 * batch * rows * arch.vocab_size * element + batch * rows * arch.vocab_size * 4
+        chunks = 2 * 6 * min(_DISTILL_CHUNK_ROWS, rows) * arch.vocab_size * 4
+        items.append(PlanItem(f"training: the teacher's distributions, guides run in the step ({batch} x {rows} x {arch.vocab_size})", teacher + chunks, logits_fix, (TRAINING,)))
+    return items
 
 
 def _checkpoint(c: _Context) -> list[PlanItem]:

@@ -57,6 +57,9 @@ class StepLoss:
 class Objective(ABC):
     name: ClassVar[str]
     plan: ClassVar[SamplePlan] = SamplePlan()
+    # Whether the guides run inside the training step (whole teacher distributions), which the
+    # memory plan counts in the training phase.
+    guides_in_step: ClassVar[bool] = False
 
     @classmethod
     def from_spec(cls, spec: ObjectiveSpec, alpha: float, reduction: str) -> "Objective":
@@ -91,6 +94,7 @@ class Distill(Objective):
     every training step, without gradients: one more guide pass per sample than Inverse-Q*."""
 
     name = "distill"
+    guides_in_step = True
 
     @classmethod
     def from_spec(cls, spec: ObjectiveSpec, alpha: float, reduction: str) -> "Distill":
