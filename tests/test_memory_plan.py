@@ -239,3 +239,14 @@ def test_world_size_and_capacity():
     assert device_capacity("cpu", 1, 12.5) == int(12.5 * GIB)
     host = device_capacity("cpu", 1, None)
     assert host > GIB and device_capacity("cpu", 2, None) == host // 2
+
+
+def test_distill_counts_the_teacher_in_the_training_phase(tmp_path):
+    """Guides run in distill's training step: both guides' logits (4 x 33 x 49152 float32 each),
+    pi_hat in float32, and the divergence's chunks, on top of inverse_q's training phase."""
+    base = ["model=smollm2", *SMALL, "data.max_prompt_tokens=64", "sampler.max_new_tokens=32"]
+    plain = plan_memory(run_config(tmp_path, base), 1, None, "cpu")
+    distill = plan_memory(run_config(tmp_path, base + ["objective=distill"]), 1, None, "cpu")
+    added = distill.phase_bytes(TRAINING) - plain.phase_bytes(TRAINING)
+    rows, vocab = 33, 49152
+    assert added == 2 * 4 * rows * vocab * 4 + 4 * rows * vocab * 4 + 2 * 6 * rows * vocab * 4
