@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The paper's comparison on Zephyr-7B-SFT with HH-RLHF prefixes (Sec. 5), every objective with the
+# same sampler, data, budget (15 epochs x 500 samples) and evaluation as Inverse-Q*. Check each
+# plan first: add dry_run=true (offline, loads nothing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+common=(model=zephyr strategy=deepspeed_zero3 logger.mode=online "$@")
+python train.py "${common[@]}" alpha=1.4 hydra.run.dir=outputs/paper_baselines/inverse_q
+# On-policy distillation to pi_w (alpha 1: TRL's SDFT with the principle as privileged context).
+python train.py "${common[@]}" objective=distill alpha=1 hydra.run.dir=outputs/paper_baselines/distill
+# Context distillation: pi_w's answers to the HH-RLHF prompts, drawn once, then SFT.
+python train.py "${common[@]}" objective=sft hydra.run.dir=outputs/paper_baselines/sft
+# Then: python evaluate.py model=zephyr data=hh_rlhf data.split=test data.limit=500 judge=openai \
+#   '+contestants.inverse_q.run_dir="outputs/paper_baselines/inverse_q"' \
+#   '+contestants.distill.run_dir="outputs/paper_baselines/distill"' '+contestants.sft_cd.run_dir="outputs/paper_baselines/sft"'
