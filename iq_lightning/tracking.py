@@ -28,7 +28,6 @@ from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from iq_lightning.config import ModelSpec, RunConfig
 from iq_lightning.rollouts import Rollout, read_rollouts
 
-OBJECTIVE = "inverse-q*"
 WANDB_ID_FILE = "wandb_run_id"  # written by run.build_loggers in every W&B-logged run directory
 ROLLOUT_COLUMNS = [
     "epoch", "prompt_id", "category", "prompt", "response", "length", "finished", "target_logprob_mean",
@@ -63,10 +62,11 @@ def flat_config(run: RunConfig) -> dict[str, Any]:
     strategy, logger, ...), which W&B shows as model.name_or_path and so on."""
     full = _plain(dataclasses.asdict(run))
     train = full.pop("train")
+    full["objective_options"] = full.pop("objective")  # "objective" is the name, to group runs by
     g, s, d, st = run.guide, run.sampler, run.data, run.strategy
     flat = {
         **train,
-        "objective": OBJECTIVE,
+        "objective": run.objective.name,
         "model_name": model_name(run.model),
         "model_source": run.model.source,
         "lora": run.model.lora.enabled,
@@ -98,7 +98,7 @@ def _tag(text: str) -> str:
 def run_tags(run: RunConfig) -> list[str]:
     """Tags of a training run: the objective, model, guide, sampler and loss reduction."""
     tags = [
-        OBJECTIVE,
+        f"objective:{run.objective.name}",
         f"model:{model_name(run.model)}",
         f"guide:{run.guide.kind}",
         f"sampler:{run.sampler.backend}",

@@ -21,6 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 
+@pytest.fixture(autouse=True)
+def _own_wandb_service_per_process(monkeypatch):
+    """An in-process W&B run leaves WANDB_SERVICE in os.environ, and every train.py a later test
+    starts would then share that service: a child killed with SIGKILL keeps its run registered
+    there, and its restart is refused ("run ID ... is in use"). A user's train.py has its own."""
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of the default tiny spec; tests must not train it in place."""

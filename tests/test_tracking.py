@@ -42,12 +42,12 @@ def test_flat_config_has_the_keys_a_dashboard_groups_by(tmp_path, monkeypatch):
     assert flat["principle"] == run.guide.principle and flat["placement"] == "system"
     assert flat["model_name"] == "tiny" and flat["temperature"] == 0.7 and flat["max_new_tokens"] == run.sampler.max_new_tokens
     assert flat["data_source"] == "bundled" and flat["data_split"] == "train" and flat["reduction"] == "token_mean"
-    assert flat["objective"] == "inverse-q*" and flat["sweep"] == "multirun/2026-11-23/11-00-00"
+    assert flat["objective"] == "inverse_q" and flat["sweep"] == "multirun/2026-11-23/11-00-00"
     # the full resolved config of every part, as W&B shows nested keys (model.tiny.hidden_size, ...)
     assert flat["model"]["tiny"]["hidden_size"] == run.model.tiny.hidden_size and flat["sampler"]["top_p"] == 1.0
     assert {"data", "guide", "sampler", "strategy", "logger"} <= set(flat)
     assert json.loads(json.dumps(flat)) == flat  # plain JSON: W&B config and hparams.yaml take it as is
-    assert run_tags(run) == ["inverse-q*", "model:tiny", "guide:principle", "sampler:hf", "reduction:token_mean"]
+    assert run_tags(run) == ["objective:inverse_q", "model:tiny", "guide:principle", "sampler:hf", "reduction:token_mean"]
     assert sweep_group(tmp_path / "outputs" / "2026-11-23" / "10-00-00") is None  # a single run has no group
 
 
@@ -111,7 +111,7 @@ def test_training_run_config_tags_group_and_rollouts_table_read_back_offline(tmp
     recorded = read_offline_run(run_dir)
     assert recorded.id == "trk0001" and recorded.job_type == "train"
     assert recorded.group == "multirun/2026-11-23/11-00-00"
-    assert "inverse-q*" in recorded.tags and "model:tiny" in recorded.tags
+    assert "objective:inverse_q" in recorded.tags and "model:tiny" in recorded.tags
     config = recorded.config
     assert config["alpha"] == 1.2 and config["model_name"] == "tiny" and config["principle"] == run.guide.principle
     assert config["samples_per_epoch"] == 4 and config["temperature"] == 0.7 and config["seed"] == 0
