@@ -26,7 +26,8 @@ from iq_lightning.analysis import (
 )
 from iq_lightning.errors import UserError
 from iq_lightning.models import export_policy
-from iq_lightning.rollouts import fsync_dir, read_rollouts, write_atomically
+from iq_lightning.files import fsync_dir, write_atomically
+from iq_lightning.rollouts import read_rollouts
 
 log = logging.getLogger(__name__)
 

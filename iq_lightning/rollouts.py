@@ -4,7 +4,6 @@ collated into length-grouped micro-batches for training."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from torch.utils.data import Sampler as TorchSampler
 
 from iq_lightning.errors import UserError
+from iq_lightning.files import write_atomically
 from iq_lightning.forward import pack
 
 
@@ -38,41 +38,6 @@ class Rollout:
         n = len(self.response_ids)
         if not (len(self.sampling_logprobs) == len(self.target_logprobs) == len(self.ref_logprobs) == n):
             raise ValueError(f"rollout {self.prompt_id}: per-token lists differ in length from the response ({n})")
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a kill or a full disk leaves either the old file or the new
-    one, never a torn one: a temporary file, synced, renamed over `path`. An OSError (disk full)
-    is one line naming the file; the temporary file is removed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(
-            f"cannot write {path} ({exc.strerror or exc}); nothing half-written was kept: free space and rerun the same command to resume"
-        ) from None
-    fsync_dir(path.parent)
 
 
 def write_rollouts(path: Path, rollouts: Sequence[Rollout]) -> None:

@@ -32,7 +32,7 @@ from iq_lightning.module import InverseQModule
 from iq_lightning.objectives import build_objective
 from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
-from iq_lightning.rollouts import write_atomically
+from iq_lightning.files import write_atomically
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 from iq_lightning.strategies import sharding_for, trainer_kwargs
 from iq_lightning.tracking import RunTracking, wandb_init_kwargs

@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.data import EncodedPrompt
+from iq_lightning.files import append_jsonl, read_jsonl, write_jsonl_atomic
 from iq_lightning.forward import pack, response_logits, to_device
 from iq_lightning.guides import GuideScorer, PrincipleGuide
 from iq_lightning.logprobs import token_logprobs
@@ -223,11 +224,11 @@ class Validation(Callback):
             teacher = summarize(teacher_rows)
             metrics.update({f"val_teacher/{k}": v for k, v in teacher.items()})
             lines.append({"epoch": epoch, "who": "teacher", **teacher})
-            _write_jsonl(self.out / "teacher.jsonl", [r.__dict__ for r in teacher_rows])
-        _write_jsonl(self.out / f"epoch_{epoch:03d}.jsonl", [{"epoch": epoch, **r.__dict__} for r in rows])
-        with (self.out / "summary.jsonl").open("a", encoding="utf-8") as handle:
-            for line in lines:
-                handle.write(json.dumps(line) + "\n")
+            write_jsonl_atomic(self.out / "teacher.jsonl", [r.__dict__ for r in teacher_rows])
+        write_jsonl_atomic(self.out / f"epoch_{epoch:03d}.jsonl", [{"epoch": epoch, **r.__dict__} for r in rows])
+        summary = self.out / "summary.jsonl"
+        read_jsonl(summary)  # cuts a torn last line off (a killed run) before appending
+        append_jsonl(summary, lines)
         metrics["epoch"] = epoch
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -273,14 +274,6 @@ def _gather(rows, world: int):
     gathered: list = [None] * world
     dist.all_gather_object(gathered, rows)
     return [row for part in gathered for row in part]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def read_summary(run_dir: str | Path) -> list[dict]:

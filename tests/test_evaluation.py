@@ -562,7 +562,7 @@ def test_a_torn_judge_check_cache_is_repaired_not_fatal(tmp_path):
 
 def test_a_damaged_line_inside_a_cache_is_one_line_error(tmp_path):
     from iq_lightning.errors import UserError
-    from iq_lightning.evaluation.files import read_jsonl
+    from iq_lightning.files import read_jsonl
 
     path = tmp_path / "judgments.jsonl"
     path.write_text('{"key": 1}\n{"key": \n{"key": 3}\n')
@@ -571,7 +571,7 @@ def test_a_damaged_line_inside_a_cache_is_one_line_error(tmp_path):
 
 
 def test_rewritten_files_are_replaced_whole_or_left_as_they_were(tmp_path):
-    from iq_lightning.evaluation.files import atomic_path
+    from iq_lightning.files import atomic_path
     from iq_lightning.evaluation.report import write_csv
 
     path = write_csv(tmp_path / "results" / "win_rates.csv", ["a"], [{"a": 1}])

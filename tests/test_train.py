@@ -327,7 +327,7 @@ def test_rollout_files_are_atomic_and_a_full_disk_is_one_line(tmp_path, monkeypa
     import errno
     import os
 
-    from iq_lightning import rollouts as module
+    from iq_lightning import files as module
     from iq_lightning.errors import UserError
     from iq_lightning.rollouts import Rollout, TornRolloutsError, write_rollouts
 

@@ -124,6 +124,24 @@ def test_summaries_without_a_count_get_it_from_their_answer_files(tmp_path):
     assert read_summary(tmp_path) == [{"epoch": 0, "who": "policy", "principle_rate": 0.5, "answers": 4}]
 
 
+def test_a_torn_summary_line_is_cut_before_the_next_append(tmp_path):
+    """A kill mid-append leaves a torn last line; the next validation's row must not be glued to it."""
+    from types import SimpleNamespace
+
+    from iq_lightning.principle_check import build_check
+    from iq_lightning.validation import Validation
+
+    _, tokenizer = build_tiny(TinySpec())
+    v = Validation(tmp_path, [], tokenizer, build_check({"kind": "none"}, None), 1.0, 1, 4, 0.0, 2, [0], 0, False)
+    out = tmp_path / "validation"
+    out.mkdir()
+    (out / "summary.jsonl").write_text(json.dumps({"epoch": -1, "who": "policy", "length": 3.0}) + "\n" + '{"epoch": 0, "who": "pol')
+    row = AnswerFigures("a", "p", "x", 2, kl_pi_hat=1.0, kl_pi_w=0.5, nll_w=2.0, repetition=0.0, passes=None)
+    v._report(SimpleNamespace(loggers=[], global_step=3), 1, [row], None, 0.1)
+    lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["who"]) for r in lines] == [(-1, "policy"), (1, "policy")]
+
+
 def test_resume_does_not_validate_the_base_again_and_off_means_off(tmp_path):
     train(build_run_config(compose(TINY + ["epochs=1", "val.prompts=2"]), tmp_path), show_progress=False)
     train(build_run_config(compose(TINY + ["epochs=2", "val.prompts=2"]), tmp_path), show_progress=False)

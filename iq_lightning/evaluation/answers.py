@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from iq_lightning.analysis import safe_filename
 from iq_lightning.config import ModelSpec
 from iq_lightning.errors import ConfigError
-from iq_lightning.evaluation.files import fsync_file, read_jsonl
+from iq_lightning.files import fsync_file, read_jsonl
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
 from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
 

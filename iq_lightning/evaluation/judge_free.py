@@ -21,7 +21,7 @@ import torch
 from iq_lightning.analysis import safe_filename
 from iq_lightning.data import encode_prompt
 from iq_lightning.evaluation.answers import _weights_identity
-from iq_lightning.evaluation.files import write_text_atomic
+from iq_lightning.files import write_text_atomic
 from iq_lightning.evaluation.ratings import wilson_interval
 from iq_lightning.evaluation.spec import EvalSpec
 from iq_lightning.guides import with_principle

@@ -39,7 +39,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from iq_lightning.evaluation.files import append_jsonl, read_jsonl
+from iq_lightning.files import append_jsonl, read_jsonl
 from iq_lightning.evaluation.judges import Comparison, Judge, JudgeReply, map_back, swap_orders
 from iq_lightning.evaluation.ratings import wilson_interval
 from iq_lightning.evaluation.spec import JudgeCheckSpec

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from iq_lightning.evaluation.files import append_jsonl, read_jsonl, write_jsonl_atomic
+from iq_lightning.files import append_jsonl, read_jsonl, write_jsonl_atomic
 from iq_lightning.evaluation.judges import Comparison, Judge, map_back, swap_orders
 
 CHUNK = 16  # the bar moves and the cache grows every 16 verdicts; the judge batches within a chunk

@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # files only: evaluation runs on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from iq_lightning.evaluation.files import atomic_path  # noqa: E402
+from iq_lightning.files import atomic_path  # noqa: E402
 from iq_lightning.evaluation.ratings import EloIntervals, EloResult, WinRate, gaussian_smooth  # noqa: E402
 from iq_lightning.evaluation.reward import RewardCurve  # noqa: E402
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from iq_lightning.config import LoggerSpec
-from iq_lightning.evaluation.files import atomic_path
+from iq_lightning.files import atomic_path
 from iq_lightning.evaluation.matches import Judgment
 from iq_lightning.evaluation.ratings import EloIntervals, EloResult, WinRate
 

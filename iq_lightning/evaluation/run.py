@@ -28,7 +28,7 @@ from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation import judge_free, plots
 from iq_lightning.evaluation.answers import answers, beam_sweep_contestants, sweep_contestants
 from iq_lightning.evaluation.endpoint import judge_api_key
-from iq_lightning.evaluation.files import write_text_atomic
+from iq_lightning.files import write_text_atomic
 from iq_lightning.evaluation.judge_quality import JudgeQuality, control_set, measure_judge, sample_matches, tie_share
 from iq_lightning.evaluation.judges import HELPFUL_HARMLESS, Judge, LikelihoodJudge, OpenAIJudge
 from iq_lightning.evaluation.matches import Judgment, judge_pairings, pairings, write_judgments

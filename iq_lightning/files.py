@@ -1,12 +1,13 @@
-"""How the evaluation writes its files so that a kill at any moment leaves nothing that stops a rerun.
+"""How runs and evaluations write their files so that a kill at any moment (or a full disk)
+leaves nothing that stops a rerun.
 
 - A cache that grows by appends (judgments.jsonl, judge_checks.jsonl) is read with `read_jsonl`:
   a torn last line (a kill mid-append leaves the bytes after the last newline) is dropped with a
   warning and cut off the file, so the next append starts on a clean line; its record is simply
   judged again. Appends are flushed and fsynced (`append_jsonl`).
-- Every file rewritten whole (tables, summary, plots, NLL caches, answers) is written to a
-  temporary file beside it, fsynced, and renamed over it (`atomic_path`): a reader sees the old
-  file or the new one, never half of one.
+- Every file rewritten whole (rollouts, checkpoint pointers, tables, summary, plots, NLL caches,
+  answers) is written to a temporary file beside it, fsynced, and renamed over it (`atomic_path`,
+  `write_atomically`): a reader sees the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ log = logging.getLogger(__name__)
 
 
 class CorruptFile(UserError):
-    """A file of the evaluation's output directory damaged beyond a torn last line."""
+    """A file of a run's or an evaluation's directory damaged beyond a torn last line."""
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. a platform that cannot open directories
+    except OSError:
         return
     try:
         os.fsync(fd)
@@ -67,7 +69,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Write `text` to `path` so that a kill or a full disk leaves either the old file or the new
+    one: `<name>.tmp` beside it, synced, renamed over `path`. An OSError (disk full) is one line
+    naming the file; the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"cannot write {path} ({exc.strerror or exc}); nothing half-written was kept: free space and rerun the same command to resume"
+        ) from None
+    fsync_dir(path.parent)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
