@@ -172,7 +172,10 @@ class ObjectiveSpec:
 
     name: str = "inverse_q"
     divergence: str = "reverse_kl"  # distill: reverse_kl | forward_kl | jsd
-    beta: float = 0.5  # distill with jsd: the mixture weight of the teacher (TRL's GKD convention)
+    # Each objective reads it its own way, with its own default in its conf/objective/NAME.yaml:
+    # distill with jsd: the mixture weight of the teacher, in [0, 1] (TRL's GKD convention; 0.5);
+    # dpo: the KL coefficient of DPO's implicit reward, > 0 (0.1).
+    beta: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -372,9 +375,16 @@ def validate_objective(run: RunConfig) -> None:
     o = run.objective
     _check(o.name in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {o.name!r}")
     _check(o.divergence in DIVERGENCES, f"objective.divergence must be one of {', '.join(DIVERGENCES)}, got {o.divergence!r}")
-    _check(0.0 <= _number(o.beta, "objective.beta") <= 1.0, f"objective.beta must be in [0, 1], got {o.beta}")
-    if o.name == "sft":
-        _check(run.guide.kind == "principle", "objective=sft samples pi_w's answers from the initial policy given the principle: it needs guide=principle")
+    _number(o.beta, "objective.beta")
+    objective = OBJECTIVES[o.name]
+    objective.check(o)
+    if objective.plan.principle_in_prompt:
+        _check(run.guide.kind == "principle", f"objective={o.name} samples pi_w's answers from the initial policy given the principle: it needs guide=principle")
+    if objective.plan.pairs:
+        _check(
+            run.train.micro_batch_size % 2 == 0,
+            f"objective={o.name} trains on chosen/rejected pairs, whole pairs per micro-batch: micro_batch_size must be even, got {run.train.micro_batch_size}",
+        )
 
 
 def validate_sampler(s: SamplerSpec) -> SamplerSpec:

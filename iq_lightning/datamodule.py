@@ -83,26 +83,37 @@ class OnPolicyDataModule(L.LightningDataModule):
     def collect(self, policy, guide: GuideScorer, epoch: int) -> list[Rollout]:
         """Sample this rank's share of the epoch's prompts with the current policy and score them."""
         rank, world = self._rank_world()
+        # A plan may sample each drawn prompt more than once (a preference pair): `draws` says how.
+        draws = self.plan.draws
+        k = len(draws)
         # Every rank gets the same number of samples (rounded up), or ranks would run different
         # numbers of optimizer steps and the gradient all-reduce would hang.
-        per_rank = -(-self.samples_per_epoch // world)
+        per_rank = -(-self.samples_per_epoch // (k * world))
         prompts = draw_prompts(self.prompts, per_rank * world, self._epoch_seed(epoch))[rank::world]
-        # Each sample's random stream follows its index in the epoch's draw, so the samples are the
-        # same whatever the world size or the sampler's batch size.
-        params = SamplingParams(
-            max_new_tokens=self.sampling.max_new_tokens,
-            temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p,
-            seed=self._epoch_seed(epoch),
-            first_index=rank,
-            index_step=world,
-        )
         started = time.perf_counter()
         peaks = PhasePeaks()
         self.sampler.update_weights(policy)  # an engine's first call also starts it
         synced = time.perf_counter()
-        sampled_from = [sampling_prompt_ids(self.plan, guide, p) for p in prompts]
-        generations = self.sampler.generate(policy, sampled_from, params, desc=f"epoch {epoch} sampling")
+        per_draw = []
+        for j, (role, principle_in_prompt) in enumerate(draws):
+            # Each sample's random stream follows its index in the epoch's draw (prompt i's j-th
+            # sample is sample k * i + j), so the samples are the same whatever the world size or
+            # the sampler's batch size.
+            params = SamplingParams(
+                max_new_tokens=self.sampling.max_new_tokens,
+                temperature=self.sampling.temperature,
+                top_p=self.sampling.top_p,
+                seed=self._epoch_seed(epoch),
+                first_index=k * rank + j,
+                index_step=k * world,
+            )
+            sampled_from = [sampling_prompt_ids(principle_in_prompt, guide, p) for p in prompts]
+            desc = f"epoch {epoch} sampling" + (f" ({role})" if role else "")
+            per_draw.append(self.sampler.generate(policy, sampled_from, params, desc=desc))
+        # Stored prompt by prompt, a prompt's samples adjacent (a pair: chosen, then rejected).
+        generations = [g for row in zip(*per_draw) for g in row]
+        prompts = [p for p in prompts for _ in draws]
+        roles = [role for _ in range(len(generations) // k) for role, _ in draws]
         sampled = time.perf_counter()
         peaks.mark("sample")
         scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring")
@@ -129,8 +140,9 @@ class OnPolicyDataModule(L.LightningDataModule):
                 sampling_logprobs=g.sampling_logprobs,
                 target_logprobs=s.target_logprobs,
                 ref_logprobs=s.ref_logprobs,
+                role=role,
             )
-            for p, g, s in zip(prompts, generations, scores)
+            for p, g, s, role in zip(prompts, generations, scores, roles)
         ]
 
     def _finished(self, epoch: int) -> bool:
@@ -167,7 +179,9 @@ class OnPolicyDataModule(L.LightningDataModule):
             write_rollouts(path, rollouts)
             self.sampler.sleep()
         lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
-        batches = LengthGroupedBatches(lengths, self.micro_batch_size, self.passes_per_epoch, seed=self._epoch_seed(epoch))
+        batches = LengthGroupedBatches(
+            lengths, self.micro_batch_size, self.passes_per_epoch, seed=self._epoch_seed(epoch), group=len(self.plan.draws)
+        )
         return DataLoader(
             rollouts, batch_sampler=batches, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id)
         )

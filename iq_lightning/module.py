@@ -147,6 +147,10 @@ class InverseQModule(L.LightningModule):
             sync_dist=True,
         )
         self.log("train/response_length", metrics["response_length"], on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        # The objective's own figures (StepLoss.figures, e.g. DPO's reward accuracy), per micro-batch row.
+        figures = {f"train/{k}": v for k, v in metrics.items() if k not in per_token | {"loss", "response_length"}}
+        if figures:
+            self.log_dict(figures, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         return metrics["loss"]
 
     def on_before_optimizer_step(self, optimizer) -> None:

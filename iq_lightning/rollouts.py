@@ -17,10 +17,18 @@ from iq_lightning.files import write_atomically
 from iq_lightning.forward import pack
 
 
+CHOSEN, REJECTED = "chosen", "rejected"
+# collate's `role` tensor: one code per row.
+ROLE_CODES = {None: 0, CHOSEN: 1, REJECTED: -1}
+
+
 @dataclass
 class Rollout:
     """One on-policy sample: prompt x, response y and one float per response token for each of
-    the sampler's log-prob, the target log pi_hat(y_t) and the reference log pi_ref(y_t)."""
+    the sampler's log-prob, the target log pi_hat(y_t) and the reference log pi_ref(y_t).
+
+    `role`: "chosen" or "rejected" for one answer of a preference pair (objectives.SamplePlan.pairs:
+    the pair's two rollouts are adjacent, chosen first); None otherwise (and in older files)."""
 
     epoch: int
     prompt_id: str
@@ -33,8 +41,11 @@ class Rollout:
     sampling_logprobs: list[float]
     target_logprobs: list[float]
     ref_logprobs: list[float]
+    role: str | None = None
 
     def __post_init__(self) -> None:
+        if self.role not in ROLE_CODES:
+            raise ValueError(f"rollout {self.prompt_id}: role must be chosen, rejected or null, got {self.role!r}")
         n = len(self.response_ids)
         if not (len(self.sampling_logprobs) == len(self.target_logprobs) == len(self.ref_logprobs) == n):
             raise ValueError(f"rollout {self.prompt_id}: per-token lists differ in length from the response ({n})")
@@ -74,6 +85,7 @@ def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict:
         for i, r in enumerate(rollouts):
             values[i, : len(r.response_ids)] = torch.as_tensor(getattr(r, key), dtype=torch.float32)
         batch[key] = values
+    batch["role"] = torch.tensor([ROLE_CODES[r.role] for r in rollouts], dtype=torch.int64)  # ROLE_CODES
     # The prompts themselves, for objectives whose guides run in the training step (distill).
     batch["prompts"] = [{"id": r.prompt_id, "messages": r.messages, "category": r.category, "input_ids": r.prompt_ids} for r in rollouts]
     return batch
@@ -82,17 +94,27 @@ def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict:
 class LengthGroupedBatches(TorchSampler[list[int]]):
     """Micro-batches of similar total length (little padding), in a seeded random order.
 
-    `passes` repeats the epoch's samples (METHOD.md: one pass by default)."""
+    `passes` repeats the epoch's samples (METHOD.md: one pass by default). `group` > 1 keeps each
+    run of `group` consecutive samples (a preference pair) together, in order, in one micro-batch:
+    groups are sorted by their longest sample, and a micro-batch holds batch_size // group of them."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, passes: int = 1, seed: int = 0):
+    def __init__(self, lengths: Sequence[int], batch_size: int, passes: int = 1, seed: int = 0, group: int = 1):
+        if len(lengths) % group or batch_size % group:
+            raise ValueError(f"{len(lengths)} samples and micro-batches of {batch_size} do not split into whole groups of {group}")
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.passes = passes
         self.seed = seed
+        self.group = group
 
     def _batches(self) -> list[list[int]]:
-        order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i])
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        g = self.group
+        longest = [max(self.lengths[i : i + g]) for i in range(0, len(self.lengths), g)]
+        order = sorted(range(len(longest)), key=lambda i: longest[i])
+        per_batch = self.batch_size // g
+        return [
+            [g * unit + k for unit in order[i : i + per_batch] for k in range(g)] for i in range(0, len(order), per_batch)
+        ]
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = random.Random(self.seed)
