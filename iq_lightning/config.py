@@ -173,6 +173,15 @@ class ObjectiveSpec:
     name: str = "inverse_q"
     divergence: str = "reverse_kl"  # distill: reverse_kl | forward_kl | jsd
     beta: float = 0.5  # distill with jsd: the mixture weight of the teacher (TRL's GKD convention)
+    # ppo (conf/objective/ppo.yaml documents each): per-token KL penalty (None: 1 / alpha),
+    # clip ranges, value-loss weight, GAE's gamma and lambda, the value head's lr (None: lr).
+    kl_coef: float | None = None
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -375,6 +384,30 @@ def validate_objective(run: RunConfig) -> None:
     _check(0.0 <= _number(o.beta, "objective.beta") <= 1.0, f"objective.beta must be in [0, 1], got {o.beta}")
     if o.name == "sft":
         _check(run.guide.kind == "principle", "objective=sft samples pi_w's answers from the initial policy given the principle: it needs guide=principle")
+    if o.name == "ppo":
+        validate_ppo(run)
+
+
+def validate_ppo(run: RunConfig) -> None:
+    from iq_lightning.strategies import SHARDINGS
+
+    o = run.objective
+    _check(
+        not run.strategy.strategy.startswith(tuple(SHARDINGS)),
+        f"objective=ppo does not run under strategy={run.strategy.name}: its value head lives beside the policy, outside "
+        "the sharded model; use strategy=ddp (or cpu)",
+    )
+    if o.kl_coef is None:
+        _check(_number(run.train.alpha, "alpha") > 0, "objective.kl_coef=null means 1/alpha, and alpha is 0: set objective.kl_coef")
+    else:
+        _check(_number(o.kl_coef, "objective.kl_coef") >= 0, f"objective.kl_coef must be >= 0, got {o.kl_coef}")
+    _check(_number(o.clip_range, "objective.clip_range") > 0, f"objective.clip_range must be > 0, got {o.clip_range}")
+    _check(_number(o.value_clip_range, "objective.value_clip_range") > 0, f"objective.value_clip_range must be > 0, got {o.value_clip_range}")
+    _check(_number(o.vf_coef, "objective.vf_coef") >= 0, f"objective.vf_coef must be >= 0, got {o.vf_coef}")
+    _check(0 <= _number(o.gamma, "objective.gamma") <= 1, f"objective.gamma must be in [0, 1], got {o.gamma}")
+    _check(0 <= _number(o.lam, "objective.lam") <= 1, f"objective.lam must be in [0, 1], got {o.lam}")
+    if o.value_lr is not None:
+        _check(_number(o.value_lr, "objective.value_lr") > 0, f"objective.value_lr must be > 0, got {o.value_lr}")
 
 
 def validate_sampler(s: SamplerSpec) -> SamplerSpec:
