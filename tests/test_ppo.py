@@ -191,3 +191,19 @@ def test_rollouts_without_winner_logprobs_load_and_are_written_as_before(tmp_pat
     with pytest.raises(ValueError, match="winner_logprobs"):
         Rollout(**{**old, "winner_logprobs": [-1.0, -2.0]})
     assert json.loads(json.dumps(Rollout(**{**old, "winner_logprobs": [-0.5]}).record()))["winner_logprobs"] == [-0.5]
+
+
+def test_ppo_under_ddp_two_processes(tmp_path):
+    """The value head is a submodule of the LightningModule: DDP syncs its gradients with the
+    policy's (an unsynced or unused parameter would fail or hang here), and the checkpoint keeps it."""
+    from test_cli import _train
+
+    result = _train(
+        tmp_path, "model=tiny", "objective=ppo", "strategy=ddp", "strategy.devices=2", "strategy.accelerator=cpu", "epochs=1",
+        "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "alpha=3.0", "logger=csv", "passes_per_epoch=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [len(read_rollouts(tmp_path / "rollouts" / f"epoch_000.rank{r}.jsonl")) for r in (0, 1)] == [4, 4]
+    state = torch.load(tmp_path / "checkpoints" / "epoch000.ckpt", weights_only=False)["state_dict"]
+    assert torch.isfinite(state["heads.weight"]).all() and state["heads.weight"].abs().max() > 0
+    assert _epoch_figures(tmp_path, "train/ppo_value_loss")
