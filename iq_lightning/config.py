@@ -176,6 +176,15 @@ class ObjectiveSpec:
     # distill with jsd: the mixture weight of the teacher, in [0, 1] (TRL's GKD convention; 0.5);
     # dpo: the KL coefficient of DPO's implicit reward, > 0 (0.1).
     beta: float = 0.5
+    # ppo (conf/objective/ppo.yaml documents each): per-token KL penalty (None: 1 / alpha),
+    # clip ranges, value-loss weight, GAE's gamma and lambda, the value head's lr (None: lr).
+    kl_coef: float | None = None
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -377,7 +386,10 @@ def validate_objective(run: RunConfig) -> None:
     _check(o.divergence in DIVERGENCES, f"objective.divergence must be one of {', '.join(DIVERGENCES)}, got {o.divergence!r}")
     _number(o.beta, "objective.beta")
     objective = OBJECTIVES[o.name]
-    objective.check(o)
+    for key in ("kl_coef", "clip_range", "value_clip_range", "vf_coef", "gamma", "lam", "value_lr"):
+        if getattr(o, key) is not None:
+            _number(getattr(o, key), f"objective.{key}")
+    objective.check(o, run)
     if objective.plan.principle_in_prompt:
         _check(run.guide.kind == "principle", f"objective={o.name} samples pi_w's answers from the initial policy given the principle: it needs guide=principle")
     if objective.plan.pairs:

@@ -116,7 +116,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         roles = [role for _ in range(len(generations) // k) for role, _ in draws]
         sampled = time.perf_counter()
         peaks.mark("sample")
-        scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring")
+        scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring", winner=self.plan.winner_logprobs)
         scored = time.perf_counter()
         peaks.mark("score")
         tokens = sum(len(g.response_ids) for g in generations)
@@ -141,6 +141,7 @@ class OnPolicyDataModule(L.LightningDataModule):
                 target_logprobs=s.target_logprobs,
                 ref_logprobs=s.ref_logprobs,
                 role=role,
+                winner_logprobs=s.winner_logprobs,
             )
             for p, g, s, role in zip(prompts, generations, scores, roles)
         ]
@@ -182,9 +183,24 @@ class OnPolicyDataModule(L.LightningDataModule):
         batches = LengthGroupedBatches(
             lengths, self.micro_batch_size, self.passes_per_epoch, seed=self._epoch_seed(epoch), group=len(self.plan.draws)
         )
+        per_token = self._prepare(rollouts)
+        if per_token is None:
+            return DataLoader(rollouts, batch_sampler=batches, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id))
         return DataLoader(
-            rollouts, batch_sampler=batches, collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id)
+            list(zip(rollouts, per_token)), batch_sampler=batches, collate_fn=partial(_collate_prepared, pad_id=self.tokenizer.pad_token_id)
         )
+
+    def _prepare(self, rollouts: list[Rollout]):
+        """The objective's per-token values for this epoch's steps (PPO: old log-probs, values,
+        advantages), from the policy as it is before the epoch's first step."""
+        module = self.trainer.lightning_module
+        started = time.perf_counter()
+        per_token, figures = module.objective.prepare_epoch(
+            module.policy, rollouts, self.tokenizer.pad_token_id, self.micro_batch_size, self.trainer.precision_plugin.forward_context()
+        )
+        if per_token is not None:
+            self.epoch_stats = {**self.epoch_stats, **figures, "time/prepare_s": time.perf_counter() - started}
+        return per_token
 
     def _first_epoch_samples(self, epoch: int) -> list[Rollout]:
         """An objective that samples once (its samples come from the initial policy) trains every
@@ -198,3 +214,8 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         self.sampler.close()
+
+
+def _collate_prepared(items: list[tuple[Rollout, dict]], pad_id: int) -> dict:
+    rollouts, per_token = zip(*items)
+    return collate(list(rollouts), pad_id, list(per_token))

@@ -155,5 +155,19 @@ def float32_head(model: PreTrainedModel, device_type: str) -> Iterator[None]:
         del head.forward
 
 
+@contextmanager
+def head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+    """The hidden states entering `model`'s output projection in each forward call while open:
+    the last layer's (normed) hidden state, at the positions projected (`logits_to_keep`), with
+    their graph. A pre-hook on the head, so no output_hidden_states copy of every layer; it fires
+    under float32_head too (the hook runs in the module's __call__, before its forward)."""
+    captured: list[torch.Tensor] = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -9,7 +9,7 @@ one forward pass) or a separate aligned model given x (`AlignedModelGuide`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -24,10 +24,12 @@ from iq_lightning.objective import sampled_token_targets
 
 @dataclass(frozen=True)
 class GuideScores:
-    """One float per response token: the target log pi_hat(y_t) and log pi_ref(y_t)."""
+    """One float per response token: the target log pi_hat(y_t) and log pi_ref(y_t) (= log pi_l(y_t)),
+    and, where asked for (`score(winner=True)`), log pi_w(y_t); else empty."""
 
     target_logprobs: list[float]
     ref_logprobs: list[float]
+    winner_logprobs: list[float] = field(default_factory=list)
 
 
 def with_principle(messages: Messages, principle: str, placement: str) -> Messages:
@@ -83,8 +85,10 @@ class GuideScorer(ABC):
     # which inference tensors forbid.
     @torch.no_grad()
     def score(
-        self, prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], desc: str = "scoring"
+        self, prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], desc: str = "scoring", winner: bool = False
     ) -> list[GuideScores]:
+        """Per response token: log pi_hat(y_t), log pi_ref(y_t) and, with `winner` (PPO's
+        contrastive reward), log pi_w(y_t): one more log-softmax over the vocabulary per token."""
         scores: list[GuideScores] = []
         starts = range(0, len(prompts), self.batch_size)
         for start in tqdm(starts, desc=desc, unit="batch", disable=not self.show_progress, leave=False):
@@ -93,9 +97,10 @@ class GuideScorer(ABC):
             logits_w, logits_l, response_ids = self._guide_logits(chunk_prompts, chunk_responses)
             targets = sampled_token_targets(logits_w, logits_l, response_ids, self.alpha)
             ref = token_logprobs(logits_l, response_ids)
+            won = token_logprobs(logits_w, response_ids) if winner else None
             for row, response in enumerate(chunk_responses):
                 n = len(response)
-                scores.append(GuideScores(targets[row, :n].tolist(), ref[row, :n].tolist()))
+                scores.append(GuideScores(targets[row, :n].tolist(), ref[row, :n].tolist(), won[row, :n].tolist() if winner else []))
         return scores
 
 

@@ -78,6 +78,9 @@ class InverseQModule(L.LightningModule):
         self.guide_device = guide_device
         self.nonfinite = NonFiniteGuard(nonfinite_skips)
         self.sharding: Sharding = models.sharding if models is not None else Replicated(StrategySpec())
+        self.heads: torch.nn.Module | None = None  # the objective's own trainable part (PPO's value head)
+        if policy is not None:
+            self._attach_heads()
         self.save_hyperparameters(ignore=["policy", "guide", "models", "objective"])
         self._epoch_started = 0.0
         self._train_peaks: PhasePeaks | None = None
@@ -89,6 +92,15 @@ class InverseQModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = self.models.policy()
+            self._attach_heads()
+
+    def _attach_heads(self) -> None:
+        """Registered as a submodule: in the optimizer, the state_dict (checkpoints) and DDP's sync."""
+        self.heads = self.objective.make_heads(self.policy)
+
+    def _trained(self) -> torch.nn.Module:
+        """Everything the optimizer steps: the policy, and the objective's heads where it has any."""
+        return self.policy if self.heads is None else torch.nn.ModuleList([self.policy, self.heads])
 
     def on_fit_start(self) -> None:
         # Targets are computed before each training phase, so whole guides may live elsewhere
@@ -147,7 +159,8 @@ class InverseQModule(L.LightningModule):
             sync_dist=True,
         )
         self.log("train/response_length", metrics["response_length"], on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
-        # The objective's own figures (StepLoss.figures, e.g. DPO's reward accuracy), per micro-batch row.
+        # The objective's own figures (StepLoss.figures: DPO's reward accuracy, PPO's losses and
+        # clip fractions), epoch means over micro-batch rows.
         figures = {f"train/{k}": v for k, v in metrics.items() if k not in per_token | {"loss", "response_length"}}
         if figures:
             self.log_dict(figures, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
@@ -160,14 +173,14 @@ class InverseQModule(L.LightningModule):
             self.nonfinite.found(GRAD_NORM, self.current_epoch, self.global_step, self.sharding.discards_gradients)
         what = self.nonfinite.take_pending()
         if what is not None:
-            self.sharding.discard_gradients(self.policy)
+            self.sharding.discard_gradients(self._trained())
             self.nonfinite.skip(what, self.current_epoch, self.global_step)
 
     def _gradients_finite(self) -> bool:
         # A loss scaler (16-mixed) overflows on purpose and skips such steps itself.
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return True
-        finite = norm_is_finite(self.sharding.local_gradients(self.policy))
+        finite = norm_is_finite(self.sharding.local_gradients(self._trained()))
         return not self._on_any_rank(~finite.reshape(1)).any()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -178,7 +191,7 @@ class InverseQModule(L.LightningModule):
         metrics there, before the module's hook, and a collective of ours would pair with those."""
         if not self.trainer.is_last_batch:
             return
-        finite = all_finite(self.sharding.local_parameters(self.policy))
+        finite = all_finite(self.sharding.local_parameters(self._trained()))
         if self._on_any_rank(~finite.reshape(1)).any():
             self.nonfinite.stop(PARAMETERS, self.current_epoch, self.global_step)
 
@@ -207,7 +220,11 @@ class InverseQModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=self._fused_adamw(params))
+        groups = [{"params": params}]
+        if self.heads is not None:
+            groups.append({"params": list(self.heads.parameters()), "lr": self.objective.head_lr or self.lr})
+        every = [p for group in groups for p in group["params"]]
+        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, fused=self._fused_adamw(every))
 
     def _fused_adamw(self, params: list[torch.Tensor]) -> bool:
         """The fused AdamW kernel makes one pass over each parameter's state: on 2 CPU cores it

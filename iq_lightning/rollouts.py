@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -25,10 +25,13 @@ ROLE_CODES = {None: 0, CHOSEN: 1, REJECTED: -1}
 @dataclass
 class Rollout:
     """One on-policy sample: prompt x, response y and one float per response token for each of
-    the sampler's log-prob, the target log pi_hat(y_t) and the reference log pi_ref(y_t).
+    the sampler's log-prob, the target log pi_hat(y_t) and the reference log pi_ref(y_t)
+    (= log pi_l(y_t)).
 
     `role`: "chosen" or "rejected" for one answer of a preference pair (objectives.SamplePlan.pairs:
-    the pair's two rollouts are adjacent, chosen first); None otherwise (and in older files)."""
+    the pair's two rollouts are adjacent, chosen first); None otherwise (and in older files).
+    `winner_logprobs`, log pi_w(y_t), only for objectives that ask the guides for it (PPO's
+    contrastive reward), else empty (and absent from the file, as in older files)."""
 
     epoch: int
     prompt_id: str
@@ -42,6 +45,7 @@ class Rollout:
     target_logprobs: list[float]
     ref_logprobs: list[float]
     role: str | None = None
+    winner_logprobs: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.role not in ROLE_CODES:
@@ -49,11 +53,27 @@ class Rollout:
         n = len(self.response_ids)
         if not (len(self.sampling_logprobs) == len(self.target_logprobs) == len(self.ref_logprobs) == n):
             raise ValueError(f"rollout {self.prompt_id}: per-token lists differ in length from the response ({n})")
+        if self.winner_logprobs and len(self.winner_logprobs) != n:
+            raise ValueError(f"rollout {self.prompt_id}: winner_logprobs differ in length from the response ({n})")
+
+    @property
+    def has_winner_logprobs(self) -> bool:
+        return len(self.winner_logprobs) == len(self.response_ids)
+
+    def record(self) -> dict:
+        """The stored JSON object; fields only some objectives use (an empty winner_logprobs, no
+        role) are left out, so the files of the others stay as they were."""
+        record = asdict(self)
+        if not record["winner_logprobs"]:
+            del record["winner_logprobs"]
+        if record["role"] is None:
+            del record["role"]
+        return record
 
 
 def write_rollouts(path: Path, rollouts: Sequence[Rollout]) -> None:
     """Atomic and synced: a crash mid-write never leaves a truncated file that a resume would trust."""
-    write_atomically(path, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rollouts))
+    write_atomically(path, "".join(json.dumps(r.record(), ensure_ascii=False) + "\n" for r in rollouts))
 
 
 class TornRolloutsError(UserError):
@@ -73,19 +93,29 @@ def read_rollouts(path: Path) -> list[Rollout]:
     return rollouts
 
 
-def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict:
-    """Model inputs (left-padded prompts, right-padded responses) plus (B, T) targets.
+def collate(rollouts: Sequence[Rollout], pad_id: int, per_token: Sequence[dict[str, torch.Tensor]] | None = None) -> dict:
+    """Model inputs (left-padded prompts, right-padded responses) plus (B, T) targets, log pi_w
+    where every rollout holds it, and an objective's own per-token values (`per_token`, one
+    dict of (n,) tensors per rollout: PPO's old log-probs, values, advantages), 0-padded.
 
     The prompts' common prefix stays in every row: at micro-batch 4 running it once saves no
     time with gradients (1.92 s vs 1.98 s per SmolLM2 step), unlike the no-grad guide passes."""
     batch = pack([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id, share_prefix=False)
     width = batch["response_ids"].shape[1]
-    for key in ("target_logprobs", "ref_logprobs"):
+    keys = ["target_logprobs", "ref_logprobs"]
+    if rollouts and all(r.has_winner_logprobs for r in rollouts):
+        keys.append("winner_logprobs")
+    for key in keys:
         values = torch.zeros((len(rollouts), width), dtype=torch.float32)
         for i, r in enumerate(rollouts):
             values[i, : len(r.response_ids)] = torch.as_tensor(getattr(r, key), dtype=torch.float32)
         batch[key] = values
     batch["role"] = torch.tensor([ROLE_CODES[r.role] for r in rollouts], dtype=torch.int64)  # ROLE_CODES
+    for key in per_token[0] if per_token else ():
+        values = torch.zeros((len(rollouts), width), dtype=torch.float32)
+        for i, extra in enumerate(per_token):
+            values[i, : extra[key].shape[0]] = extra[key]
+        batch[key] = values
     # The prompts themselves, for objectives whose guides run in the training step (distill).
     batch["prompts"] = [{"id": r.prompt_id, "messages": r.messages, "category": r.category, "input_ids": r.prompt_ids} for r in rollouts]
     return batch

@@ -42,7 +42,8 @@ def _initial_policy():
 
 
 @pytest.mark.parametrize(
-    "objective", [["objective=inverse_q"], ["objective=distill"], ["objective=distill", "objective.divergence=jsd"], ["objective=sft"], ["objective=dpo"]]
+    "objective",
+    [["objective=inverse_q"], ["objective=distill"], ["objective=distill", "objective.divergence=jsd"], ["objective=sft"], ["objective=dpo"], ["objective=ppo"]],
 )
 def test_every_objective_trains_end_to_end_and_moves_the_weights(tmp_path, objective):
     result = _run(tmp_path, "epochs=2", *objective)
