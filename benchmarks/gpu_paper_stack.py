@@ -72,7 +72,8 @@ def main() -> None:
             peak = float(row.get(f"memory/{short}_peak_gib") or "nan")
             planned = plan.phase_bytes(phase) / GIB
             print(f"{row['epoch']:>5} {phase:>8} {float(row[seconds_key]):8.1f} {peak:9.2f} {planned:9.2f} {peak / planned:14.2f}")
-    print(f"weight push to vLLM per epoch: {', '.join(f'{float(r.get('time/weight_sync_s') or 0):.2f} s' for r in rows)}")
+    pushes = ", ".join(f"{float(r.get('time/weight_sync_s') or 0):.2f} s" for r in rows)
+    print(f"weight push to vLLM per epoch: {pushes}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def model_spec_for(run_dir: str | None, model_path: str | None, fallback: ModelS
 
 def validate_generate(spec: GenerateSpec) -> GenerateSpec:
     """The same checks as training's, for the parts generation uses."""
-    from iq_lightning.config import MODEL_SOURCES, PLACEMENTS, DataSpec
+    from iq_lightning.config import MODEL_SOURCES, PLACEMENTS
 
     if spec.model.source not in MODEL_SOURCES:
         raise ConfigError(f"model.source must be one of {', '.join(MODEL_SOURCES)}, got {spec.model.source!r}")

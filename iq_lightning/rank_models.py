@@ -20,7 +20,6 @@ import dataclasses
 import logging
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase

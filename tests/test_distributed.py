@@ -6,7 +6,6 @@ import csv
 import pytest
 import torch
 
-from conftest import has_module
 from iq_lightning.config import TinySpec
 from iq_lightning.models import build_tiny
 from iq_lightning.objective import inverse_q_loss

@@ -1,7 +1,6 @@
 """evaluate.py end to end on tiny models, offline: trained runs, an alpha sweep directory, a
 reward model; every table and plot is written, and a rerun is served from the caches."""
 
-import json
 import os
 import subprocess
 import sys

@@ -3,7 +3,6 @@ DataModule, sampler, checkpoints and export; each step's loss equals an independ
 SFT's samples are pi_w's own answers, drawn once; DPO's pairs are pi_w's and pi_l's answers,
 drawn once, whole in every micro-batch."""
 
-import json
 
 import pytest
 import torch
@@ -80,7 +79,7 @@ def test_the_objective_group_is_typed_and_its_mistakes_are_one_line(tmp_path):
 def test_distill_step_is_the_reverse_kl_to_pi_hat_computed_independently(tmp_path):
     """One micro-batch: sum_t sum_v pi_theta(v) (log pi_theta(v) - log pi_hat(v)) / tokens, with
     pi_hat from full float64 forwards of x_w + y and x + y (no shared prefix, no chunking)."""
-    result = _run(tmp_path, "epochs=1", "objective=distill")
+    _run(tmp_path, "epochs=1", "objective=distill")
     rollouts = read_rollouts(tmp_path / "rollouts" / "epoch_000.jsonl")[:4]
     policy, tokenizer = _initial_policy()
     run = build_run_config(compose(TINY + ["objective=distill"]), tmp_path)
