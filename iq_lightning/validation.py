@@ -234,7 +234,7 @@ class Validation(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
             if type(logger).__name__ == "WandbLogger" and self.table_rows:
                 self._wandb_table(logger, epoch, rows)
-        log.info("validation after epoch %d: %s", epoch, ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+        log.info("validation after epoch %d: %s", epoch, ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.3f}" for k, v in figures.items()))
 
     def _wandb_table(self, logger, epoch: int, rows: list[AnswerFigures]) -> None:
         import wandb
