@@ -8,10 +8,7 @@ from iq_lightning.config import ObjectiveSpec
 from iq_lightning.errors import ConfigError
 from iq_lightning.forward import float32_head, response_logits
 from iq_lightning.logprobs import token_logprobs
-from iq_lightning.losses import (
-    DIVERGENCES,
-    distill_loss,
-)
+from iq_lightning.losses import DIVERGENCES, distill_loss
 from iq_lightning.objective import estimated_optimal_logprobs
 from iq_lightning.objectives.base import Objective, StepLoss, batch_prompts, batch_responses
 

@@ -1,4 +1,10 @@
-"""DPO on principle-contrast preference pairs (RLCD's construction)."""
+"""DPO on principle-contrast preference pairs (RLCD's construction).
+
+The paper's DPO baseline trains on HH-RLHF's own chosen/rejected replies; that needs (not built
+yet): prompts that carry both replies (data.py keeps only the shared prefix today), a SamplePlan
+flag under which the DataModule tokenizes the given replies instead of sampling, and the guides
+scoring them (guide.score takes any responses) to fill ref_logprobs. The pair storage (`role`),
+whole-pair micro-batches and DPO.step below would serve it unchanged."""
 
 from __future__ import annotations
 
@@ -7,9 +13,7 @@ import torch
 from iq_lightning.config import ObjectiveSpec
 from iq_lightning.errors import ConfigError
 from iq_lightning.forward import response_logprobs
-from iq_lightning.losses import (
-    dpo_loss,
-)
+from iq_lightning.losses import dpo_loss
 from iq_lightning.objectives.base import Objective, SamplePlan, StepLoss
 from iq_lightning.rollouts import CHOSEN, REJECTED, ROLE_CODES
 

@@ -10,14 +10,7 @@ from torch import nn
 from iq_lightning.config import ObjectiveSpec
 from iq_lightning.errors import ConfigError, UserError
 from iq_lightning.forward import head_inputs, response_logprobs, to_device
-from iq_lightning.losses import (
-    contrastive_sequence_reward,
-    gae,
-    kl_penalized_rewards,
-    ppo_policy_loss,
-    ppo_value_loss,
-    whiten,
-)
+from iq_lightning.losses import contrastive_sequence_reward, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from iq_lightning.objectives.base import Objective, SamplePlan, StepLoss
 from iq_lightning.rollouts import collate
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from iq_lightning.forward import response_logprobs
-from iq_lightning.losses import (
-    sft_loss,
-)
+from iq_lightning.losses import sft_loss
 from iq_lightning.objectives.base import Objective, SamplePlan, StepLoss
 
 
