@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from iq_lightning.objective import REDUCTIONS
+from iq_lightning.objective import masked_reduce
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
@@ -17,29 +17,6 @@ DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 # (rows, V) temporaries (two log-softmaxes, the mixture and its two-row stack, the pointwise
 # terms), and the same again while its backward recomputes it; nothing (..., T, V) is kept.
 _DISTILL_CHUNK_ROWS = 128
-
-
-def masked_reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str = "token_mean") -> torch.Tensor:
-    """Reduce per-token `values` (..., T) over the tokens where `mask` is 1, as inverse_q_loss does.
-
-      - "sum": sum over masked tokens;
-      - "token_mean": that sum over the number of masked tokens (1 if none);
-      - "sequence_mean": each sequence's token mean, averaged over sequences with >= 1 token.
-    Entries outside the mask are dropped (torch.where): a NaN or inf there does not reach the
-    value, though its gradient may still be NaN.
-    """
-    masked = torch.where(mask.bool(), values, torch.zeros_like(values))
-    mask = mask.to(values.dtype)
-    if reduction == "sum":
-        return masked.sum()
-    if reduction == "token_mean":
-        return masked.sum() / mask.sum().clamp(min=1.0)
-    if reduction == "sequence_mean":
-        tokens_per_seq = mask.sum(dim=-1)
-        per_seq = masked.sum(dim=-1) / tokens_per_seq.clamp(min=1.0)
-        has_tokens = (tokens_per_seq > 0).to(per_seq.dtype)
-        return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
-    raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
 
 
 def _row_divergence(student: torch.Tensor, teacher: torch.Tensor, divergence: str, beta: float, temperature: float):

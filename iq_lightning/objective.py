@@ -55,6 +55,30 @@ def sampled_token_targets(
     return out.view(tokens.shape)
 
 
+def masked_reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str = "token_mean") -> torch.Tensor:
+    """Reduce per-token `values` (..., T) over the tokens where `mask` is 1: the
+    reductions of inverse_q_loss and of every loss in losses.py.
+
+      - "sum": sum over masked tokens;
+      - "token_mean": that sum over the number of masked tokens (1 if none);
+      - "sequence_mean": each sequence's token mean, averaged over sequences with >= 1 token.
+    Entries outside the mask are dropped (torch.where): a NaN or inf there does not reach the
+    value, though its gradient may still be NaN.
+    """
+    masked = torch.where(mask.bool(), values, torch.zeros_like(values))
+    mask = mask.to(values.dtype)
+    if reduction == "sum":
+        return masked.sum()
+    if reduction == "token_mean":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if reduction == "sequence_mean":
+        tokens_per_seq = mask.sum(dim=-1)
+        per_seq = masked.sum(dim=-1) / tokens_per_seq.clamp(min=1.0)
+        has_tokens = (tokens_per_seq > 0).to(per_seq.dtype)
+        return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+    raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+
+
 def inverse_q_loss(
     policy_logprobs: torch.Tensor,
     target_logprobs: torch.Tensor,
@@ -69,18 +93,7 @@ def inverse_q_loss(
       - "token_mean": that sum divided by the number of masked tokens in the batch;
       - "sequence_mean": each sequence's token mean, averaged over sequences with >= 1 token.
     """
-    mask = mask.to(policy_logprobs.dtype)
-    squared = mask * (target_logprobs.to(policy_logprobs.dtype) - policy_logprobs) ** 2
-    if reduction == "sum":
-        return squared.sum()
-    if reduction == "token_mean":
-        return squared.sum() / mask.sum().clamp(min=1.0)
-    if reduction == "sequence_mean":
-        tokens_per_seq = mask.sum(dim=-1)
-        per_seq = squared.sum(dim=-1) / tokens_per_seq.clamp(min=1.0)
-        has_tokens = (tokens_per_seq > 0).to(per_seq.dtype)
-        return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
-    raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    return masked_reduce((target_logprobs.to(policy_logprobs.dtype) - policy_logprobs) ** 2, mask, reduction)
 
 
 def token_credit(
