@@ -16,19 +16,9 @@ from iq_lightning.models import build_tiny
 from iq_lightning.objectives import PPO
 from iq_lightning.rollouts import Rollout, collate, read_rollouts
 from iq_lightning.run import train
+from test_objectives import TINY as OBJECTIVE_RUN
 
-TINY = [
-    "model=tiny",
-    "samples_per_epoch=8",
-    "micro_batch_size=4",
-    "sampler.max_new_tokens=10",
-    "sampler.batch_size=8",
-    "alpha=3.0",
-    "lr=1e-3",
-    "val.every_n_epochs=0",
-    "credit_maps_per_epoch=0",
-    "objective=ppo",
-]
+TINY = [*OBJECTIVE_RUN, "objective=ppo"]  # the same tiny runs as the other objectives'
 
 
 def _run(tmp, *extra):
