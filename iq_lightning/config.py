@@ -7,6 +7,7 @@ environment on its own.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -298,6 +299,12 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
         raise ConfigError(f"invalid config: {exc}") from None
     validate(run)
     return run
+
+
+def as_plain(spec: Any) -> dict:
+    """A config dataclass (a RunConfig, an evaluation spec) as plain JSON values: paths and other
+    objects as strings. What the restart check, W&B and `describe` record."""
+    return json.loads(json.dumps(dataclasses.asdict(spec), default=str))
 
 
 def _check(ok: bool, message: str) -> None:

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
-from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig
+from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain
 from iq_lightning.data import encode_prompt, fit_context, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError, UserError
@@ -188,7 +188,7 @@ def _flat(value, prefix: str = "") -> dict:
 
 def restart_settings(run: RunConfig) -> dict:
     """The resolved config, flat and JSON-plain, less `run_dir` and the keys that may change."""
-    plain = json.loads(json.dumps(dataclasses.asdict(run), default=str))
+    plain = as_plain(run)
     plain.pop("run_dir")
     plain.update(plain.pop("train"))  # train keys are top-level on the command line
     return {key: value for key, value in _flat(plain).items() if not _may_change(key)}
@@ -315,7 +315,7 @@ def describe(run: RunConfig) -> str:
     """The resolved, validated config as YAML."""
     from omegaconf import OmegaConf
 
-    plain = json.loads(json.dumps(dataclasses.asdict(run), default=str))
+    plain = as_plain(run)
     return OmegaConf.to_yaml(plain)
 
 

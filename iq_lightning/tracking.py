@@ -25,7 +25,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
-from iq_lightning.config import ModelSpec, RunConfig
+from iq_lightning.config import ModelSpec, RunConfig, as_plain
 from iq_lightning.rollouts import Rollout, read_rollouts
 
 WANDB_ID_FILE = "wandb_run_id"  # written by run.build_loggers in every W&B-logged run directory
@@ -60,7 +60,7 @@ def flat_config(run: RunConfig) -> dict[str, Any]:
     principle, placement, guide_kind, sampler_backend, temperature, ..., data_source, sweep),
     and the full resolved config of each part under its own name (model, data, guide, sampler,
     strategy, logger, ...), which W&B shows as model.name_or_path and so on."""
-    full = _plain(dataclasses.asdict(run))
+    full = as_plain(run)
     train = full.pop("train")
     full["objective_options"] = full.pop("objective")  # "objective" is the name, to group runs by
     g, s, d, st = run.guide, run.sampler, run.data, run.strategy
@@ -248,7 +248,7 @@ def eval_config(spec: Any, contestants: Sequence[Any]) -> dict[str, Any]:
     """The evaluation run's W&B config: flat keys (judge, reference, pairs, seed, alpha, beta,
     data_source, data_split, data_limit, the sampler's settings, the contestants and the
     training runs' W&B ids), then the full spec."""
-    full = _plain(dataclasses.asdict(spec))
+    full = as_plain(spec)
     full.pop("contestants", None)
     runs = training_run_ids(contestants)
     return {
