@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose(overrides: list[str]):
+    """The training config Hydra composes from conf/ with these command-line overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return hydra_compose(config_name="train", overrides=overrides)
 
 
 def load(model: str):

@@ -33,7 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl import compose  # noqa: E402
+from common import compose  # noqa: E402
 
 PHASES = ("weight_sync", "sample", "score", "train")
 
