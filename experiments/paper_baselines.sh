@@ -10,6 +10,10 @@ python train.py "${common[@]}" alpha=1.4 hydra.run.dir=outputs/paper_baselines/i
 python train.py "${common[@]}" objective=distill alpha=1 hydra.run.dir=outputs/paper_baselines/distill
 # Context distillation: pi_w's answers to the HH-RLHF prompts, drawn once, then SFT.
 python train.py "${common[@]}" objective=sft hydra.run.dir=outputs/paper_baselines/sft
+# The paper's DPO: HH-RLHF's own chosen/rejected replies (objective.pairs=dataset, the default with
+# data=hh_rlhf), read once; samples_per_epoch counts replies, two per pair.
+python train.py "${common[@]}" objective=dpo objective.pairs=dataset hydra.run.dir=outputs/paper_baselines/dpo
 # Then: python evaluate.py model=zephyr data=hh_rlhf data.split=test data.limit=500 judge=openai \
 #   '+contestants.inverse_q.run_dir="outputs/paper_baselines/inverse_q"' \
-#   '+contestants.distill.run_dir="outputs/paper_baselines/distill"' '+contestants.sft_cd.run_dir="outputs/paper_baselines/sft"'
+#   '+contestants.distill.run_dir="outputs/paper_baselines/distill"' '+contestants.sft_cd.run_dir="outputs/paper_baselines/sft"' \
+#   '+contestants.dpo.run_dir="outputs/paper_baselines/dpo"'

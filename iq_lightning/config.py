@@ -186,6 +186,14 @@ class ObjectiveSpec:
     gamma: float = 1.0
     lam: float = 0.95
     value_lr: float | None = None
+    # ppo: a sequence-classification reward model (local directory or hub id, num_labels=1) that
+    # scores x + y; None: the guides' contrastive reward.
+    reward_model: str | None = None
+    # dpo: where the preference pairs come from. "dataset": the data's own chosen/rejected replies
+    # (HH-RLHF, local rows with chosen/rejected); "principle": RLCD, pi_w's answer chosen and pi_l's
+    # rejected, sampled once. None: dataset for sources whose rows all carry pairs
+    # (PAIRED_SOURCES: the paper's DPO on HH-RLHF), principle otherwise; resolved at build.
+    pairs: str | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,8 @@ class RunConfig:
 SAMPLER_BACKENDS = ("hf", "vllm")
 MODEL_SOURCES = ("pretrained", "package_gguf", "tiny")
 DATA_SOURCES = ("bundled", "hh_rlhf", "beavertails", "local")
+PAIRED_SOURCES = ("hh_rlhf",)  # every row is a chosen/rejected pair (local rows may carry one)
+UNPAIRED_SOURCES = ("bundled", "beavertails")  # prompts only
 GUIDE_KINDS = ("principle", "aligned_model")
 PLACEMENTS = ("system", "user")
 LOGGERS = ("wandb", "csv", "none")
@@ -297,8 +307,18 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config: {exc}") from None
+    run = resolve_objective(run)
     validate(run)
     return run
+
+
+def resolve_objective(run: RunConfig) -> RunConfig:
+    """`run` with the objective's defaults that depend on the rest of the config filled in
+    (Objective.resolve: DPO's objective.pairs), so describe, W&B and the restart check see them."""
+    from iq_lightning.objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(run.objective.name)
+    return run if objective is None else dataclasses.replace(run, objective=objective.resolve(run.objective, run))
 
 
 def as_plain(spec: Any) -> dict:
@@ -386,17 +406,18 @@ def validate(run: RunConfig) -> None:
 
 def validate_objective(run: RunConfig) -> None:
     from iq_lightning.losses import DIVERGENCES
-    from iq_lightning.objectives import OBJECTIVES
+    from iq_lightning.objectives import OBJECTIVES, build_objective
 
     o = run.objective
     _check(o.name in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {o.name!r}")
     _check(o.divergence in DIVERGENCES, f"objective.divergence must be one of {', '.join(DIVERGENCES)}, got {o.divergence!r}")
     _number(o.beta, "objective.beta")
-    objective = OBJECTIVES[o.name]
     for key in ("kl_coef", "clip_range", "value_clip_range", "vf_coef", "gamma", "lam", "value_lr"):
         if getattr(o, key) is not None:
             _number(getattr(o, key), f"objective.{key}")
-    objective.check(o, run)
+    OBJECTIVES[o.name].check(o, run)
+    # The plan may depend on the objective's settings (DPO's pairs, PPO's reward): ask a built one.
+    objective = build_objective(o, run.train.alpha, run.train.reduction)
     if objective.plan.principle_in_prompt:
         _check(run.guide.kind == "principle", f"objective={o.name} samples pi_w's answers from the initial policy given the principle: it needs guide=principle")
     if objective.plan.pairs:

@@ -1,5 +1,7 @@
 """Prompt data: the bundled prompt set, Anthropic HH-RLHF conversation prefixes (paper Sec. 5.1),
-and local JSONL/Parquet files; all become chat messages that end in a user turn."""
+and local JSONL/Parquet files; all become chat messages that end in a user turn. Where the data
+has them (HH-RLHF, local rows with `chosen` / `rejected`), a prompt also keeps the preference
+pair's two final assistant replies, for DPO on the dataset's own pairs (objective.pairs=dataset)."""
 
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ _ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt x: a conversation prefix ending in a user turn."""
+    """One prompt x: a conversation prefix ending in a user turn; `chosen` / `rejected`: the
+    data's preferred and dispreferred final assistant replies to it, where it has them."""
 
     id: str
     messages: Messages
     category: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,16 @@ def hh_rlhf_prefix(chosen: str, rejected: str) -> list[dict[str, str]] | None:
     return shared or None
 
 
+def hh_rlhf_replies(chosen: str, rejected: str, prefix_turns: int) -> tuple[str, str] | None:
+    """The pair's final assistant replies after the shared prefix of `prefix_turns` turns; None
+    where either conversation goes on for more than one assistant turn after it (the pair then
+    differs earlier, and no single reply answers the prefix)."""
+    rest_a, rest_b = parse_hh_dialogue(chosen)[prefix_turns:], parse_hh_dialogue(rejected)[prefix_turns:]
+    if len(rest_a) != 1 or len(rest_b) != 1 or rest_a[0]["role"] != "assistant" or rest_b[0]["role"] != "assistant":
+        return None
+    return rest_a[0]["content"], rest_b[0]["content"]
+
+
 def _hh_rows(spec: DataSpec) -> Iterator[dict[str, Any]]:
     import datasets
 
@@ -115,7 +130,8 @@ def _load_hh_rlhf(spec: DataSpec, stats: PromptStats) -> list[Prompt]:
         if messages is None:
             stats.skip("no shared prefix")
             continue
-        prompts.append(Prompt(id=row["id"], messages=tuple(messages), category=row["id"].split("/")[0]))
+        replies = hh_rlhf_replies(row["chosen"], row["rejected"], len(messages)) or (None, None)
+        prompts.append(Prompt(id=row["id"], messages=tuple(messages), category=row["id"].split("/")[0], chosen=replies[0], rejected=replies[1]))
     return prompts
 
 
@@ -156,6 +172,16 @@ def _messages_from_row(row: dict[str, Any], where: str) -> Messages:
             raise DataError(f"{where}: 'prompt' must be a string")
         return ({"role": "user", "content": row["prompt"]},)
     raise DataError(f"{where}: a row needs a 'prompt' string or a 'messages' list (keys: {sorted(row)})")
+
+
+def _replies_from_row(row: dict[str, Any], where: str) -> tuple[str | None, str | None]:
+    """A row's preference pair: `chosen` and `rejected` final assistant replies (strings), both or neither."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if chosen is None and rejected is None:
+        return None, None
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise DataError(f"{where}: a preference pair needs both 'chosen' and 'rejected' as strings (the final assistant replies)")
+    return chosen, rejected
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -241,7 +267,8 @@ def _load_rows(path: Path, split: str | None, stats: PromptStats) -> list[Prompt
             continue
         stats.loaded += 1
         messages = _messages_from_row(row, where)
-        prompts.append(Prompt(id=prompt_id, messages=messages, category=row.get("category")))
+        chosen, rejected = _replies_from_row(row, where)
+        prompts.append(Prompt(id=prompt_id, messages=messages, category=row.get("category"), chosen=chosen, rejected=rejected))
     return prompts
 
 
@@ -309,6 +336,30 @@ def prepare_prompts(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple
     if not encoded:
         raise DataError(f"no usable prompts from data.source={spec.source}: {stats.describe()}")
     return encoded, stats
+
+
+def keep_pairs(prompts: Sequence[EncodedPrompt], stats: PromptStats, source: str) -> list[EncodedPrompt]:
+    """The prompts with a usable preference pair (objective.pairs=dataset); the others are skipped
+    and counted in `stats`: no pair in the data, an empty reply, or chosen == rejected (HH-RLHF
+    holds some: nothing to prefer). None left is an error naming the alternative."""
+    kept = []
+    for p in prompts:
+        chosen, rejected = p.prompt.chosen, p.prompt.rejected
+        if chosen is None or rejected is None:
+            stats.skip("no preference pair")
+        elif not chosen.strip() or not rejected.strip():
+            stats.skip("empty reply in the pair")
+        elif chosen.strip() == rejected.strip():
+            stats.skip("chosen == rejected")
+        else:
+            kept.append(p)
+    stats.kept = len(kept)
+    if not kept:
+        raise DataError(
+            f"objective.pairs=dataset: no prompt of data.source={source} has a usable chosen/rejected pair ({stats.describe()}); "
+            "use objective.pairs=principle (pairs from the principle contrast)"
+        )
+    return kept
 
 
 OVER_CONTEXT = "over the context"

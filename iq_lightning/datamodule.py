@@ -22,6 +22,7 @@ from iq_lightning.guides import GuideScorer
 from iq_lightning.objectives import SamplePlan, sampling_prompt_ids
 from iq_lightning.rollouts import LengthGroupedBatches, Rollout, TornRolloutsError, collate, read_rollouts, write_rollouts
 from iq_lightning.samplers import Sampler, SamplingParams
+from iq_lightning.samplers.base import Generation
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,22 @@ def draw_prompts(prompts: Sequence[EncodedPrompt], count: int, seed: int) -> lis
         rng.shuffle(pool)
         drawn.extend(pool[: count - len(drawn)])
     return drawn
+
+
+def given_replies(prompts: Sequence[EncodedPrompt], tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> list[Generation]:
+    """Each prompt's chosen then rejected reply from the data (SamplePlan.given_pairs), as the
+    policy would generate it: the reply's tokens then EOS (the chat template's end of turn for
+    ChatML / Zephyr-style templates), like a finished sample. A reply longer than max_new_tokens
+    is cut there (finished=False), as a sample would be: the context and the memory plan assume
+    responses of at most max_new_tokens."""
+    generations = []
+    for p in prompts:
+        for reply in (p.prompt.chosen, p.prompt.rejected):
+            ids = list(tokenizer(reply.strip(), add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+            finished = len(ids) <= max_new_tokens
+            ids = ids[:max_new_tokens]
+            generations.append(Generation(response_ids=ids, sampling_logprobs=[0.0] * len(ids), finished=finished))
+    return generations
 
 
 class OnPolicyDataModule(L.LightningDataModule):
@@ -92,26 +109,15 @@ class OnPolicyDataModule(L.LightningDataModule):
         prompts = draw_prompts(self.prompts, per_rank * world, self._epoch_seed(epoch))[rank::world]
         started = time.perf_counter()
         peaks = PhasePeaks()
-        self.sampler.update_weights(policy)  # an engine's first call also starts it
-        synced = time.perf_counter()
-        per_draw = []
-        for j, (role, principle_in_prompt) in enumerate(draws):
-            # Each sample's random stream follows its index in the epoch's draw (prompt i's j-th
-            # sample is sample k * i + j), so the samples are the same whatever the world size or
-            # the sampler's batch size.
-            params = SamplingParams(
-                max_new_tokens=self.sampling.max_new_tokens,
-                temperature=self.sampling.temperature,
-                top_p=self.sampling.top_p,
-                seed=self._epoch_seed(epoch),
-                first_index=k * rank + j,
-                index_step=k * world,
-            )
-            sampled_from = [sampling_prompt_ids(principle_in_prompt, guide, p) for p in prompts]
-            desc = f"epoch {epoch} sampling" + (f" ({role})" if role else "")
-            per_draw.append(self.sampler.generate(policy, sampled_from, params, desc=desc))
+        if self.plan.given_pairs:
+            # The data's own pairs: nothing is sampled, so the sampler (an engine) never starts.
+            generations = given_replies(prompts, self.tokenizer, self.sampling.max_new_tokens)
+            synced = started
+        else:
+            self.sampler.update_weights(policy)  # an engine's first call also starts it
+            synced = time.perf_counter()
+            generations = self._sample(policy, guide, prompts, epoch, rank, world)
         # Stored prompt by prompt, a prompt's samples adjacent (a pair: chosen, then rejected).
-        generations = [g for row in zip(*per_draw) for g in row]
         prompts = [p for p in prompts for _ in draws]
         roles = [role for _ in range(len(generations) // k) for role, _ in draws]
         sampled = time.perf_counter()
@@ -137,7 +143,8 @@ class OnPolicyDataModule(L.LightningDataModule):
                 response_ids=g.response_ids,
                 response_text=self.tokenizer.decode(g.response_ids, skip_special_tokens=True),
                 finished=g.finished,
-                sampling_logprobs=g.sampling_logprobs,
+                # Given replies were not sampled: the initial policy's log-probs stand in.
+                sampling_logprobs=s.ref_logprobs if self.plan.given_pairs else g.sampling_logprobs,
                 target_logprobs=s.target_logprobs,
                 ref_logprobs=s.ref_logprobs,
                 role=role,
@@ -145,6 +152,28 @@ class OnPolicyDataModule(L.LightningDataModule):
             )
             for p, g, s, role in zip(prompts, generations, scores, roles)
         ]
+
+    def _sample(self, policy, guide: GuideScorer, prompts: list[EncodedPrompt], epoch: int, rank: int, world: int) -> list[Generation]:
+        """The plan's draws for each prompt, in stored order (a prompt's samples adjacent)."""
+        draws = self.plan.draws
+        k = len(draws)
+        per_draw = []
+        for j, (role, principle_in_prompt) in enumerate(draws):
+            # Each sample's random stream follows its index in the epoch's draw (prompt i's j-th
+            # sample is sample k * i + j), so the samples are the same whatever the world size or
+            # the sampler's batch size.
+            params = SamplingParams(
+                max_new_tokens=self.sampling.max_new_tokens,
+                temperature=self.sampling.temperature,
+                top_p=self.sampling.top_p,
+                seed=self._epoch_seed(epoch),
+                first_index=k * rank + j,
+                index_step=k * world,
+            )
+            sampled_from = [sampling_prompt_ids(principle_in_prompt, guide, p) for p in prompts]
+            desc = f"epoch {epoch} sampling" + (f" ({role})" if role else "")
+            per_draw.append(self.sampler.generate(policy, sampled_from, params, desc=desc))
+        return [g for row in zip(*per_draw) for g in row]
 
     def _finished(self, epoch: int) -> bool:
         """Whether `epoch` is already trained: Lightning, restoring an end-of-epoch checkpoint,

@@ -653,6 +653,24 @@ def _guides(c: _Context) -> list[PlanItem]:
     return items
 
 
+def _reward_model(c: _Context) -> list[PlanItem]:
+    """objective.reward_model (PPO): a whole frozen copy per rank, where whole guides are, in its
+    checkpoint's dtype; sized from a local config.json (a sequence-classification model: the trunk
+    and a one-output head instead of the LM head), else named with its size unknown."""
+    name = c.run.objective.reward_model
+    if not name:
+        return []
+    try:
+        arch = architecture_of(ModelSpec(name_or_path=name), "objective.reward_model")
+        config = json.loads(_local_config_json(ModelSpec(name_or_path=name)).read_text())
+    except (ConfigError, AttributeError):
+        return [PlanItem(f"reward model ({name}): sizes unknown, config.json not local", 0, "", AFTER_LOAD)]
+    parameters = arch.parameters - (0 if arch.tie_word_embeddings else arch.vocab_size * arch.hidden_size) + arch.hidden_size
+    element = dtype_bytes(str(config.get("torch_dtype") or "float32"))
+    bytes_ = 0 if c.guides_on_host else parameters * element
+    return [PlanItem(f"reward model ({name}), frozen", bytes_, "guide.device=cpu" if c.gpu else "", AFTER_LOAD)]
+
+
 def _vllm(c: _Context) -> list[PlanItem]:
     """sampler=vllm: an engine per rank with whole weights in sampler.options.dtype (default
     bfloat16 on a GPU, else the policy's dtype) and its KV cache: kv_cache_gib on CPU; on a GPU the
@@ -889,7 +907,7 @@ def plan_memory(run: RunConfig, world_size: int, capacity_bytes: int | None, acc
         capacity=capacity_bytes,
     )
     items: list[PlanItem] = []
-    for part in (_runtime, _policy, _guides, _vllm, _load, _sampling, _scoring, _training, _validation, _checkpoint, _export):
+    for part in (_runtime, _policy, _guides, _reward_model, _vllm, _load, _sampling, _scoring, _training, _validation, _checkpoint, _export):
         items.extend(part(context))
     items.extend(_heap_kept_at_checkpoint(context, items))
     device = "gpu" if gpu else "cpu: host RAM per process"

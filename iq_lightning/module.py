@@ -107,6 +107,8 @@ class InverseQModule(L.LightningModule):
         # (e.g. on CPU while the policy trains on the GPU); sharded ones stay where their shards are.
         if self.models is None or not self.models.guides_sharded:
             self.guide.to(self.guide_device or self.device)
+        # The objective's own frozen models (PPO's reward model), per rank, where whole guides are.
+        self.objective.load_models(self.models.tokenizer if self.models is not None else None, self.guide_device or self.device)
 
     def batch_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The objective's loss on one micro-batch of rollouts, and diagnostics that every

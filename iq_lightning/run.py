@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
 from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain
-from iq_lightning.data import encode_prompt, fit_context, prepare_prompts
+from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError, UserError
 from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide, with_principle
@@ -337,7 +337,11 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
 
     # Weights are loaded inside fit, per rank (rank_models.py); here only what every rank needs first.
     tokenizer = load_tokenizer(run.model)
+    t = run.train
+    objective = build_objective(run.objective, t.alpha, t.reduction)
     prompts, stats = prepare_prompts(run.data, tokenizer)
+    if objective.plan.given_pairs:
+        prompts = keep_pairs(prompts, stats, run.data.source)  # DPO on the data's pairs: only prompts that have one
     if run.guide.kind == "principle":
         check_principle_prompt(tokenizer, run.guide.principle, run.guide.placement, prompts[0])
     winner_length = principle_prompt_length(run, tokenizer)
@@ -354,8 +358,6 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     )
     models = RankModels(run.model, run.guide, run.train.alpha, tokenizer, sharding, show_progress)
 
-    t = run.train
-    objective = build_objective(run.objective, t.alpha, t.reduction)
     module = InverseQModule(
         None,
         None,

@@ -328,3 +328,39 @@ def test_hh_rlhf_subset_named_twice_is_a_duplicate(monkeypatch):
         load_prompts(spec)
     prompts, _ = load_prompts(DataSpec(source="hh_rlhf", split="train", hh_subsets=("helpful-base", "harmless-base")))
     assert [p.id for p in prompts] == ["helpful-base/train/0", "harmless-base/train/0"]
+
+
+# --- preference pairs (objective=dpo objective.pairs=dataset) -----------------------------------
+
+
+def test_hh_rlhf_keeps_the_final_replies_of_a_pair(monkeypatch):
+    import datasets
+
+    earlier = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Bye!",
+               "rejected": "\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Bye\n\nAssistant: Whatever."}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: [{"chosen": CHOSEN, "rejected": REJECTED}, earlier])
+    (pair, diverged), _ = load_prompts(DataSpec(source="hh_rlhf", split="train", hh_subsets=("helpful-base",)))
+    assert (pair.chosen, pair.rejected) == ("Twenty minutes is plenty at first.", "Eight hours, no breaks.")
+    assert pair.messages == tuple(hh_rlhf_prefix(CHOSEN, REJECTED))
+    # Differing before the last turn: the prompt stays (for sampling objectives), without a pair.
+    assert (diverged.chosen, diverged.rejected) == (None, None) and len(diverged.messages) == 1
+
+
+def test_local_rows_carry_pairs_and_unusable_ones_are_skipped_and_counted(tmp_path, tiny):
+    from iq_lightning.data import keep_pairs
+
+    path = tmp_path / "p.jsonl"
+    rows = [
+        {"id": "ok", "prompt": "q", "chosen": "good", "rejected": "bad"},
+        {"id": "none", "prompt": "q"},
+        {"id": "same", "prompt": "q", "chosen": "same ", "rejected": "same"},
+        {"id": "empty", "prompt": "q", "chosen": "  ", "rejected": "bad"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, stats = prepare_prompts(DataSpec(source="local", path=str(path), split=None), tiny[1])
+    kept = keep_pairs(prompts, stats, "local")
+    assert [(p.prompt.id, p.prompt.chosen, p.prompt.rejected) for p in kept] == [("ok", "good", "bad")]
+    assert stats.describe() == "1 prompts kept of 4 (skipped: 1 chosen == rejected, 1 empty reply in the pair, 1 no preference pair)"
+    path.write_text(json.dumps({"prompt": "q", "chosen": "good"}) + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:1: a preference pair needs both 'chosen' and 'rejected' as strings"):
+        _load_local(path)

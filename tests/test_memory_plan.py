@@ -223,9 +223,11 @@ def test_every_model_config_has_a_plan_without_network(tmp_path, monkeypatch, mo
     assert "total" in text and "GiB" in text
 
 
-@pytest.mark.parametrize("objective", ["inverse_q", "distill", "sft"])  # experiments/paper_baselines.sh
+@pytest.mark.parametrize("objective", ["inverse_q", "distill", "sft", "dpo"])  # experiments/paper_baselines.sh
 def test_paper_scale_zephyr_fits_eight_80gb_gpus(tmp_path, objective):
     run = run_config(tmp_path, ["model=zephyr", "strategy=deepspeed_zero3", "strategy.devices=8", f"objective={objective}"])
+    if objective == "dpo":
+        assert run.objective.pairs == "dataset"  # the paper's DPO: HH-RLHF's own pairs
     assert world_size_of(run.strategy) == 8
     plan = plan_memory(run, 8, 80 * GIB, "gpu")
     assert plan.fits and 10 * GIB < plan.total < 80 * GIB

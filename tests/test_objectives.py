@@ -209,6 +209,105 @@ def test_dpo_pairs_are_pi_w_and_pi_l_answers_drawn_once_whole_per_micro_batch_an
     assert {"train/dpo_reward_accuracy", "train/dpo_reward_margin", "train/dpo_reward_chosen", "train/dpo_reward_rejected"} <= set(header)
 
 
+def _hh_pairs():
+    """HH-RLHF-shaped rows: six usable pairs (one after an earlier exchange), then a pair whose
+    replies are the same and one with an empty reply, which objective.pairs=dataset skips."""
+    rows = [
+        {"chosen": f"\n\nHuman: Question {i}?\n\nAssistant: A careful answer {i}.", "rejected": f"\n\nHuman: Question {i}?\n\nAssistant: No {i}!"}
+        for i in range(5)
+    ]
+    earlier = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour."
+    rows.append({"chosen": earlier + "\n\nAssistant: Blue.", "rejected": earlier + "\n\nAssistant: Go away."})
+    rows.append({"chosen": "\n\nHuman: Same?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Same?\n\nAssistant: Yes."})
+    rows.append({"chosen": "\n\nHuman: Empty?\n\nAssistant:", "rejected": "\n\nHuman: Empty?\n\nAssistant: Not empty."})
+    return rows
+
+
+def test_dpo_on_the_datasets_pairs_trains_on_exactly_its_replies(tmp_path, monkeypatch):
+    """data=hh_rlhf objective=dpo (the paper's DPO): the trained pairs are the data's own chosen and
+    rejected replies, tokenized (nothing sampled), their reference log-probs the initial model's."""
+    import datasets
+
+    from iq_lightning.data import EncodedPrompt, Prompt, encode_prompt, hh_rlhf_prefix, parse_hh_dialogue
+    from iq_lightning.datamodule import given_replies
+    from iq_lightning.samplers.hf import HFSampler
+
+    rows = _hh_pairs()
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: rows)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("objective.pairs=dataset sampled")
+
+    monkeypatch.setattr(HFSampler, "generate", no_sampling)
+    overrides = ["objective=dpo", "data=hh_rlhf", "data.hh_subsets=[helpful-base]", "sampler.max_new_tokens=40"]
+    run = build_run_config(compose(TINY + overrides), tmp_path)
+    assert run.objective.pairs == "dataset"  # the default for data=hh_rlhf
+    result = _run(tmp_path, "epochs=2", *overrides)
+    epoch0 = read_rollouts(tmp_path / "rollouts" / "epoch_000.jsonl")
+    epoch1 = read_rollouts(tmp_path / "rollouts" / "epoch_001.jsonl")
+    assert [(r.prompt_id, r.role, r.response_ids) for r in epoch1] == [(r.prompt_id, r.role, r.response_ids) for r in epoch0]
+    assert [r.role for r in epoch0] == ["chosen", "rejected"] * 4
+
+    policy, tokenizer = _initial_policy()
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    by_id = {f"helpful-base/train/{i}": row for i, row in enumerate(rows)}
+    assert {r.prompt_id for r in epoch0} <= set(list(by_id)[:6])  # the identical and the empty pair never drawn
+    for chosen, rejected in zip(epoch0[0::2], epoch0[1::2]):
+        row = by_id[chosen.prompt_id]
+        assert rejected.prompt_id == chosen.prompt_id
+        want = [parse_hh_dialogue(row[key])[-1]["content"] for key in ("chosen", "rejected")]
+        for rollout, reply in zip((chosen, rejected), want):
+            assert rollout.response_ids == tokenizer(reply, add_special_tokens=False)["input_ids"] + [eos]
+            assert rollout.response_text == reply and rollout.finished
+            assert rollout.prompt_ids == encode_prompt(tokenizer, hh_rlhf_prefix(row["chosen"], row["rejected"]))
+
+    # A reply longer than sampler.max_new_tokens is cut there, unfinished, as a sample would be.
+    cut, _ = given_replies([EncodedPrompt(Prompt("p", (), chosen="0123456789", rejected="x"), (1,))], tokenizer, 4)
+    assert cut.response_ids == tokenizer("0123", add_special_tokens=False)["input_ids"] and not cut.finished
+
+    # ref_logprobs: per token, an independent float64 forward of the initial model on x + y.
+    batch = collate(epoch0, pad)
+    with torch.no_grad():
+        ref = response_logits(policy, batch).double().log_softmax(-1).gather(-1, batch["response_ids"][..., None])[..., 0]
+    for i, r in enumerate(epoch0):
+        assert r.ref_logprobs == pytest.approx(ref[i, : len(r.response_ids)].tolist(), abs=1e-4)
+
+    # Trained: the weights moved, and the margin of the data's chosen over its rejected replies rose.
+    trained = result.module.policy
+    moved = max((a.detach() - b).abs().max().item() for a, b in zip(trained.parameters(), policy.parameters()))
+    assert moved > 1e-4, moved
+    beta = run.objective.beta
+    theta, ref_sums = _sequence_logprobs(trained, epoch0, pad), _sequence_logprobs(policy, epoch0, pad)
+    margins = beta * ((theta[0::2] - ref_sums[0::2]) - (theta[1::2] - ref_sums[1::2]))
+    assert margins.mean().item() > 0.1 and (margins > 0).all(), margins
+
+
+def test_dpo_pairs_setting_and_its_mistakes(tmp_path):
+    run = build_run_config(compose(TINY + ["objective=dpo"]), tmp_path)
+    assert run.objective.pairs == "principle"  # bundled prompts carry no pairs: RLCD, as before
+    assert OBJECTIVES["dpo"].from_spec(run.objective, 1.0, "sum").plan.principle_in_prompt
+    run = build_run_config(compose(TINY + ["objective=dpo", "data=hh_rlhf", "objective.pairs=principle"]), tmp_path)
+    assert run.objective.pairs == "principle"
+    given = build_run_config(compose(TINY + ["objective=dpo", "data=hh_rlhf", "guide=aligned_model", "guide.model.name_or_path=tiny"]), tmp_path)
+    plan = OBJECTIVES["dpo"].from_spec(given.objective, 1.0, "sum").plan
+    assert plan.given_pairs and not plan.principle_in_prompt  # the data's pairs need no principle guide
+    with pytest.raises(ConfigError, match=r"^objective.pairs=dataset: data=bundled has prompts only, no chosen/rejected replies; .*objective.pairs=principle$"):
+        build_run_config(compose(TINY + ["objective=dpo", "objective.pairs=dataset"]), tmp_path)
+    with pytest.raises(ConfigError, match="objective.pairs must be dataset or principle, got 'hh'"):
+        build_run_config(compose(TINY + ["objective=dpo", "objective.pairs=hh"]), tmp_path)
+
+
+def test_dpo_on_local_rows_without_pairs_is_a_one_line_data_error(tmp_path):
+    import json
+
+    from iq_lightning.errors import DataError
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "split": "train"}) + "\n" for i in range(4)))
+    with pytest.raises(DataError, match=r"^objective.pairs=dataset: no prompt of data.source=local has a usable chosen/rejected pair \(0 prompts kept of 4 \(skipped: 4 no preference pair\)\); use objective.pairs=principle \(pairs from the principle contrast\)$"):
+        _run(tmp_path / "run", "objective=dpo", "data=local", f"data.path={path}", "data.split=train", "objective.pairs=dataset")
+
+
 def test_objectives_registry_names_each_config():
     from pathlib import Path
 

@@ -197,3 +197,92 @@ def test_ppo_under_ddp_two_processes(tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "epoch000.ckpt", weights_only=False)["state_dict"]
     assert torch.isfinite(state["heads.weight"]).all() and state["heads.weight"].abs().max() > 0
     assert _epoch_figures(tmp_path, "train/ppo_value_loss")
+
+
+# --- a sequence-classification reward model (objective.reward_model) ----------------------------
+
+
+def _reward_model(path, num_labels=1, own_tokenizer=True):
+    """A tiny LlamaForSequenceClassification saved at `path`: with its own tokenizer (one more
+    token, a plain chat template, so texts are re-rendered and re-tokenized) or the policy's."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from iq_lightning.models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    if own_tokenizer:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|reward|>"]})
+        tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=1024, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model.score.weight.mul_(50)  # rewards of order 1, not 0.02
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+def test_ppo_with_a_reward_model_trains_on_its_scores_of_the_rendered_texts(tmp_path):
+    """A reward model with its own tokenizer: each epoch's logged mean reward equals the reward model
+    called independently, one text at a time, on the conversation re-rendered with its template."""
+    model, tokenizer = _reward_model(tmp_path / "rm")
+    result = _run(tmp_path / "run", "epochs=2", "logger=csv", f"objective.reward_model={tmp_path / 'rm'}")
+    assert not result.module.objective.plan.winner_logprobs and not result.module.objective.reward.same_ids
+    initial, _ = build_tiny(TinySpec())
+    moved = max((a.detach() - b).abs().max().item() for a, b in zip(result.module.policy.parameters(), initial.parameters()))
+    assert moved > 1e-4, moved
+    logged = _epoch_figures(tmp_path / "run", "ppo/reward_model_score")
+    assert len(logged) == 2 and not _epoch_figures(tmp_path / "run", "ppo/contrastive_reward")
+    for epoch, mean in enumerate(logged):
+        rollouts = read_rollouts(tmp_path / "run" / "rollouts" / f"epoch_{epoch:03d}.jsonl")
+        assert all(not r.winner_logprobs for r in rollouts)  # the guides skipped log pi_w
+        scores = []
+        for r in rollouts:
+            text = tokenizer.apply_chat_template([*r.messages, {"role": "assistant", "content": r.response_text}], tokenize=False)
+            with torch.no_grad():
+                scores.append(model(input_ids=torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])).logits[0, 0].item())
+        assert mean == pytest.approx(sum(scores) / len(scores), rel=1e-4, abs=1e-5)
+        assert max(scores) - min(scores) > 0.05  # the check can fail: the rewards differ by answer
+
+
+def test_a_reward_model_sharing_the_policys_tokenizer_scores_the_ids_and_is_the_reward(ppo_run, tmp_path):
+    """Same tokenizer: the reward model reads prompt + response ids (padded in a micro-batch of 3);
+    with kl_coef 0, gamma = lambda = 1 and V = 0 every token's return is the sequence reward, which
+    equals the reward model on that rollout's ids alone."""
+    model, _ = _reward_model(tmp_path / "rm", own_tokenizer=False)
+    rollouts = read_rollouts(ppo_run.run_dir / "rollouts" / "epoch_000.jsonl")[:4]
+    policy, tokenizer = build_tiny(TinySpec())
+    objective = PPO(0.0, gamma=1.0, lam=1.0, reward_model=str(tmp_path / "rm"))
+    objective.make_heads(policy)
+    objective.load_models(tokenizer, "cpu")
+    assert objective.reward.same_ids
+    rows, figures = objective.prepare_epoch(policy, rollouts, tokenizer.pad_token_id, micro_batch_size=3)
+    assert len({len(r.prompt_ids) + len(r.response_ids) for r in rollouts}) > 1  # padding is exercised
+    want = []
+    for r, row in zip(rollouts, rows):
+        with torch.no_grad():
+            want.append(model(input_ids=torch.tensor([r.prompt_ids + r.response_ids])).logits[0, 0].item())
+        assert row["returns"].tolist() == pytest.approx([want[-1]] * len(r.response_ids), abs=1e-5)
+    assert figures["ppo/reward_model_score"] == pytest.approx(sum(want) / len(want), abs=1e-5)
+
+
+def test_reward_model_mistakes_are_one_line_config_errors(tmp_path):
+    _reward_model(tmp_path / "two", num_labels=2)
+    with pytest.raises(ConfigError, match=r"^objective.reward_model=\S*two has num_labels=2; PPO needs a scalar reward model .*num_labels=1\)$"):
+        build_run_config(compose(TINY + [f"objective.reward_model={tmp_path / 'two'}"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"^objective.reward_model=\S*missing: no such model directory \(no config.json there\)$"):
+        build_run_config(compose(TINY + [f"objective.reward_model={tmp_path / 'missing'}"]), tmp_path)
+    assert build_run_config(compose(TINY), tmp_path).objective.reward_model is None  # default: the contrastive reward
+
+
+def test_the_memory_plan_counts_the_reward_models_weights(tmp_path):
+    from iq_lightning.memory_plan import plan_memory
+
+    model, _ = _reward_model(tmp_path / "rm")
+    run = build_run_config(compose(TINY + [f"objective.reward_model={tmp_path / 'rm'}"]), tmp_path)
+    (item,) = [i for i in plan_memory(run, 1, None, "cpu").items if i.name.startswith("reward model")]
+    assert item.bytes == sum(p.numel() for p in model.parameters()) * 4  # float32 checkpoint

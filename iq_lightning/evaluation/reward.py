@@ -13,6 +13,15 @@ from iq_lightning.data import Messages
 from iq_lightning.errors import ModelLoadError, first_line
 
 
+def conversation_text(tokenizer, messages: Messages, answer: str) -> str:
+    """The conversation with the answer as a reward model reads it: its own chat template, else
+    'Role: content' turns (reward models often have another tokenizer than the policy)."""
+    chat = [*map(dict, messages), {"role": "assistant", "content": answer}]
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(chat, tokenize=False)
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in chat)
+
+
 class RewardModel:
     """Any sequence-classification reward model: the score is its first output logit (or the
     `score` field that models such as ArmoRM return) for the conversation with the answer."""
@@ -35,10 +44,7 @@ class RewardModel:
         self.batch_size = batch_size
 
     def _text(self, messages: Messages, answer: str) -> str:
-        chat = [*map(dict, messages), {"role": "assistant", "content": answer}]
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(chat, tokenize=False)
-        return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in chat)
+        return conversation_text(self.tokenizer, messages, answer)
 
     @torch.inference_mode()
     def score(self, items: Sequence[tuple[Messages, str]], desc: str = "reward") -> list[float]:

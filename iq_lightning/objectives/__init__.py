@@ -10,11 +10,13 @@ only in the objective. The losses themselves are pure functions (objective.py, l
                privileged context
     sft        context distillation: pi_w's own answers to x_w, drawn once, then supervised
                fine-tuning on (x, y_w)
-    dpo        DPO against the initial policy on pairs drawn once from the principle contrast
+    dpo        DPO against the initial policy on the data's own chosen/rejected replies (the
+               paper's DPO on HH-RLHF), or on pairs drawn once from the principle contrast
                (RLCD): pi_w's answer to x_w chosen, pi_l's answer to x rejected
     ppo        the paper's PPO baseline: token-level PPO with a per-token KL penalty to pi_ref
                (Eq. 2), a value head, GAE and a clipped ratio; reward: the guides' contrastive
-               sequence reward sum_t log pi_w(y_t) - log pi_l(y_t) (no reward model)
+               sequence reward sum_t log pi_w(y_t) - log pi_l(y_t), or a sequence-classification
+               reward model's score of x + y (objective.reward_model)
 """
 
 from __future__ import annotations

@@ -32,12 +32,20 @@ class SamplePlan:
         and every micro-batch holds whole pairs (micro_batch_size must be even).
     winner_logprobs: the guides also store log pi_w(y_t) per token (one more log-softmax over
         the vocabulary per token when scoring).
+    given_pairs: with `pairs`, the pair is the data's own (each prompt's chosen and rejected
+        replies, Prompt.chosen / .rejected), tokenized instead of sampled; the guides still score
+        them (ref_logprobs: log pi_ref(y_t | x)). Nothing is drawn from x_w.
     """
 
     on_policy: bool = True
     principle_in_prompt: bool = False
     pairs: bool = False
     winner_logprobs: bool = False
+    given_pairs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.given_pairs and (not self.pairs or self.on_policy or self.principle_in_prompt):
+            raise ValueError("given_pairs: the data's pairs, read once (pairs=True, on_policy=False, principle_in_prompt=False)")
 
     @property
     def draws(self) -> tuple[tuple[str | None, bool], ...]:
@@ -59,7 +67,7 @@ class StepLoss:
 
 class Objective(ABC):
     name: ClassVar[str]
-    plan: ClassVar[SamplePlan] = SamplePlan()
+    plan: SamplePlan = SamplePlan()  # an objective whose plan depends on its settings sets its own
     # Whether the guides run inside the training step (whole teacher distributions), which the
     # memory plan counts in the training phase.
     guides_in_step: ClassVar[bool] = False
@@ -70,9 +78,19 @@ class Objective(ABC):
         return cls(reduction)
 
     @classmethod
+    def resolve(cls, spec: ObjectiveSpec, run) -> ObjectiveSpec:
+        """`spec` with defaults that depend on the rest of the run (a RunConfig) filled in; once,
+        when the config is built."""
+        return spec
+
+    @classmethod
     def check(cls, spec: ObjectiveSpec, run) -> None:
         """Raise ConfigError for a value of the objective group (or a setting of the run, a
         RunConfig) this objective cannot use."""
+
+    def load_models(self, tokenizer, device) -> None:
+        """Frozen models of the objective's own (PPO's reward model), loaded per rank when the
+        trainer starts, beside the guides and on their device; `tokenizer` is the policy's."""
 
     @abstractmethod
     def step(self, policy, batch: dict, guide: GuideScorer) -> StepLoss:

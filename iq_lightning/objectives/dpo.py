@@ -1,16 +1,18 @@
-"""DPO on principle-contrast preference pairs (RLCD's construction).
+"""DPO against the initial policy, on the data's own preference pairs (the paper's DPO baseline on
+HH-RLHF's chosen/rejected replies) or on pairs from the principle contrast (RLCD's construction).
 
-The paper's DPO baseline trains on HH-RLHF's own chosen/rejected replies; that needs (not built
-yet): prompts that carry both replies (data.py keeps only the shared prefix today), a SamplePlan
-flag under which the DataModule tokenizes the given replies instead of sampling, and the guides
-scoring them (guide.score takes any responses) to fill ref_logprobs. The pair storage (`role`),
-whole-pair micro-batches and DPO.step below would serve it unchanged."""
+objective.pairs=dataset: each prompt's chosen and rejected replies (data.Prompt) are tokenized by
+the DataModule instead of sampled (SamplePlan.given_pairs), and the guides score them like samples
+to fill ref_logprobs. objective.pairs=principle: pi_w's answer chosen, pi_l's rejected, sampled
+once. Either way the pair storage (`role`), whole-pair micro-batches and DPO.step are the same."""
 
 from __future__ import annotations
 
 import torch
 
-from iq_lightning.config import ObjectiveSpec
+import dataclasses
+
+from iq_lightning.config import PAIRED_SOURCES, UNPAIRED_SOURCES, ObjectiveSpec
 from iq_lightning.errors import ConfigError
 from iq_lightning.forward import response_logprobs
 from iq_lightning.losses import dpo_loss
@@ -18,11 +20,15 @@ from iq_lightning.objectives.base import Objective, SamplePlan, StepLoss
 from iq_lightning.rollouts import CHOSEN, REJECTED, ROLE_CODES
 
 
+PAIR_SOURCES = ("dataset", "principle")
+
+
 class DPO(Objective):
-    """DPO (Rafailov et al. 2023) with pi_ref = the initial policy, on preference pairs built from
-    the principle contrast where no preference data exists (RLCD): for each prompt, pi_w's answer
-    (the initial model given x_w) is chosen and pi_l's (the initial model given x) rejected, drawn
-    once at epoch 0 and reused every epoch.
+    """DPO (Rafailov et al. 2023) with pi_ref = the initial policy. Pairs (`pairs`): "dataset",
+    the data's own chosen/rejected replies to each prompt, read once; "principle", built from the
+    principle contrast where no preference data exists (RLCD): for each prompt, pi_w's answer (the
+    initial model given x_w) is chosen and pi_l's (the initial model given x) rejected, drawn once
+    at epoch 0. Either way the epoch-0 pairs are reused every epoch.
 
         L = -log sigmoid(beta * [(log pi_theta(y_c|x) - log pi_ref(y_c|x)) - (same for y_r)])
     with sequence log-probs summed over the response, averaged over the micro-batch's pairs
@@ -32,19 +38,34 @@ class DPO(Objective):
     and rejected answers, their margin and the fraction of pairs ranked right (TRL's rewards/*)."""
 
     name = "dpo"
-    plan = SamplePlan(on_policy=False, principle_in_prompt=True, pairs=True)
 
     @classmethod
     def from_spec(cls, spec: ObjectiveSpec, alpha: float, reduction: str) -> "DPO":
-        return cls(spec.beta)
+        return cls(spec.beta, spec.pairs or "principle")
+
+    @classmethod
+    def resolve(cls, spec: ObjectiveSpec, run) -> ObjectiveSpec:
+        if spec.pairs is not None:
+            return spec
+        return dataclasses.replace(spec, pairs="dataset" if run.data.source in PAIRED_SOURCES else "principle")
 
     @classmethod
     def check(cls, spec: ObjectiveSpec, run) -> None:
         if not spec.beta > 0:
             raise ConfigError(f"objective.beta (DPO's KL coefficient) must be > 0, got {spec.beta}")
+        if spec.pairs not in PAIR_SOURCES:
+            raise ConfigError(f"objective.pairs must be dataset or principle, got {spec.pairs!r}")
+        if spec.pairs == "dataset" and run.data.source in UNPAIRED_SOURCES:
+            raise ConfigError(
+                f"objective.pairs=dataset: data={run.data.source} has prompts only, no chosen/rejected replies; use data=hh_rlhf, "
+                "data=local rows with chosen and rejected, or objective.pairs=principle"
+            )
 
-    def __init__(self, beta: float = 0.1):
+    def __init__(self, beta: float = 0.1, pairs: str = "principle"):
         self.beta = beta
+        self.pairs = pairs
+        given = pairs == "dataset"
+        self.plan = SamplePlan(on_policy=False, principle_in_prompt=not given, pairs=True, given_pairs=given)
 
     def step(self, policy, batch, guide) -> StepLoss:
         policy_logprobs = response_logprobs(policy, batch, float32_logits=True)

@@ -1,4 +1,5 @@
-"""The paper's PPO baseline: token-level PPO with a per-token KL penalty, a value head and GAE."""
+"""The paper's PPO baseline: token-level PPO with a per-token KL penalty, a value head and GAE; the
+sequence reward from the guides' contrast, or from a reward model (objective.reward_model)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from iq_lightning.errors import ConfigError, UserError
 from iq_lightning.forward import head_inputs, response_logprobs, to_device
 from iq_lightning.losses import contrastive_sequence_reward, gae, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss, whiten
 from iq_lightning.objectives.base import Objective, SamplePlan, StepLoss
+from iq_lightning.reward_model import SequenceReward, check_num_labels, local_num_labels
 from iq_lightning.rollouts import collate
 
 
@@ -35,8 +37,9 @@ class PPO(Objective):
     2022), as TRL's PPO: a value head on the policy's trunk, GAE, clipped ratio and value loss,
     `passes_per_epoch` PPO epochs over each epoch's rollouts.
 
-    Reward R(x, y) = sum_t log pi_w(y_t) - log pi_l(y_t) (log pi_w stored by the guides), at the
-    last token; per token r_t = -kl_coef (log pi_old(y_t) - log pi_ref(y_t)) + [t = T] R. With
+    Reward R(x, y) = sum_t log pi_w(y_t) - log pi_l(y_t) (log pi_w stored by the guides), or, with
+    `reward_model`, a sequence-classification reward model's score of x + y (reward_model.py, the
+    paper's own PPO setting; loaded per rank in load_models), at the last token; per token r_t = -kl_coef (log pi_old(y_t) - log pi_ref(y_t)) + [t = T] R. With
     kl_coef = 1/alpha the KL-regularised optimum pi_ref exp(R / kl_coef) is pi_w^alpha
     pi_l^(1-alpha), pi_hat normalised over whole responses instead of per token: the same target
     as Inverse-Q*, reached by RL instead of regression.
@@ -49,7 +52,6 @@ class PPO(Objective):
     forward (vLLM, KV cache); recomputing makes the first step's ratio exactly 1."""
 
     name = "ppo"
-    plan = SamplePlan(winner_logprobs=True)
 
     @classmethod
     def check(cls, spec: ObjectiveSpec, run) -> None:
@@ -74,11 +76,16 @@ class PPO(Objective):
         need(0 <= spec.gamma <= 1, f"objective.gamma must be in [0, 1], got {spec.gamma}")
         need(0 <= spec.lam <= 1, f"objective.lam must be in [0, 1], got {spec.lam}")
         need(spec.value_lr is None or spec.value_lr > 0, f"objective.value_lr must be > 0, got {spec.value_lr}")
+        if spec.reward_model is not None:
+            need(bool(str(spec.reward_model).strip()), "objective.reward_model is empty (null: the guides' contrastive reward)")
+            check_num_labels(spec.reward_model, local_num_labels(spec.reward_model))
 
     @classmethod
     def from_spec(cls, spec: ObjectiveSpec, alpha: float, reduction: str) -> "PPO":
         kl_coef = spec.kl_coef if spec.kl_coef is not None else 1.0 / alpha
-        return cls(kl_coef, spec.clip_range, spec.value_clip_range, spec.vf_coef, spec.gamma, spec.lam, spec.value_lr, reduction)
+        return cls(
+            kl_coef, spec.clip_range, spec.value_clip_range, spec.vf_coef, spec.gamma, spec.lam, spec.value_lr, reduction, spec.reward_model
+        )
 
     def __init__(
         self,
@@ -90,10 +97,24 @@ class PPO(Objective):
         lam: float = 0.95,
         value_lr: float | None = None,
         reduction: str = "token_mean",
+        reward_model: str | None = None,
     ):
         self.kl_coef, self.clip_range, self.value_clip_range, self.vf_coef = kl_coef, clip_range, value_clip_range, vf_coef
         self.gamma, self.lam, self.head_lr, self.reduction = gamma, lam, value_lr, reduction
         self.value_head: ValueHead | None = None
+        self.reward_model = reward_model
+        self.reward: SequenceReward | None = None  # loaded per rank (load_models)
+        # The contrastive reward needs log pi_w(y_t) from the guides; a reward model does not.
+        self.plan = SamplePlan(winner_logprobs=reward_model is None)
+
+    def load_models(self, tokenizer, device) -> None:
+        if self.reward_model is not None and self.reward is None:
+            self.reward = SequenceReward.load(self.reward_model, tokenizer, device)
+
+    @property
+    def reward_figure(self) -> str:
+        """The epoch figure of the mean reward, named for where it comes from."""
+        return "ppo/contrastive_reward" if self.reward_model is None else "ppo/reward_model_score"
 
     def make_heads(self, policy) -> ValueHead:
         self.value_head = ValueHead(policy.get_output_embeddings().in_features)
@@ -124,7 +145,9 @@ class PPO(Objective):
 
     @torch.no_grad()
     def prepare_epoch(self, policy, rollouts, pad_id, micro_batch_size, context=None):
-        lacking = [r.prompt_id for r in rollouts if not r.has_winner_logprobs]
+        if self.reward_model is not None and self.reward is None:
+            raise UserError(f"objective.reward_model={self.reward_model} is not loaded (load_models runs when the trainer starts)")
+        lacking = [r.prompt_id for r in rollouts if not r.has_winner_logprobs] if self.reward is None else []
         if lacking:
             raise UserError(
                 f"objective=ppo needs log pi_w(y_t) in the rollouts; {len(lacking)} lack it (e.g. {lacking[0]}): "
@@ -142,7 +165,10 @@ class PPO(Objective):
                     batch = to_device(collate(chunk, pad_id), device)
                     old_logprobs, old_values = self.evaluate(policy, batch)
                     mask, ref = batch["response_mask"], batch["ref_logprobs"]
-                    reward = contrastive_sequence_reward(batch["winner_logprobs"], ref, mask)
+                    if self.reward is None:
+                        reward = contrastive_sequence_reward(batch["winner_logprobs"], ref, mask)
+                    else:
+                        reward = self.reward.score(chunk).to(device)
                     per_token = kl_penalized_rewards(reward, old_logprobs, ref, mask, self.kl_coef)
                     advantages, returns = gae(per_token, old_values, mask, self.gamma, self.lam)
                     for i, r in enumerate(chunk):
@@ -161,7 +187,7 @@ class PPO(Objective):
             policy.train(was_training)
         whiten_advantages(rows)
         figures = {
-            "ppo/contrastive_reward": torch.cat(rewards).mean().item() if rewards else 0.0,
+            self.reward_figure: torch.cat(rewards).mean().item() if rewards else 0.0,
             "ppo/kl_to_ref": kl_sum / max(tokens, 1),  # k1, per token, of the sampling policy
             # |log pi_old - sampler's log-prob| per token: 0 up to rounding at temperature 1, top_p 1
             "ppo/sampler_logprob_gap": gap_sum / max(tokens, 1),
