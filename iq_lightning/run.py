@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import random
+import typing
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,31 @@ def _legacy_fingerprint(run: RunConfig) -> dict:
     }
 
 
+def declared_default(key: str):
+    """The default a RunConfig field declares for a flat restart key (train keys are top-level),
+    or a sentinel when it declares none. A key added to the config after a run started is absent
+    from that run's record; the run behaved as that default, so it may resume with it."""
+    none = object()
+    parts = key.split(".")
+    cls = RunConfig
+    if parts[0] not in {f.name for f in dataclasses.fields(RunConfig)}:
+        parts = ["train", *parts]
+    for i, name in enumerate(parts):
+        field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+        if field is None:
+            return none
+        hint = typing.get_type_hints(cls)[name]
+        if dataclasses.is_dataclass(hint) and i + 1 < len(parts):
+            cls = hint
+            continue
+        if i + 1 < len(parts):
+            return none
+        if field.default is not dataclasses.MISSING:
+            return json.loads(json.dumps(field.default, default=str))
+        return none
+    return none
+
+
 def check_resumable(run: RunConfig) -> None:
     """A restart in an existing run directory must continue the same run: refuse one whose
     settings changed, naming every key with its old and new value, rather than silently training
@@ -235,7 +261,10 @@ def check_resumable(run: RunConfig) -> None:
     else:
         old, new = stored, json.loads(json.dumps(_legacy_fingerprint(run)))
     missing = object()
-    changed = sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing))
+    changed = sorted(
+        k for k in set(old) | set(new)
+        if old.get(k, missing) != new.get(k, missing) and not (k not in old and new[k] == declared_default(k))
+    )
     if changed:
         def show(settings, key):
             return json.dumps(settings[key]) if key in settings else "(unset)"

@@ -219,6 +219,25 @@ def test_every_fingerprinted_key_is_named_when_it_changes(tmp_path):
     check_resumable(build_run_config(compose(TINY + ["epochs=9", "logger=csv", "val.table_rows=1"]), tmp_path))
 
 
+def test_a_run_recorded_before_a_key_existed_resumes_at_its_default_only(tmp_path):
+    """A key added to the config since the run started is absent from its record: the run behaved
+    as the key's declared default, so it resumes with that value and is refused with another."""
+    from iq_lightning.errors import ConfigError
+    from iq_lightning.run import FINGERPRINT_FILE, check_resumable, declared_default, restart_settings
+
+    run = build_run_config(compose(TINY), tmp_path)
+    settings = restart_settings(run)
+    assert declared_default("objective.reward_model") is None
+    assert declared_default("reduction") == "token_mean"  # a train key, top-level on the command line
+    assert declared_default("no.such.key") is not None and declared_default("model.tiny") is not None  # no default: a sentinel
+    older = {k: v for k, v in settings.items() if k not in ("objective.reward_model", "reduction")}
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps({"settings": older}))
+    check_resumable(run)
+    changed = build_run_config(compose(TINY + ["reduction=sum"]), tmp_path)
+    with pytest.raises(ConfigError, match=r'reduction: \(unset\) -> "sum"'):
+        check_resumable(changed)
+
+
 def test_a_run_that_failed_before_starting_accepts_the_corrected_command(tmp_path):
     from iq_lightning.errors import DataError
 
