@@ -16,7 +16,10 @@ Cost per response token, beyond the two guides' forward passes (V: vocabulary, H
   (1 - alpha) z_l = W (alpha h_w + (1 - alpha) h_l), so the target takes one head product over
   the mixed hidden state and one logsumexp, and only one (B, T, V) logits tensor is alive at a
   time instead of two. log pi_ref still needs z_l's own normaliser, hence z_l = W h_l: a second
-  head product and logsumexp. Not with `winner` (log pi_w needs z_w in full too: the general
+  head product and logsumexp: with the reference, both paths take two head products and two
+  logsumexps per token (before the normalisers cancelled: three log-softmaxes and a logsumexp),
+  and the one-head path saves the float32 mix of two logits rows and half the peak logits
+  memory. Not with `winner` (log pi_w needs z_w in full too: the general
   path's two products are then the fewer), nor for sharded or LoRA-base guides (see mixable_head).
 
 log pi_ref is computed for every token, whatever the objective: DPO's sequence sums and PPO's KL
