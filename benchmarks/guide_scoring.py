@@ -3,9 +3,14 @@ against two plain no-grad transformers forward passes over the same tokens.
 
     python benchmarks/guide_scoring.py                 # SmolLM2-135M, 32 samples x 32 tokens
     python benchmarks/guide_scoring.py --model tiny
+    python benchmarks/guide_scoring.py --general       # also the general path, in the same run
 
 The baseline is what a straightforward implementation does: model(x_w + y) and model(x + y),
 full logits over every position, batched the same way. Goal: ratio <= 1.1.
+
+Guide scoring takes the one-head path where the model allows it (guides.py's docstring: one
+head product for the targets); --general also times the general path (both guides' logits) on
+the same samples, for a before/after comparison in one run.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--general", action="store_true", help="also time the general path (both guides' logits)")
     args = parser.parse_args()
 
     from iq_lightning.forward import pack, to_device
@@ -38,10 +44,15 @@ def main() -> None:
     prompts = common.prompts(tokenizer, args.samples)
     responses = common.random_responses(tokenizer, args.samples, args.tokens)
     guide = PrincipleGuide(model, tokenizer, "Always reply in French.", "system", alpha=1.5, batch_size=args.batch, show_progress=False)
+    general = PrincipleGuide(model, tokenizer, "Always reply in French.", "system", alpha=1.5, batch_size=args.batch, show_progress=False)
+    general._one_head = False  # the path every model can take
     winner = [guide.winner_prompt_ids(p) for p in prompts]
 
     def ours():
         guide.score(prompts, responses)
+
+    def general_path():
+        general.score(prompts, responses)
 
     @torch.inference_mode()
     def two_plain_forwards():
@@ -56,7 +67,11 @@ def main() -> None:
     mine = common.median_seconds(ours, args.repeats)
     print(f"model={args.model} samples={args.samples} response_tokens={args.tokens} batch={args.batch} threads={torch.get_num_threads()}")
     print(f"two plain forwards : {base:.2f} s ({tokens / base:.0f} tokens/s)")
-    print(f"guide scoring      : {mine:.2f} s ({tokens / mine:.0f} tokens/s)")
+    path = "one-head" if guide.one_head else "general: the model's head is not mixable"
+    print(f"guide scoring      : {mine:.2f} s ({tokens / mine:.0f} tokens/s; {path})")
+    if args.general:
+        slow = common.median_seconds(general_path, args.repeats)
+        print(f"general path       : {slow:.2f} s ({tokens / slow:.0f} tokens/s; ratio general/plain {slow / base:.2f})")
     print(f"ratio scoring/plain: {mine / base:.2f} (goal <= 1.1)")
 
 

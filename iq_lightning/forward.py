@@ -169,5 +169,63 @@ def head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+@contextmanager
+def projection_skipped(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+    """While open, `model`'s output projection records its input (the final, normed hidden states
+    at the positions it would project) and projects nothing: it returns zero-width logits
+    (..., 0). Replaced on the instance, as in float32_head, so its hooks still run."""
+    head = model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+
+    def record(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        captured.append(hidden)
+        return hidden.new_empty(*hidden.shape[:-1], 0)
+
+    head.forward = MethodType(record, head)
+    try:
+        yield captured
+    finally:
+        del head.forward
+
+
+def response_hidden(model: PreTrainedModel, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> torch.Tensor:
+    """The hidden states (B, T, H) that `model`'s output projection maps onto response_logits:
+    the same forward pass (shared prefix and all), the projection itself skipped."""
+    with projection_skipped(model) as captured:
+        response_logits(model, batch, share_prefix)
+    response_len = batch["response_ids"].shape[1]
+    return captured[-1][:, -(response_len + 1) : -1]
+
+
+def mixable_head(model) -> bool:
+    """Whether `model`'s logits are exactly a bias-free linear map W h of its final hidden states,
+    so that alpha * logits(h_w) + (1 - alpha) * logits(h_l) = W (alpha h_w + (1 - alpha) h_l): the
+    head a plain, whole nn.Linear without bias (tied to the embeddings or not), and the model
+    returning the head's output as its logits, untouched.
+
+    The last is asked of the model itself, once, by one no-grad forward of one token: causal LMs
+    of transformers post-process logits in many ways (Gemma's final_logit_softcapping, Cohere's
+    logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, Chameleon's masked
+    image tokens, ...) and a list of them would miss the next. False without a forward for
+    anything else: a wrapper (FSDP, a LoRA policy's adapter-disabled base), a head partitioned by
+    ZeRO-3 or on the meta device, one with a forward of its own (accelerate's offloading hooks)."""
+    if not isinstance(model, PreTrainedModel):
+        return False
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or "forward" in head.__dict__:
+        return False
+    weight = head.weight
+    if hasattr(weight, "ds_id") or weight.is_meta or weight.shape != (head.out_features, head.in_features):
+        return False
+    outputs: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=weight.device), use_cache=False).logits
+    finally:
+        handle.remove()
+    return len(outputs) == 1 and logits is outputs[0]
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -4,6 +4,32 @@ sampled responses, computed once per sample without gradients (METHOD.md, Algori
 pi_l is the frozen SFT model (the initial policy) given the plain prompt x; it is also pi_ref.
 pi_w is either that same model with a principle in the prompt (`PrincipleGuide`, both guides in
 one forward pass) or a separate aligned model given x (`AlignedModelGuide`).
+
+Cost per response token, beyond the two guides' forward passes (V: vocabulary, H: hidden size):
+
+- General path (any guides): both guides' logits z_w, z_l (two LM-head products, H x V each);
+  log pi_hat(y_t) = log_softmax(alpha z_w + (1 - alpha) z_l)[y_t], one logsumexp over V (the
+  guides' own normalisers cancel, objective.estimated_optimal_logprobs); log pi_ref(y_t) =
+  log_softmax(z_l)[y_t], a second one. With `winner` (PPO), log pi_w(y_t): a third.
+- One-head path (PrincipleGuide whose model passes forward.mixable_head: one model for both
+  guides, logits a bias-free linear map W h of the final hidden states): alpha z_w +
+  (1 - alpha) z_l = W (alpha h_w + (1 - alpha) h_l), so the target takes one head product over
+  the mixed hidden state and one logsumexp, and only one (B, T, V) logits tensor is alive at a
+  time instead of two. log pi_ref still needs z_l's own normaliser, hence z_l = W h_l: a second
+  head product and logsumexp: with the reference, both paths take two head products and two
+  logsumexps per token (before the normalisers cancelled: three log-softmaxes and a logsumexp),
+  and the one-head path saves the float32 mix of two logits rows and half the peak logits
+  memory. Not with `winner` (log pi_w needs z_w in full too: the general
+  path's two products are then the fewer), nor for sharded or LoRA-base guides (see mixable_head).
+
+log pi_ref is computed for every token, whatever the objective: DPO's sequence sums and PPO's KL
+penalty read every token of it, and so do the credit figures of every objective (the module's
+train/credit_mean on every step, the credit maps' colour scale fixed from all of epoch 0's
+tokens, the rollout table, the credit maps, notebooks/inspect_run over the stored rollouts).
+Its cost on the one-head path is that second head product and logsumexp: H x V multiply-adds per
+token, about 10% of the two guide passes' per-token work for SmolLM2-135M (V = 49152, H = 576:
+28M of about 270M), about 1% for a 7B model (V = 32000, H = 4096: 131M of about 14B). Skipping it
+would save that, but the figures would have to go or be computed on a subset of rows.
 """
 
 from __future__ import annotations
@@ -17,9 +43,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.data import EncodedPrompt, Messages, encode_prompt
-from iq_lightning.forward import pack, response_logits, to_device
+from iq_lightning.forward import mixable_head, pack, response_hidden, response_logits, to_device
 from iq_lightning.logprobs import token_logprobs
-from iq_lightning.objective import sampled_token_targets
+from iq_lightning.objective import mixed_logits, sampled_token_targets
 
 
 @dataclass(frozen=True)
@@ -94,14 +120,22 @@ class GuideScorer(ABC):
         for start in tqdm(starts, desc=desc, unit="batch", disable=not self.show_progress, leave=False):
             chunk_prompts = prompts[start : start + self.batch_size]
             chunk_responses = responses[start : start + self.batch_size]
-            logits_w, logits_l, response_ids = self._guide_logits(chunk_prompts, chunk_responses)
-            targets = sampled_token_targets(logits_w, logits_l, response_ids, self.alpha)
-            ref = token_logprobs(logits_l, response_ids)
-            won = token_logprobs(logits_w, response_ids) if winner else None
+            targets, ref, won = self._score_batch(chunk_prompts, chunk_responses, winner)
             for row, response in enumerate(chunk_responses):
                 n = len(response)
                 scores.append(GuideScores(targets[row, :n].tolist(), ref[row, :n].tolist(), won[row, :n].tolist() if winner else []))
         return scores
+
+    def _score_batch(
+        self, prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], winner: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(log pi_hat(y_t), log pi_ref(y_t), log pi_w(y_t) or None), each (B, T), from both
+        guides' logits: the general path (module docstring)."""
+        logits_w, logits_l, response_ids = self._guide_logits(prompts, responses)
+        targets = sampled_token_targets(logits_w, logits_l, response_ids, self.alpha)
+        ref = token_logprobs(logits_l, response_ids)
+        won = token_logprobs(logits_w, response_ids) if winner else None
+        return targets, ref, won
 
 
 class PrincipleGuide(GuideScorer):
@@ -128,10 +162,19 @@ class PrincipleGuide(GuideScorer):
         self.principle = principle
         self.placement = placement
         self._winner_ids: dict[tuple, tuple[int, ...]] = {}
+        self._one_head: bool | None = None
 
     @property
     def models(self) -> Sequence[PreTrainedModel]:
         return (self.model,)
+
+    @property
+    def one_head(self) -> bool:
+        """Whether scoring takes the one-head path (module docstring): forward.mixable_head of
+        the model, asked once, at the first scoring."""
+        if self._one_head is None:
+            self._one_head = mixable_head(self.model)
+        return self._one_head
 
     def winner_prompt_ids(self, prompt: EncodedPrompt) -> tuple[int, ...]:
         key = tuple(tuple(sorted(m.items())) for m in prompt.prompt.messages)
@@ -140,11 +183,30 @@ class PrincipleGuide(GuideScorer):
             self._winner_ids[key] = tuple(encode_prompt(self.tokenizer, messages))
         return self._winner_ids[key]
 
-    def _guide_logits(self, prompts, responses):
+    def _batches(self, prompts, responses) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """pi_w's inputs (x_w + y) and pi_l's (x + y), on the model's device."""
         share = self.share_prefix
         winner = to_device(pack([self.winner_prompt_ids(p) for p in prompts], responses, self.pad_id, share), self.device)
         lesser = to_device(pack([p.input_ids for p in prompts], responses, self.pad_id, share), self.device)
+        return winner, lesser
+
+    def _guide_logits(self, prompts, responses):
+        winner, lesser = self._batches(prompts, responses)
         return response_logits(self.model, winner), response_logits(self.model, lesser), lesser["response_ids"]
+
+    def _score_batch(self, prompts, responses, winner):
+        if winner or not self.one_head:
+            return super()._score_batch(prompts, responses, winner)
+        winner_batch, lesser = self._batches(prompts, responses)
+        hidden_w = response_hidden(self.model, winner_batch)
+        hidden_l = response_hidden(self.model, lesser)
+        head, response_ids = self.model.get_output_embeddings(), lesser["response_ids"]
+        # Mixed in float32, then projected at the head's own dtype as the model projects h_l.
+        mixed = mixed_logits(hidden_w.float(), hidden_l.float(), self.alpha).to(hidden_l.dtype)
+        del hidden_w
+        targets = token_logprobs(head(mixed), response_ids)
+        del mixed
+        return targets, token_logprobs(head(hidden_l), response_ids), None
 
 
 class AlignedModelGuide(GuideScorer):

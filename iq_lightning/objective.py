@@ -9,7 +9,7 @@ import torch
 REDUCTIONS = ("sum", "token_mean", "sequence_mean")
 
 # Rows of (V,) logits processed at once by sampled_token_targets: bounds the float32 temporaries
-# to about chunk * V * 4 bytes * 3 (two log-softmaxes and their mix) instead of (..., T, V).
+# to about chunk * V * 4 bytes * 3 (the two upcast logits and their mix) instead of (..., T, V).
 _TARGET_CHUNK_ROWS = 256
 
 
@@ -21,15 +21,22 @@ def estimated_optimal_logprobs(
         z_t(v)        = alpha * log pi_w(v) + (1 - alpha) * log pi_l(v)
         log pi_hat(v) = z_t(v) - logsumexp_v' z_t(v')
 
-    Computed in float32 (or float64 if given) whatever the logits' dtype.
+    log pi_w and log pi_l differ from their logits by one constant per row (their normalisers),
+    which the final normalisation removes: log pi_hat = log_softmax(alpha * logits_w +
+    (1 - alpha) * logits_l), one log-softmax instead of three, exactly. Computed in float32 (or
+    float64 if given) whatever the logits' dtype.
     """
     if logits_w.shape != logits_l.shape:
         raise ValueError(f"guide logits differ in shape: {tuple(logits_w.shape)} vs {tuple(logits_l.shape)}")
     dtype = torch.promote_types(logits_w.dtype, torch.float32)
-    log_w = torch.log_softmax(logits_w.to(dtype), dim=-1)
-    log_l = torch.log_softmax(logits_l.to(dtype), dim=-1)
-    z = alpha * log_w + (1.0 - alpha) * log_l
-    return torch.log_softmax(z, dim=-1)
+    return torch.log_softmax(mixed_logits(logits_w.to(dtype), logits_l.to(dtype), alpha), dim=-1)
+
+
+def mixed_logits(logits_w: torch.Tensor, logits_l: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * logits_w + (1 - alpha) * logits_l: unnormalised log pi_hat (estimated_optimal_logprobs).
+    The same mix of two final hidden states, projected by one bias-free linear head, gives the
+    same logits (guides.PrincipleGuide's one-head path)."""
+    return alpha * logits_w + (1.0 - alpha) * logits_l
 
 
 def sampled_token_targets(
@@ -37,9 +44,13 @@ def sampled_token_targets(
 ) -> torch.Tensor:
     """log pi_hat(y_t) of the given tokens, shape (..., T), from guide logits (..., T, V).
 
-    The training target of Algorithm 1. Rows are processed in chunks so no float32 (..., T, V)
-    copy is kept beyond the inputs themselves; only one float per token is returned.
+    The training target of Algorithm 1: the mixed logits at y_t less their logsumexp (one
+    normaliser per token, see estimated_optimal_logprobs). Rows are processed in chunks so no
+    float32 (..., T, V) copy is kept beyond the inputs themselves; only one float per token is
+    returned.
     """
+    if logits_w.shape != logits_l.shape:
+        raise ValueError(f"guide logits differ in shape: {tuple(logits_w.shape)} vs {tuple(logits_l.shape)}")
     vocab = logits_w.shape[-1]
     flat_w = logits_w.reshape(-1, vocab)
     flat_l = logits_l.reshape(-1, vocab)
@@ -50,8 +61,8 @@ def sampled_token_targets(
     out = torch.empty(flat_tokens.shape[0], dtype=out_dtype, device=logits_w.device)
     for start in range(0, flat_w.shape[0], _TARGET_CHUNK_ROWS):
         end = start + _TARGET_CHUNK_ROWS
-        log_pi_hat = estimated_optimal_logprobs(flat_w[start:end], flat_l[start:end], alpha)
-        out[start:end] = log_pi_hat.gather(-1, flat_tokens[start:end]).squeeze(-1)
+        z = mixed_logits(flat_w[start:end].to(out_dtype), flat_l[start:end].to(out_dtype), alpha)
+        out[start:end] = z.gather(-1, flat_tokens[start:end]).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return out.view(tokens.shape)
 
 
@@ -110,6 +121,7 @@ __all__ = [
     "REDUCTIONS",
     "estimated_optimal_logprobs",
     "inverse_q_loss",
+    "mixed_logits",
     "sampled_token_targets",
     "token_credit",
 ]

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from torch import nn
 
+from iq_lightning import guides as guides_module
 from iq_lightning.config import TinySpec
 from iq_lightning.data import EncodedPrompt, Prompt, encode_prompt
-from iq_lightning.forward import pack, response_logits, shared_prefix_length
+from iq_lightning.forward import mixable_head, pack, response_logits, shared_prefix_length
 from iq_lightning.guides import AlignedModelGuide, PrincipleGuide, with_principle
-from iq_lightning.models import build_tiny, frozen_copy
+from iq_lightning.models import AdapterDisabled, build_tiny, frozen_copy
 from iq_lightning.objective import estimated_optimal_logprobs
 
 PRINCIPLE = "Always answer politely and briefly."
@@ -140,3 +142,97 @@ def test_gradient_checkpointed_training_forward_keeps_the_prefix(tiny):
     mask = batch["response_mask"].bool()
     with torch.no_grad():
         torch.testing.assert_close(response_logits(model, batch)[mask], response_logits(model, flat)[mask], atol=2e-5, rtol=1e-5)
+
+
+def _hidden_passes(monkeypatch) -> list[int]:
+    """Counts the one-head path's hidden-state passes (guides.response_hidden calls)."""
+    calls = []
+    real = guides_module.response_hidden
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(guides_module, "response_hidden", counted)
+    return calls
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 0.5])
+def test_one_head_path_equals_the_general_path(tiny, monkeypatch, alpha, share_prefix):
+    """W (alpha h_w + (1 - alpha) h_l) gives the general path's targets and the same reference
+    log-probs, on ragged, padded responses with the shared prefix on and off."""
+    model, tokenizer = tiny
+    model = frozen_copy(model)
+    prompts, responses = _prompts(tokenizer), _responses(tokenizer)
+    kwargs = dict(alpha=alpha, batch_size=8, show_progress=False, share_prefix=share_prefix)
+    one_head = PrincipleGuide(model, tokenizer, PRINCIPLE, "system", **kwargs)
+    general = PrincipleGuide(model, tokenizer, PRINCIPLE, "system", **kwargs)
+    general._one_head = False
+    assert one_head.one_head and mixable_head(model)
+    passes = _hidden_passes(monkeypatch)
+    got = one_head.score(prompts, responses)
+    assert len(passes) == 2  # pi_w's and pi_l's, one batch
+    want = general.score(prompts, responses)
+    assert len(passes) == 2  # the general path runs none
+    for g, w, response in zip(got, want, responses):
+        assert len(g.target_logprobs) == len(g.ref_logprobs) == len(response) and g.winner_logprobs == []
+        torch.testing.assert_close(torch.tensor(g.target_logprobs), torch.tensor(w.target_logprobs), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(g.ref_logprobs), torch.tensor(w.ref_logprobs), atol=2e-5, rtol=1e-5)
+
+
+def test_winner_logprobs_take_the_general_path(tiny, monkeypatch):
+    """log pi_w (PPO) needs z_w in full: the general path's two head products, not a third."""
+    model, tokenizer = tiny
+    guide = PrincipleGuide(frozen_copy(model), tokenizer, PRINCIPLE, "system", alpha=1.4, show_progress=False)
+    prompts, responses = _prompts(tokenizer), _responses(tokenizer)
+    passes = _hidden_passes(monkeypatch)
+    with_winner = guide.score(prompts, responses, winner=True)
+    assert passes == [] and guide.one_head
+    plain = guide.score(prompts, responses)
+    for w, p in zip(with_winner, plain):
+        assert len(w.winner_logprobs) == len(w.target_logprobs)
+        torch.testing.assert_close(torch.tensor(w.target_logprobs), torch.tensor(p.target_logprobs), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(w.ref_logprobs), torch.tensor(p.ref_logprobs), atol=2e-5, rtol=1e-5)
+
+
+def test_head_with_bias_takes_the_general_path(tiny, monkeypatch):
+    model, tokenizer = tiny
+    model = frozen_copy(model)
+    head = model.get_output_embeddings()
+    biased = nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.normal_(0.0, 1.0)
+    model.set_output_embeddings(biased.requires_grad_(False))
+    assert not mixable_head(model)
+    guide = PrincipleGuide(model, tokenizer, PRINCIPLE, "system", alpha=1.5, show_progress=False)
+    prompts, responses = _prompts(tokenizer), _responses(tokenizer)
+    passes = _hidden_passes(monkeypatch)
+    scores = guide.score(prompts, responses)
+    assert passes == [] and not guide.one_head
+    prompt, response = prompts[2], responses[2]
+    winner_ids = encode_prompt(tokenizer, with_principle(prompt.prompt.messages, PRINCIPLE, "system"))
+    logits_w = _unpadded_logprobs(model, winner_ids, response)
+    logits_l = _unpadded_logprobs(model, prompt.input_ids, response)
+    want = estimated_optimal_logprobs(logits_w, logits_l, 1.5).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(scores[2].target_logprobs), want, atol=2e-5, rtol=1e-5)
+
+
+def _tiny_gemma2(softcap):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=softcap,
+    )
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(config).eval()
+
+
+def test_mixable_head_asks_the_model_whether_its_logits_are_the_heads():
+    """Gemma 2 soft-caps its logits (tanh, not linear) unless final_logit_softcapping is None;
+    its head is tied to the embeddings, which is no obstacle; wrappers (a LoRA base, FSDP) are never mixable."""
+    assert not mixable_head(_tiny_gemma2(30.0))
+    assert mixable_head(_tiny_gemma2(None))
+    assert not mixable_head(AdapterDisabled(lambda: _tiny_gemma2(None)))
