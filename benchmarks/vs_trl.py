@@ -135,7 +135,7 @@ def run_peer(args) -> dict:
         config = SDFTConfig(
             output_dir=out, distillation_mode=args.mode, distillation_alpha=1.0 if args.mode == "sampled_token" else 0.5,
             teacher_model_kind="base", teacher_prompt_template="{privileged_context}\n\n{prompt}",
-            num_generations=1, generation_batch_size=args.samples, **common_args,
+            num_generations=1, generation_batch_size=args.sdft_generation_batch or args.samples, **common_args,
         )
         trainer_cls, kwargs = SDFTTrainer, {"train_dataset": peer_dataset(tokenizer, args.samples, True)}
     else:
@@ -163,14 +163,51 @@ def run_peer(args) -> dict:
             clock["end"] = time.perf_counter()
 
     trainer = Recording(model=model, args=config, processing_class=tokenizer, callbacks=[Clock()], **kwargs)
+    phases = time_phases(trainer)
     trainer.train()
     moved = sum((p.detach() - b).pow(2).sum().item() for p, b in zip(model.parameters(), before)) ** 0.5
+    seconds = clock["end"] - clock["begin"]
+    phases["backward+optimizer+rest"] = seconds - sum(phases.values())
     return {
-        "seconds": clock["end"] - clock["begin"],
+        "seconds": seconds,
+        "phases": phases,
         "steps": trainer.state.global_step,
         "losses": [float(x) for x in losses],
         "weight_movement": moved,
     }
+
+
+def time_phases(trainer) -> dict[str, float]:
+    """Seconds in the peer's sampling, its no-grad passes and its student forward, by wrapping the
+    trainer's own methods on the instance (what is left is backward, optimizer step and glue).
+    Only the outermost timed call counts, so the forwards inside sampling stay sampling."""
+    spent: dict[str, float] = {"sample": 0.0, "is_pass": 0.0, "teacher_fwd": 0.0, "student_fwd": 0.0}
+    depth = [0]
+
+    def timed(fn, phase):
+        def wrapper(*a, **kw):
+            name = phase(*a, **kw) if callable(phase) else phase
+            if depth[0] or name is None:
+                return fn(*a, **kw)
+            depth[0] += 1
+            started = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                depth[0] -= 1
+                spent[name] += time.perf_counter() - started
+        return wrapper
+
+    trainer._generate = timed(trainer._generate, "sample")
+    if hasattr(trainer, "_compute_rollout_logps"):  # SDFT: its passes go through _forward_logits
+        trainer._compute_rollout_logps = timed(trainer._compute_rollout_logps, "is_pass")
+        trainer._forward_logits = timed(
+            trainer._forward_logits, lambda model, *a, **kw: "teacher_fwd" if model is trainer.teacher_model else "student_fwd"
+        )
+    else:  # DistillationTrainer calls the modules
+        trainer.teacher_model.forward = timed(trainer.teacher_model.forward, "teacher_fwd")
+        trainer.model.forward = timed(trainer.model.forward, "student_fwd")
+    return spent
 
 
 # ---- parent: interleave, check, summarise ----------------------------------------------------
@@ -181,6 +218,8 @@ def child(side: str, args) -> dict:
         command = [sys.executable, __file__, "--child", side, "--json", result.name, "--peer", args.peer, "--mode", args.mode,
                    "--model", args.model, "--samples", str(args.samples), "--tokens", str(args.tokens),
                    "--micro-batch", str(args.micro_batch), "--seed", str(args.seed)]
+        if args.sdft_generation_batch:
+            command += ["--sdft-generation-batch", str(args.sdft_generation_batch)]
         # The checkout's package first, whatever the environment has installed.
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path, "TRL_EXPERIMENTAL_SILENCE": "1", "WANDB_MODE": "disabled"}
@@ -216,6 +255,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=3, help="interleaved runs of each side (A B A B ...)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sdft-generation-batch", type=int, default=None,
+                        help="SDFT's generation_batch_size (default: --samples, the epoch in one batch, as here; "
+                        "--micro-batch samples each step's prompts apart and skips the importance-sampling pass)")
     parser.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,11 +270,13 @@ def main() -> None:
     peer = "distillation" if args.peer == "distillation" else f"sdft/{args.mode}"
     label = "TRL DistillationTrainer" if args.peer == "distillation" else f"TRL SDFTTrainer ({args.mode})"
     times: dict[str, list[float]] = {"peer": [], "ours": []}
+    phases: dict[str, list[dict]] = {"peer": [], "ours": []}
     checks = []
     for i in range(args.pairs):
         for side in ("peer", "ours"):
             run = child(side, args)
             times[side].append(run["seconds"])
+            phases[side].append(run["phases"])
             if side == "peer":
                 checks.append(check_trained(label, run, args.samples // args.micro_batch))
             detail = ", ".join(f"{k} {v:.1f}" for k, v in run.get("phases", {}).items())
@@ -245,6 +289,9 @@ def main() -> None:
     print(f"{'iq-lightning':34s}: {spread(times['ours'])}")
     print(f"ratio of medians (peer / iq-lightning): {statistics.median(times['peer']) / statistics.median(times['ours']):.2f}x; "
           f"per pair: {', '.join(f'{r:.2f}' for r in ratios)}")
+    for side, name in (("peer", label), ("ours", "iq-lightning")):
+        keys = phases[side][0]
+        print(f"median phases, {name}: " + ", ".join(f"{k} {statistics.median(p[k] for p in phases[side]):.1f} s" for k in keys))
     print(f"per sample, iq-lightning: {WORK['ours']}")
     print(f"per sample, {peer}: {WORK[peer]}")
 
