@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -107,6 +108,7 @@ class EpochCheckpoint(Checkpoint):
         # Lightning's ModelCheckpoint does, or that reduction waits forever for the other ranks.
         _ = trainer.callback_metrics
         epoch = trainer.current_epoch
+        started = time.perf_counter()
         final = self.dirpath / f"epoch{epoch:03d}.ckpt"
         tmp = self.dirpath / f"epoch{epoch:03d}.ckpt.tmp"
         if trainer.is_global_zero:
@@ -136,6 +138,8 @@ class EpochCheckpoint(Checkpoint):
             for stale in self.dirpath.glob("last-v*.ckpt"):  # older versions' copies
                 _remove(stale)
         trainer.strategy.barrier("EpochCheckpoint.done")
+        # The write, fsync and rename of the whole run's state (optimizer included), between barriers.
+        pl_module.log("time/checkpoint_s", time.perf_counter() - started, on_epoch=True, sync_dist=True)
 
     def _link_last(self, final: Path) -> None:
         last, link_tmp = self.dirpath / LAST_LINK, self.dirpath / (LAST_LINK + ".tmp")

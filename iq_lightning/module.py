@@ -196,15 +196,19 @@ class InverseQModule(L.LightningModule):
         finite = all_finite(self.sharding.local_parameters(self._trained()))
         if self._on_any_rank(~finite.reshape(1)).any():
             self.nonfinite.stop(PARAMETERS, self.current_epoch, self.global_step)
+        # The epoch's training ends here: callbacks' epoch-end work (validation, the checkpoint)
+        # runs before the module's on_train_epoch_end and is timed on its own (time/val_s, time/checkpoint_s).
+        self._train_done = time.perf_counter()
 
     def on_train_epoch_start(self) -> None:
         self._epoch_started = time.perf_counter()
+        self._train_done = None
         self._train_peaks = PhasePeaks()
 
     def on_train_epoch_end(self) -> None:
         stats = dict(getattr(self.trainer.datamodule, "epoch_stats", {}) or {})
         stats["train/nonfinite_skipped"] = self.nonfinite.skipped
-        stats["time/train_s"] = time.perf_counter() - self._epoch_started
+        stats["time/train_s"] = (self._train_done or time.perf_counter()) - self._epoch_started
         self._train_peaks.mark("train")
         stats.update(self._train_peaks.figures)
         self.log_dict({k: float(v) for k, v in stats.items()}, on_epoch=True, sync_dist=True)
