@@ -181,7 +181,7 @@ def time_phases(trainer) -> dict[str, float]:
     """Seconds in the peer's sampling, its no-grad passes and its student forward, by wrapping the
     trainer's own methods on the instance (what is left is backward, optimizer step and glue).
     Only the outermost timed call counts, so the forwards inside sampling stay sampling."""
-    spent: dict[str, float] = {"sample": 0.0, "is_pass": 0.0, "teacher_fwd": 0.0, "student_fwd": 0.0}
+    spent: dict[str, float] = {"sample": 0.0}
     depth = [0]
 
     def timed(fn, phase):
@@ -200,13 +200,13 @@ def time_phases(trainer) -> dict[str, float]:
 
     trainer._generate = timed(trainer._generate, "sample")
     if hasattr(trainer, "_compute_rollout_logps"):  # SDFT: its passes go through _forward_logits
+        spent.update(is_pass=0.0, teacher_fwd=0.0, student_fwd=0.0)
         trainer._compute_rollout_logps = timed(trainer._compute_rollout_logps, "is_pass")
         trainer._forward_logits = timed(
             trainer._forward_logits, lambda model, *a, **kw: "teacher_fwd" if model is trainer.teacher_model else "student_fwd"
         )
-    else:  # DistillationTrainer calls the modules
-        trainer.teacher_model.forward = timed(trainer.teacher_model.forward, "teacher_fwd")
-        trainer.model.forward = timed(trainer.model.forward, "student_fwd")
+    # DistillationTrainer calls its (accelerate-wrapped) modules directly: only its sampling is
+    # separated; its teacher pass is inside the rest.
     return spent
 
 

@@ -4,6 +4,7 @@ token-credit maps of a few samples (Fig. 8)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -82,6 +83,25 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _without_zip_crc():
+    """torch.save without the CRC32 of every record: torch.load never checks it (a flipped byte
+    in a record loads silently either way), and computing it took most of torch.save's time for
+    SmolLM2's 1.6 GB checkpoint (1.8-4.7 s against 0.5-0.8 s without). Integrity here comes from
+    writing under a temporary name, fsync and rename."""
+    try:
+        from torch.utils.serialization import config
+        before = config.save.compute_crc32
+    except (ImportError, AttributeError):  # a torch without the switch: it computes the CRC
+        yield
+        return
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
+
+
 class EpochCheckpoint(Checkpoint):
     """checkpoints/epochNNN.ckpt after every completed epoch; only the newest is kept.
 
@@ -116,7 +136,8 @@ class EpochCheckpoint(Checkpoint):
             _remove(tmp)
         trainer.strategy.barrier("EpochCheckpoint.prepare")
         try:
-            trainer.save_checkpoint(tmp)
+            with _without_zip_crc():
+                trainer.save_checkpoint(tmp)
             if trainer.is_global_zero:
                 _fsync_tree(tmp)
         except OSError as exc:

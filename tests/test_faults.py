@@ -209,3 +209,25 @@ def test_wandb_steps_never_go_back_after_a_kill(wrapper, tmp_path):
     steps = [row["trainer/global_step"] for row in resumed.history if "trainer/global_step" in row]
     # (Within any run Lightning logs an epoch's means one step back, after that epoch's tables.)
     assert min(steps) >= reached and max(steps) == 12, steps
+
+
+def test_epoch_checkpoints_skip_the_zip_crc_and_restore_the_setting(tmp_path):
+    """The CRC torch.load never checks is not computed for epoch checkpoints (most of their save
+    time); the records still load exactly, and torch's global setting is put back."""
+    import zipfile
+
+    import torch
+    from torch.utils.serialization import config
+
+    from iq_lightning.callbacks import _without_zip_crc
+
+    state = {"w": torch.randn(257), "step": torch.tensor(3)}
+    with _without_zip_crc():
+        torch.save(state, tmp_path / "fast.ckpt")
+    torch.save(state, tmp_path / "plain.ckpt")
+    assert config.save.compute_crc32 is True
+    crcs = lambda name: [i.CRC for i in zipfile.ZipFile(tmp_path / name).infolist() if "/data/" in i.filename]  # noqa: E731
+    assert crcs("fast.ckpt") and all(c == 0 for c in crcs("fast.ckpt"))
+    assert any(c != 0 for c in crcs("plain.ckpt"))
+    loaded = torch.load(tmp_path / "fast.ckpt")
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["step"], state["step"])
