@@ -186,3 +186,33 @@ def test_sweep_plot_reads_each_runs_final_figures(tmp_path):
     assert [p["final"]["principle_rate"] for p in points] == [0.5, 0.7] and points[0]["teacher"]["nll_w"] == 0.9
     main([str(tmp_path)])
     assert (tmp_path / "plots" / "alpha_sweep_validation.png").stat().st_size > 10_000
+
+
+def test_answerers_that_are_a_guide_reuse_its_logits_exactly(tmp_path, monkeypatch):
+    """The teacher (the guide model given x_w) and the untrained policy (pi_l given x) skip their
+    own forward over the answers: the figures equal those of that forward, and it is not run."""
+    import iq_lightning.validation as validation
+    from iq_lightning.guides import PrincipleGuide
+    from iq_lightning.principle_check import build_check
+
+    run = build_run_config(compose(TINY + ["val.prompts=6"]), tmp_path)
+    policy, tokenizer = build_tiny(TinySpec())
+    guide = PrincipleGuide(frozen_copy(policy), tokenizer, run.guide.principle, run.guide.placement, 1.5, batch_size=4, show_progress=False)
+    prompts, _ = held_out_prompts(run, tokenizer, [])
+    v = validation.Validation(tmp_path, prompts, tokenizer, build_check({"kind": "none"}, None), 1.5, 1, 8, 0.0, 4, [tokenizer.eos_token_id], 0, False)
+    share = v._share(0, 1)
+    cases = {"l": (policy, [p.input_ids for p, _ in share]), "w": (guide.model, [guide.winner_prompt_ids(p) for p, _ in share])}
+    for is_guide, (answerer, answer_prompts) in cases.items():
+        computed = v._measure(answerer, answer_prompts, guide, share)
+        calls = []
+        real = validation.response_logits
+        monkeypatch.setattr(validation, "response_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+        reused = v._measure(answerer, answer_prompts, guide, share, is_guide=is_guide)
+        monkeypatch.setattr(validation, "response_logits", real)
+        assert calls == [], is_guide
+        assert [r.answer for r in reused] == [r.answer for r in computed] and len(reused) == 6
+        for a, b in zip(reused, computed):
+            assert (a.kl_pi_hat, a.kl_pi_w, a.nll_w) == pytest.approx((b.kl_pi_hat, b.kl_pi_w, b.nll_w), abs=1e-6), is_guide
+    assert computed[0].kl_pi_w == pytest.approx(0.0, abs=1e-6)  # the teacher is pi_w: the check above compares something real
+    assert validation._is_lesser_guide(policy, guide.model)
+    assert not validation._is_lesser_guide(policy, frozen_copy(policy).to(torch.bfloat16))
