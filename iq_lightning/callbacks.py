@@ -137,7 +137,7 @@ class EpochCheckpoint(Checkpoint):
         trainer.strategy.barrier("EpochCheckpoint.prepare")
         try:
             with _without_zip_crc():
-                trainer.save_checkpoint(tmp)
+                trainer.save_checkpoint(tmp, weights_only=False)
             if trainer.is_global_zero:
                 _fsync_tree(tmp)
         except OSError as exc:

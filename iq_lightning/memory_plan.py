@@ -826,18 +826,16 @@ def _training(c: _Context) -> list[PlanItem]:
 
 
 def _checkpoint(c: _Context) -> list[PlanItem]:
-    """Lightning's end-of-epoch checkpoint on rank zero: _atomic_save serialises the whole
-    checkpoint (the policy's state dict and the optimizer state) into an io.BytesIO before
-    writing it, so that much host memory is held at once. ZeRO-3 and FSDP (sharded state dicts)
-    write each rank's shard straight to its own file: no buffer. On a GPU the buffer is host memory."""
-    run = c.run
+    """The end-of-epoch checkpoint on rank zero: checkpoint_io.StreamingCheckpointIO streams the
+    whole state (the policy's state dict and the optimizer state, both already counted) into the
+    file through one write buffer; Lightning's own TorchCheckpointIO would first copy all of it
+    into an io.BytesIO. ZeRO-3 and FSDP (sharded state dicts) write each rank's shard straight
+    to its own file. On a GPU the buffer is host memory."""
     if c.gpu or c.sharded:
         return []
-    arch, lora = c.arch, run.model.lora.enabled
-    weights = arch.parameters * c.num.param + (c.trainable * c.trainable_bytes if lora else 0)
-    optimizer = 2 * c.trainable * c.trainable_bytes
-    fix = "model.lora.enabled=true" if not lora else "strategy=deepspeed_zero3"
-    return [PlanItem("checkpoint: Lightning's in-memory copy (weights + optimizer state)", weights + optimizer, fix, (CHECKPOINT,), True)]
+    from iq_lightning.checkpoint_io import WRITE_BUFFER_BYTES
+
+    return [PlanItem("checkpoint: the write buffer (checkpoint_io.py)", WRITE_BUFFER_BYTES, "save_final=false", (CHECKPOINT,), True)]
 
 
 def _heap_kept_at_checkpoint(c: _Context, items: list[PlanItem]) -> list[PlanItem]:

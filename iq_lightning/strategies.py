@@ -52,6 +52,10 @@ class Sharding(ABC):
     def trainer_strategy(self, micro_batch_size: int):
         """The `strategy` argument of lightning.Trainer."""
 
+    def trainer_plugins(self) -> list:
+        """The `plugins` argument of lightning.Trainer."""
+        return []
+
     def loads_whole_weights(self, rank: int) -> bool:
         """Whether this rank loads the whole weights that the shards are filled from."""
         return True
@@ -97,6 +101,13 @@ class Replicated(Sharding):
 
     def trainer_strategy(self, micro_batch_size: int):
         return self.spec.strategy
+
+    def trainer_plugins(self) -> list:
+        # Rank zero writes the whole state into one file: stream it there (checkpoint_io.py).
+        # The sharded strategies write each rank's shard with their own code.
+        from iq_lightning.checkpoint_io import StreamingCheckpointIO
+
+        return [StreamingCheckpointIO()]
 
 
 class ZeRO3(Sharding):
@@ -312,5 +323,6 @@ def trainer_kwargs(spec: StrategySpec, sharding: Sharding, micro_batch_size: int
         "devices": spec.devices,
         "num_nodes": spec.num_nodes,
         "strategy": sharding.trainer_strategy(micro_batch_size),
+        "plugins": sharding.trainer_plugins(),
         **dict(spec.options),
     }

@@ -60,7 +60,7 @@ import iq_lightning.samplers.hf as hf
 import iq_lightning.guides as guides
 import iq_lightning.module as module
 import iq_lightning.run as run
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from iq_lightning.checkpoint_io import StreamingCheckpointIO
 
 saves = []
 def torn_checkpoint(self, checkpoint, path, storage_options=None):
@@ -78,7 +78,7 @@ elif point == "scoring":
 elif point == "training_step":
     patch(module.InverseQModule, "training_step", lambda *a, **k: (steps.append(1), len(steps) == nth and die()))
 elif point in ("checkpoint_write", "checkpoint_disk_full"):
-    patch(TorchCheckpointIO, "save_checkpoint", torn_checkpoint)
+    patch(StreamingCheckpointIO, "save_checkpoint", torn_checkpoint)
 elif point in ("rollout_write", "rollout_disk_full"):
     real_fsync = os.fsync
     def fsync(fd):
