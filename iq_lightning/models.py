@@ -170,11 +170,28 @@ def _dtype(spec: ModelSpec):
 
 
 def _resolved(spec: ModelSpec) -> ModelSpec:
-    """A package_gguf spec as the pretrained directory + GGUF file it names."""
-    if spec.source != "package_gguf":
+    """A package_gguf spec as the pretrained directory + GGUF file it names; a local GGUF file
+    with `gguf_cache` set as its converted plain directory (gguf_cache.py)."""
+    if spec.source == "package_gguf":
+        path = locate_package_gguf(spec.name_or_path)
+        spec = dataclasses.replace(spec, source="pretrained", name_or_path=str(path.parent), gguf_file=path.name)
+    gguf = Path(spec.name_or_path) / spec.gguf_file if spec.gguf_file else None
+    if gguf is None or not spec.gguf_cache or not gguf.is_file():
         return spec
-    path = locate_package_gguf(spec.name_or_path)
-    return dataclasses.replace(spec, source="pretrained", name_or_path=str(path.parent), gguf_file=path.name)
+    from iq_lightning.gguf_cache import converted
+
+    directory = converted(gguf, Path(spec.gguf_cache).expanduser(), lambda out: _convert_gguf(spec, out))
+    return spec if directory is None else dataclasses.replace(spec, name_or_path=str(directory), gguf_file=None)
+
+
+def _convert_gguf(spec: ModelSpec, out: Path) -> None:
+    """The GGUF model as a plain float32 directory (weights, generation config, tokenizer as
+    transformers converts them), whatever `spec.dtype`: a later load casts, as from the GGUF."""
+    _load_pretrained_weights(dataclasses.replace(spec, dtype="float32")).save_pretrained(out)
+    try:
+        AutoTokenizer.from_pretrained(spec.name_or_path, **_hub_kwargs(spec)).save_pretrained(out)
+    except (ValueError, EnvironmentError) as exc:
+        raise _load_error(spec, exc) from None
 
 
 def _hub_kwargs(spec: ModelSpec) -> dict:

@@ -171,6 +171,7 @@ RESTART_MAY_CHANGE = (
     "guide.batch_size",
     "guide.device",
     "model.gradient_checkpointing",
+    "model.gguf_cache",  # where the converted GGUF is kept: the same weights either way
     "model.architecture.*",  # the memory plan's sizes, when config.json is not local
     "model.lora.merge_on_export",
     "strategy.device_memory_gib",
