@@ -2,7 +2,10 @@
 held-out validation after the last epoch (principle rate with its 95% Wilson interval, NLL under
 the principle-prompted base, repetition), the judge's win rate against SFT and against Prompting
 (95% Wilson intervals; ties counted apart), Elo with its bootstrap interval, and the mean seconds
-per epoch of each phase. The judge's own measured quality heads the table: a judge that fails its
+per epoch of each phase. The principle check reads the language only, and at 135M a policy can
+pass it with a phrase looped to the end; so the table also gives the share of answers that pass
+it *and* do not loop (repetition <= MAX_REPETITION, the bar evaluate.py's judge check sets for
+an answer to count as not looping itself); choose_lr.py ranks the sweep's runs by it first. The judge's own measured quality heads the table: a judge that fails its
 checks makes the win-rate and Elo columns unreliable, and the table says so.
 
     python experiments/principle_baselines/table.py outputs/principle_baselines
@@ -15,7 +18,8 @@ import sys
 from pathlib import Path
 
 from iq_lightning.evaluation.ratings import wilson_interval
-from iq_lightning.validation import read_summary
+from choose_lr import MAX_REPETITION, passing_unlooped
+from iq_lightning.validation import VALIDATION_DIR, read_summary
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -45,12 +49,23 @@ def versus(rates: list[dict], name: str, other: str) -> str:
     return f"{float(rate):.2f} ({float(low):.2f}-{float(high):.2f}), ties {float(ties):.2f}"
 
 
+def unlooped(answers: Path) -> str:
+    """Share (95% CI) of the answers in `answers` that pass the principle check and do not loop."""
+    counted = passing_unlooped(answers)
+    if counted is None:
+        return "-"
+    k, n = counted
+    lo, hi = wilson_interval(k, n)
+    return f"{k / n:.2f} ({lo:.2f}-{hi:.2f})"
+
+
 def validation_cells(run_dir: Path) -> str:
     policy = [r for r in read_summary(run_dir) if r["who"] == "policy"]
     last = policy[-1]
     n = last["answers"]
     lo, hi = wilson_interval(round(last["principle_rate"] * n), n)
-    return f"{last['principle_rate']:.2f} ({lo:.2f}-{hi:.2f}, n={n}) | {last['nll_w']:.3f} | {last['repetition']:.3f}"
+    clean = unlooped(run_dir / VALIDATION_DIR / f"epoch_{last['epoch']:03d}.jsonl")
+    return f"{last['principle_rate']:.2f} ({lo:.2f}-{hi:.2f}, n={n}) | {clean} | {last['nll_w']:.3f} | {last['repetition']:.3f}"
 
 
 def main(out: Path) -> None:
@@ -66,27 +81,31 @@ def main(out: Path) -> None:
         r = elo.get(name)
         return f"{float(r['elo']):.0f} ({float(r['low']):.0f}-{float(r['high']):.0f})" if r else "-"
 
-    print("| objective | lr | principle rate (95% CI) | NLL under pi_w | repetition | win rate vs SFT | win rate vs Prompting | Elo (95% CI) | s/epoch: sample + score + train |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    base = teacher = None
+    print(f"| objective | lr | principle rate (95% CI) | ... and not looping (repetition <= {MAX_REPETITION}) | NLL under pi_w | repetition "
+          "| win rate vs SFT | win rate vs Prompting | Elo (95% CI) | s/epoch: sample + score + train |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    base = teacher = answers_of = None
     for name, run_dir, lr in selected:
         run_dir = Path(run_dir)
         rows = read_summary(run_dir)
         base = base or next((r for r in rows if r["who"] == "policy" and r["epoch"] == -1), None)
         teacher = teacher or next((r for r in rows if r["who"] == "teacher"), None)
+        answers_of = answers_of or run_dir / VALIDATION_DIR  # every run answers the same held-out prompts at epoch -1
         t = epoch_seconds(run_dir)
         print(f"| {name} | {lr} | {validation_cells(run_dir)} | {versus(rates, name, 'sft')} | {versus(rates, name, 'prompting')} "
               f"| {elo_cell(name)} | {t['time/sample_s']:.1f} + {t['time/score_s']:.1f} + {t['time/train_s']:.1f} |")
     if base is not None:
-        print(f"| SFT (untrained; validation epoch -1) | - | {base['principle_rate']:.2f} | {base['nll_w']:.3f} | {base['repetition']:.3f} "
+        print(f"| SFT (untrained; validation epoch -1) | - | {base['principle_rate']:.2f} | {unlooped(answers_of / 'epoch_-01.jsonl')} "
+              f"| {base['nll_w']:.3f} | {base['repetition']:.3f} "
               f"| - | {versus(rates, 'sft', 'prompting')} | {elo_cell('sft')} | |")
     if teacher is not None:
-        print(f"| Prompting (base + principle) | - | {teacher['principle_rate']:.2f} | {teacher['nll_w']:.3f} | {teacher['repetition']:.3f} "
+        print(f"| Prompting (base + principle) | - | {teacher['principle_rate']:.2f} | {unlooped(answers_of / 'teacher.jsonl')} "
+              f"| {teacher['nll_w']:.3f} | {teacher['repetition']:.3f} "
               f"| {versus(rates, 'prompting', 'sft')} | - | {elo_cell('prompting')} | |")
 
     print("\nEvery run of the sweep (held-out validation after the last epoch):\n")
-    print("| objective | lr | principle rate (95% CI) | NLL under pi_w | repetition |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| objective | lr | principle rate (95% CI) | ... and not looping | NLL under pi_w | repetition |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for objective_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "evaluate"):
         for run_dir in sorted(objective_dir.glob("lr*")):
             if read_summary(run_dir):

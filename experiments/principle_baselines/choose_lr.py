@@ -1,0 +1,55 @@
+"""Per objective, the lr of the sweep whose held-out validation after the last epoch is best:
+the most answers that pass the principle check without looping (repetition <= MAX_REPETITION:
+at 135M a phrase looped to the end passes a language check), then the highest principle rate,
+then the lowest NLL under pi_w (the principle-prompted base: fluency as the teacher reads it). Prints `contestant<TAB>run_dir<TAB>lr` lines; the
+objective `sft` (context distillation) becomes contestant `ctx_sft`, since evaluate.py's `sft`
+is the untrained model, the paper's SFT baseline.
+
+    python experiments/principle_baselines/choose_lr.py outputs/principle_baselines
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from iq_lightning.files import read_jsonl
+from iq_lightning.validation import VALIDATION_DIR, read_summary
+
+MAX_REPETITION = 0.2  # evaluate.py's judge check: an answer that loops less than this "does not loop"
+
+CONTESTANT = {"sft": "ctx_sft"}
+
+
+def final_validation(run_dir: Path) -> dict | None:
+    policy = [r for r in read_summary(run_dir) if r["who"] == "policy" and r["epoch"] >= 0]
+    return max(policy, key=lambda r: r["epoch"]) if policy else None
+
+
+def passing_unlooped(answers: Path) -> tuple[int, int] | None:
+    """(answers that pass the principle check and do not loop, answers) of a validation file;
+    None where it has no answers or no check."""
+    rows = read_jsonl(answers)
+    if not rows or any(r.get("passes") is None for r in rows):
+        return None
+    return sum(bool(r["passes"]) and r["repetition"] <= MAX_REPETITION for r in rows), len(rows)
+
+
+def _rank(validation: dict, run_dir: Path) -> tuple:
+    clean = passing_unlooped(run_dir / VALIDATION_DIR / f"epoch_{validation['epoch']:03d}.jsonl")
+    return (clean[0] / clean[1] if clean else 0.0, validation["principle_rate"], -validation["nll_w"])
+
+
+def main(out: Path) -> None:
+    for objective_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "evaluate"):
+        runs = [(final_validation(d), d) for d in sorted(objective_dir.glob("lr*"))]
+        runs = [(v, d) for v, d in runs if v is not None]
+        if not runs:
+            continue
+        best, run_dir = max(runs, key=lambda vd: _rank(*vd))
+        name = CONTESTANT.get(objective_dir.name, objective_dir.name)
+        print(f"{name}\t{run_dir}\t{run_dir.name.removeprefix('lr')}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
