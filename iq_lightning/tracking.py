@@ -215,6 +215,10 @@ class WandbLogger(_LightningWandbLogger):
     def __init__(self, *args, resume_step: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.resume_step = resume_step
+        # Lightning always passes `anonymous` (None unless asked), and wandb >= 0.22 warns on every
+        # run that the setting has no effect: a warning the user can do nothing about.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if step is not None and self.resume_step is not None and step < self.resume_step:

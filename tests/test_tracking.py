@@ -237,3 +237,11 @@ def test_a_wandb_sweep_end_to_end_can_be_told_apart(tmp_path):
         assert "model:tiny" in r.tags and r.config["model_name"] == "tiny" and r.config["principle"]
         tables = r.tables("rollouts")
         assert len(tables) == 2 and len(tables[0]["data"]) == 3
+
+
+def test_wandb_init_gets_no_anonymous_setting_unless_asked(tmp_path):
+    """wandb warns on every run that `anonymous` has no effect; Lightning passes it always."""
+    from iq_lightning.tracking import WandbLogger
+
+    assert "anonymous" not in WandbLogger(save_dir=str(tmp_path), offline=True)._wandb_init
+    assert WandbLogger(save_dir=str(tmp_path), offline=True, anonymous=True)._wandb_init["anonymous"] == "allow"
