@@ -46,7 +46,7 @@ def main(out: Path) -> None:
         runs = [(v, d) for v, d in runs if v is not None]
         if not runs:
             continue
-        best, run_dir = max(runs, key=lambda vd: _rank(*vd))
+        _, run_dir = max(runs, key=lambda vd: _rank(*vd))
         name = CONTESTANT.get(objective_dir.name, objective_dir.name)
         print(f"{name}\t{run_dir}\t{run_dir.name.removeprefix('lr')}")
 
