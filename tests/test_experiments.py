@@ -45,9 +45,10 @@ def _script(name: str, *args) -> str:
 
 
 def test_choose_lr_keeps_the_run_that_passes_without_looping_and_table_reports_it(tmp_path):
-    # lr 3e-4 passes on every prompt by looping; lr 1e-4 passes on fewer, all of them fluent.
+    # lr 3e-4 passes on every prompt by looping; lr 1e-4 passes on fewer, two of them fluent (the
+    # third is one word and blank lines: no 3-gram to repeat, too short to count).
     looped = _run_dir(tmp_path, "inverse_q", "3e-4", [(LOOP, True)] * 4, nll=1.2)
-    fluent = _run_dir(tmp_path, "inverse_q", "1e-4", [(FLUENT, True), (FLUENT, True), (LOOP, False), (LOOP, False)], nll=1.5)
+    fluent = _run_dir(tmp_path, "inverse_q", "1e-4", [(FLUENT, True), (FLUENT, True), ("\nDélicère\n\n\n", True), (LOOP, False)], nll=1.5)
     _run_dir(tmp_path, "sft", "1e-4", [(FLUENT, False)] * 4, nll=2.0)
     chosen = _script("choose_lr.py", tmp_path)
     assert chosen.splitlines() == [f"inverse_q\t{fluent}\t1e-4", f"ctx_sft\t{tmp_path / 'sft' / 'lr1e-4'}\t1e-4"]
@@ -67,8 +68,8 @@ def test_choose_lr_keeps_the_run_that_passes_without_looping_and_table_reports_i
     assert table.startswith("Judge: reliable False")
     row = next(line for line in table.splitlines() if line.startswith("| inverse_q | 1e-4 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2] == "0.50 (0.15-0.85, n=4)"  # the principle rate and its Wilson interval
-    assert cells[3].startswith("0.50 ")  # both passing answers are fluent
+    assert cells[2] == "0.75 (0.30-0.95, n=4)"  # the principle rate and its Wilson interval
+    assert cells[3] == "0.50 (0.15-0.85)"  # the two fluent ones
     assert cells[6] == "0.60 (0.40-0.80), ties 0.10"  # against SFT, as written
     assert cells[7] == "0.20 (0.10-0.40), ties 0.10"  # against Prompting: the other side of its row
     assert cells[8] == "1010 (990-1030)" and cells[9] == "6.0 + 7.0 + 14.0"

@@ -1,6 +1,7 @@
 """Per objective, the lr of the sweep whose held-out validation after the last epoch is best:
-the most answers that pass the principle check without looping (repetition <= MAX_REPETITION:
-at 135M a phrase looped to the end passes a language check), then the highest principle rate,
+the most answers that pass the principle check without looping and say something (repetition <=
+MAX_REPETITION and MIN_WORDS words or more: at 135M a phrase looped to the end, or one word and
+blank lines, passes a language check), then the highest principle rate,
 then the lowest NLL under pi_w (the principle-prompted base: fluency as the teacher reads it). Prints `contestant<TAB>run_dir<TAB>lr` lines; the
 objective `sft` (context distillation) becomes contestant `ctx_sft`, since evaluate.py's `sft`
 is the untrained model, the paper's SFT baseline.
@@ -14,9 +15,13 @@ import sys
 from pathlib import Path
 
 from iq_lightning.files import read_jsonl
+from iq_lightning.text_quality import words
 from iq_lightning.validation import VALIDATION_DIR, read_summary
 
-MAX_REPETITION = 0.2  # evaluate.py's judge check: an answer that loops less than this "does not loop"
+# evaluate.py's judge check: an answer of this many words, looping less than this, is one a
+# corrupted copy can be told from ("judge_check.min_words", "judge_check.max_repetition").
+MAX_REPETITION = 0.2
+MIN_WORDS = 8
 
 CONTESTANT = {"sft": "ctx_sft"}
 
@@ -27,12 +32,13 @@ def final_validation(run_dir: Path) -> dict | None:
 
 
 def passing_unlooped(answers: Path) -> tuple[int, int] | None:
-    """(answers that pass the principle check and do not loop, answers) of a validation file;
-    None where it has no answers or no check."""
+    """(answers that pass the principle check, do not loop and have MIN_WORDS words, answers) of
+    a validation file; None where it has no answers or no check."""
     rows = read_jsonl(answers)
     if not rows or any(r.get("passes") is None for r in rows):
         return None
-    return sum(bool(r["passes"]) and r["repetition"] <= MAX_REPETITION for r in rows), len(rows)
+    clean = sum(bool(r["passes"]) and r["repetition"] <= MAX_REPETITION and len(words(r["answer"])) >= MIN_WORDS for r in rows)
+    return clean, len(rows)
 
 
 def _rank(validation: dict, run_dir: Path) -> tuple:

@@ -3,9 +3,10 @@ held-out validation after the last epoch (principle rate with its 95% Wilson int
 the principle-prompted base, repetition), the judge's win rate against SFT and against Prompting
 (95% Wilson intervals; ties counted apart), Elo with its bootstrap interval, and the mean seconds
 per epoch of each phase. The principle check reads the language only, and at 135M a policy can
-pass it with a phrase looped to the end; so the table also gives the share of answers that pass
-it *and* do not loop (repetition <= MAX_REPETITION, the bar evaluate.py's judge check sets for
-an answer to count as not looping itself); choose_lr.py ranks the sweep's runs by it first. The judge's own measured quality heads the table: a judge that fails its
+pass it with a phrase looped to the end, or one word and blank lines; so the table also gives
+the share of answers that pass it, do not loop and have some words (repetition <= MAX_REPETITION,
+at least MIN_WORDS words: the bars evaluate.py's judge check sets for an answer it can corrupt);
+choose_lr.py ranks the sweep's runs by it first. The judge's own measured quality heads the table: a judge that fails its
 checks makes the win-rate and Elo columns unreliable, and the table says so.
 
     python experiments/principle_baselines/table.py outputs/principle_baselines
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from iq_lightning.evaluation.ratings import wilson_interval
-from choose_lr import MAX_REPETITION, passing_unlooped
+from choose_lr import MAX_REPETITION, MIN_WORDS, passing_unlooped
 from iq_lightning.validation import VALIDATION_DIR, read_summary
 
 
@@ -81,7 +82,7 @@ def main(out: Path) -> None:
         r = elo.get(name)
         return f"{float(r['elo']):.0f} ({float(r['low']):.0f}-{float(r['high']):.0f})" if r else "-"
 
-    print(f"| objective | lr | principle rate (95% CI) | ... and not looping (repetition <= {MAX_REPETITION}) | NLL under pi_w | repetition "
+    print(f"| objective | lr | principle rate (95% CI) | ... and not looping (repetition <= {MAX_REPETITION}, >= {MIN_WORDS} words) | NLL under pi_w | repetition "
           "| win rate vs SFT | win rate vs Prompting | Elo (95% CI) | s/epoch: sample + score + train |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     base = teacher = answers_of = None
