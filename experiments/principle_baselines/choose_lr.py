@@ -1,10 +1,15 @@
 """Per objective, the lr of the sweep whose held-out validation after the last epoch is best:
-the most answers that pass the principle check without looping and say something (repetition <=
-MAX_REPETITION and MIN_WORDS words or more: at 135M a phrase looped to the end, or one word and
-blank lines, passes a language check), then the highest principle rate,
-then the lowest NLL under pi_w (the principle-prompted base: fluency as the teacher reads it). Prints `contestant<TAB>run_dir<TAB>lr` lines; the
-objective `sft` (context distillation) becomes contestant `ctx_sft`, since evaluate.py's `sft`
-is the untrained model, the paper's SFT baseline.
+the most *clean* passes, then the highest principle rate, then the lowest NLL under pi_w (the
+principle-prompted base: fluency as the teacher reads it). Prints `contestant<TAB>run_dir<TAB>lr`
+lines; the objective `sft` (context distillation) becomes contestant `ctx_sft`, since
+evaluate.py's `sft` is the untrained model, the paper's SFT baseline.
+
+The principle check reads the language only, and at 135M it passes a phrase looped to the end,
+one word and blank lines, and word salad in the right language. A clean pass also does not loop
+(repetition <= MAX_REPETITION), has MIN_WORDS words or more (both evaluate.py's judge-check bars
+for an answer that can be told from a corrupted copy), and is no less plausible to pi_w than the
+least plausible answer pi_w gave itself to the same prompts (its NLL under pi_w at most the
+largest of the teacher's, validation/teacher.jsonl).
 
     python experiments/principle_baselines/choose_lr.py outputs/principle_baselines
 """
@@ -31,19 +36,29 @@ def final_validation(run_dir: Path) -> dict | None:
     return max(policy, key=lambda r: r["epoch"]) if policy else None
 
 
-def passing_unlooped(answers: Path) -> tuple[int, int] | None:
-    """(answers that pass the principle check, do not loop and have MIN_WORDS words, answers) of
-    a validation file; None where it has no answers or no check."""
+def teacher_bar(run_dir: Path) -> float | None:
+    """The largest NLL under pi_w of pi_w's own answers (validation/teacher.jsonl), if recorded."""
+    rows = read_jsonl(run_dir / VALIDATION_DIR / "teacher.jsonl")
+    return max(r["nll_w"] for r in rows) if rows else None
+
+
+def clean_passes(answers: Path, nll_bar: float | None) -> tuple[int, int] | None:
+    """(clean passes, answers) of a validation file (see the module docstring); None where it
+    has no answers or no principle check."""
     rows = read_jsonl(answers)
     if not rows or any(r.get("passes") is None for r in rows):
         return None
-    clean = sum(bool(r["passes"]) and r["repetition"] <= MAX_REPETITION and len(words(r["answer"])) >= MIN_WORDS for r in rows)
-    return clean, len(rows)
+
+    def clean(r: dict) -> bool:
+        plausible = nll_bar is None or r["nll_w"] <= nll_bar
+        return bool(r["passes"]) and r["repetition"] <= MAX_REPETITION and len(words(r["answer"])) >= MIN_WORDS and plausible
+
+    return sum(clean(r) for r in rows), len(rows)
 
 
 def _rank(validation: dict, run_dir: Path) -> tuple:
-    clean = passing_unlooped(run_dir / VALIDATION_DIR / f"epoch_{validation['epoch']:03d}.jsonl")
-    return (clean[0] / clean[1] if clean else 0.0, validation["principle_rate"], -validation["nll_w"])
+    counted = clean_passes(run_dir / VALIDATION_DIR / f"epoch_{validation['epoch']:03d}.jsonl", teacher_bar(run_dir))
+    return (counted[0] / counted[1] if counted else 0.0, validation["principle_rate"], -validation["nll_w"])
 
 
 def main(out: Path) -> None:

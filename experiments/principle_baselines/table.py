@@ -2,12 +2,10 @@
 held-out validation after the last epoch (principle rate with its 95% Wilson interval, NLL under
 the principle-prompted base, repetition), the judge's win rate against SFT and against Prompting
 (95% Wilson intervals; ties counted apart), Elo with its bootstrap interval, and the mean seconds
-per epoch of each phase. The principle check reads the language only, and at 135M a policy can
-pass it with a phrase looped to the end, or one word and blank lines; so the table also gives
-the share of answers that pass it, do not loop and have some words (repetition <= MAX_REPETITION,
-at least MIN_WORDS words: the bars evaluate.py's judge check sets for an answer it can corrupt);
-choose_lr.py ranks the sweep's runs by it first. The judge's own measured quality heads the table: a judge that fails its
-checks makes the win-rate and Elo columns unreliable, and the table says so.
+per epoch of each phase. The principle check reads the language only, and at 135M it passes
+loops and word salad; so the table also gives the share of *clean* passes (choose_lr.py: not
+looping, 8 words or more, no less plausible to pi_w than pi_w's own least plausible answer),
+by which choose_lr.py ranks the sweep's runs first.
 
     python experiments/principle_baselines/table.py outputs/principle_baselines
 """
@@ -19,7 +17,7 @@ import sys
 from pathlib import Path
 
 from iq_lightning.evaluation.ratings import wilson_interval
-from choose_lr import MAX_REPETITION, MIN_WORDS, passing_unlooped
+from choose_lr import clean_passes, teacher_bar
 from iq_lightning.validation import VALIDATION_DIR, read_summary
 
 
@@ -50,9 +48,9 @@ def versus(rates: list[dict], name: str, other: str) -> str:
     return f"{float(rate):.2f} ({float(low):.2f}-{float(high):.2f}), ties {float(ties):.2f}"
 
 
-def unlooped(answers: Path) -> str:
-    """Share (95% CI) of the answers in `answers` that pass the principle check and do not loop."""
-    counted = passing_unlooped(answers)
+def clean(answers: Path, nll_bar: float | None) -> str:
+    """Share (95% CI) of the answers in `answers` that pass the principle check cleanly."""
+    counted = clean_passes(answers, nll_bar)
     if counted is None:
         return "-"
     k, n = counted
@@ -65,8 +63,8 @@ def validation_cells(run_dir: Path) -> str:
     last = policy[-1]
     n = last["answers"]
     lo, hi = wilson_interval(round(last["principle_rate"] * n), n)
-    clean = unlooped(run_dir / VALIDATION_DIR / f"epoch_{last['epoch']:03d}.jsonl")
-    return f"{last['principle_rate']:.2f} ({lo:.2f}-{hi:.2f}, n={n}) | {clean} | {last['nll_w']:.3f} | {last['repetition']:.3f}"
+    passes = clean(run_dir / VALIDATION_DIR / f"epoch_{last['epoch']:03d}.jsonl", teacher_bar(run_dir))
+    return f"{last['principle_rate']:.2f} ({lo:.2f}-{hi:.2f}, n={n}) | {passes} | {last['nll_w']:.3f} | {last['repetition']:.3f}"
 
 
 def main(out: Path) -> None:
@@ -82,7 +80,7 @@ def main(out: Path) -> None:
         r = elo.get(name)
         return f"{float(r['elo']):.0f} ({float(r['low']):.0f}-{float(r['high']):.0f})" if r else "-"
 
-    print(f"| objective | lr | principle rate (95% CI) | ... and not looping (repetition <= {MAX_REPETITION}, >= {MIN_WORDS} words) | NLL under pi_w | repetition "
+    print("| objective | lr | principle rate (95% CI) | clean passes (95% CI) | NLL under pi_w | repetition "
           "| win rate vs SFT | win rate vs Prompting | Elo (95% CI) | s/epoch: sample + score + train |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     base = teacher = answers_of = None
@@ -96,16 +94,16 @@ def main(out: Path) -> None:
         print(f"| {name} | {lr} | {validation_cells(run_dir)} | {versus(rates, name, 'sft')} | {versus(rates, name, 'prompting')} "
               f"| {elo_cell(name)} | {t['time/sample_s']:.1f} + {t['time/score_s']:.1f} + {t['time/train_s']:.1f} |")
     if base is not None:
-        print(f"| SFT (untrained; validation epoch -1) | - | {base['principle_rate']:.2f} | {unlooped(answers_of / 'epoch_-01.jsonl')} "
+        print(f"| SFT (untrained; validation epoch -1) | - | {base['principle_rate']:.2f} | {clean(answers_of / 'epoch_-01.jsonl', teacher_bar(answers_of.parent))} "
               f"| {base['nll_w']:.3f} | {base['repetition']:.3f} "
               f"| - | {versus(rates, 'sft', 'prompting')} | {elo_cell('sft')} | |")
     if teacher is not None:
-        print(f"| Prompting (base + principle) | - | {teacher['principle_rate']:.2f} | {unlooped(answers_of / 'teacher.jsonl')} "
+        print(f"| Prompting (base + principle) | - | {teacher['principle_rate']:.2f} | {clean(answers_of / 'teacher.jsonl', teacher_bar(answers_of.parent))} "
               f"| {teacher['nll_w']:.3f} | {teacher['repetition']:.3f} "
               f"| {versus(rates, 'prompting', 'sft')} | - | {elo_cell('prompting')} | |")
 
     print("\nEvery run of the sweep (held-out validation after the last epoch):\n")
-    print("| objective | lr | principle rate (95% CI) | ... and not looping | NLL under pi_w | repetition |")
+    print("| objective | lr | principle rate (95% CI) | clean passes | NLL under pi_w | repetition |")
     print("| --- | --- | --- | --- | --- | --- |")
     for objective_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "evaluate"):
         for run_dir in sorted(objective_dir.glob("lr*")):
