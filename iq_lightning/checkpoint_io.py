@@ -4,13 +4,13 @@ Lightning's TorchCheckpointIO serialises the checkpoint into an io.BytesIO and t
 buffer to the file: for SmolLM2 with AdamW 1.6 GB of fresh memory on top of the run, then 1.6 GB
 of fresh page cache. On these VMs fresh pages are the cost (a buffered 1.6 GB write took 5.2-5.9 s,
 an in-place overwrite of the same file 0.27 s), so here torch.save streams straight into the file
-through O_DIRECT, which skips the page cache: 0.95-1.17 s for the same 1.6 GB, fsync included
-(benchmarks/README.md). Where the file system refuses O_DIRECT (tmpfs, some network mounts) the
+through O_DIRECT, which skips the page cache: 0.95-1.17 s for the same 1.6 GB, the caller's fsync
+included (benchmarks/README.md). Where the file system refuses O_DIRECT (tmpfs, some network mounts) the
 stream goes through ordinary buffered writes, still without the in-memory copy.
 
 Only the bytes change hands differently: the file is what torch.save writes anyway, so
-torch.load (and Lightning's resume) read it as before. Atomicity stays with the caller
-(callbacks.EpochCheckpoint writes under a temporary name and renames).
+torch.load (and Lightning's resume) read it as before. Durability and atomicity stay with the
+caller (callbacks.EpochCheckpoint writes under a temporary name, fsyncs and renames).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class _StreamWriter:
         self.filled = 0
 
     def close(self) -> None:
-        """Write the tail, cut the padding off, fsync: the file is complete and on disk."""
+        """Write the tail and cut the padding off: the file is complete (the caller syncs it)."""
         try:
             if self.filled:
                 tail = self.filled
@@ -79,7 +79,6 @@ class _StreamWriter:
                 self.buffer[tail:padded] = bytes(padded - tail)
                 self._drain(padded)
             os.ftruncate(self.fd, self.size)
-            os.fsync(self.fd)
         finally:
             self.abort()
 
@@ -96,7 +95,7 @@ class _StreamWriter:
 def save_streamed(obj: Any, path: str | Path) -> None:
     """torch.save(obj, path), streamed through O_DIRECT where the file system allows it."""
     path = Path(path)
-    for direct in (hasattr(os, "O_DIRECT"), False):
+    for direct in (True, False) if hasattr(os, "O_DIRECT") else (False,):
         try:
             writer = _StreamWriter(path, direct)
         except OSError as exc:

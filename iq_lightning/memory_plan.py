@@ -835,7 +835,7 @@ def _checkpoint(c: _Context) -> list[PlanItem]:
         return []
     from iq_lightning.checkpoint_io import WRITE_BUFFER_BYTES
 
-    return [PlanItem("checkpoint: the write buffer (checkpoint_io.py)", WRITE_BUFFER_BYTES, "save_final=false", (CHECKPOINT,), True)]
+    return [PlanItem("checkpoint: the write buffer (checkpoint_io.py)", WRITE_BUFFER_BYTES, "", (CHECKPOINT,), True)]
 
 
 def _heap_kept_at_checkpoint(c: _Context, items: list[PlanItem]) -> list[PlanItem]:

@@ -19,14 +19,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from iq_lightning.evaluation.spec import JudgeCheckSpec
 from iq_lightning.files import read_jsonl
 from iq_lightning.text_quality import words
 from iq_lightning.validation import VALIDATION_DIR, read_summary
 
 # evaluate.py's judge check: an answer of this many words, looping less than this, is one a
-# corrupted copy can be told from ("judge_check.min_words", "judge_check.max_repetition").
-MAX_REPETITION = 0.2
-MIN_WORDS = 8
+# corrupted copy can be told from.
+MAX_REPETITION = JudgeCheckSpec.max_repetition
+MIN_WORDS = JudgeCheckSpec.min_words
 
 CONTESTANT = {"sft": "ctx_sft"}
 

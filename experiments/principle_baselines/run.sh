@@ -3,9 +3,10 @@
 # same budget: 4 epochs x 32 samples x 32 new tokens, micro-batch 4, one pass (the same optimizer
 # steps; PPO too), each at the same small lr sweep ($LRS, default "1e-4 3e-4"), validated on the
 # held-out prompts before training and after the last epoch. Per objective the lr whose final
-# validation is best (answers that pass the principle without looping, then principle rate, then
-# NLL under pi_w) is kept (choose_lr.py), and evaluate.py judges the kept policies against SFT (the
-# untrained model) and Prompting (the principle in the prompt). Then the table: judge-free figures, win rates, Elo.
+# validation is best (clean passes of the principle: not looping, not word salad; then principle
+# rate, then NLL under pi_w) is kept (choose_lr.py), and evaluate.py judges the kept policies
+# against SFT (the untrained model) and Prompting (the principle in the prompt). Then the table:
+# judge-free figures, win rates, Elo.
 #   bash experiments/principle_baselines/run.sh [out_dir] [extra train.py overrides]
 #   LRS="3e-5 1e-4 3e-4" bash experiments/principle_baselines/run.sh /tmp/pb
 set -euo pipefail
