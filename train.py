@@ -9,6 +9,7 @@ Examples:
     python train.py model=zephyr alpha=1.2 strategy=deepspeed_zero3   # the paper's Zephyr-7B run (GPUs, hub)
 """
 
+import os
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,10 @@ CONF = Path(__file__).resolve().parent / "conf"
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
+    if cfg.get("numerics") == "portable":
+        from iq_lightning.numerics import pin_portable
+
+        pin_portable(os.environ)  # read when torch loads, below: it must come first
     from iq_lightning.config import build_run_config
     from iq_lightning.run import train
 

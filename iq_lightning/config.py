@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from iq_lightning.errors import ConfigError
+from iq_lightning.numerics import MODES as NUMERICS
 from iq_lightning.objective import REDUCTIONS
 
 
@@ -153,6 +154,9 @@ class TrainSpec:
     credit_maps_per_epoch: int = 2  # credit/epoch_NNN/*.html heat maps of the first samples (Fig. 8)
     rollout_table_rows: int = 16  # rollouts per epoch in the W&B table `rollouts` (0: none)
     dry_run: bool = False  # print the resolved config and the per-device memory plan, load nothing
+    # native: the CPU's fastest kernels (bitwise reproducible on this kind of CPU); portable: the
+    # AVX2 kernels on every x86-64 CPU, so runs reproduce across machines (numerics.py).
+    numerics: str = "native"
 
 
 @dataclass(frozen=True)
@@ -364,6 +368,7 @@ def validate(run: RunConfig) -> None:
     _integer(t.credit_maps_per_epoch, "credit_maps_per_epoch", 0)
     _integer(t.rollout_table_rows, "rollout_table_rows", 0)
     _check(str(t.precision) in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    _check(t.numerics in NUMERICS, f"numerics must be one of {', '.join(NUMERICS)}, got {t.numerics!r}")
     _check(t.reduction in REDUCTIONS, f"reduction must be one of {', '.join(REDUCTIONS)}, got {t.reduction!r}")
 
     validate_objective(run)

@@ -176,6 +176,7 @@ RESTART_MAY_CHANGE = (
     "model.lora.merge_on_export",
     "strategy.device_memory_gib",
     "nonfinite_skips",  # an allowance: raising it lets a stopped run continue
+    "numerics",  # which CPU kernels round the floats: the same run, continued elsewhere (numerics.json says)
 )
 
 
@@ -287,6 +288,29 @@ class RunStarted(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             write_atomically(self.path, json.dumps({"settings": self.settings}, indent=1))
+            record_numerics(self.path.parent / NUMERICS_FILE)
+
+
+NUMERICS_FILE = "numerics.json"
+
+
+def record_numerics(path: Path) -> None:
+    """The kernels the run started with (numerics.identity), written once; a restart whose kernels
+    differ continues the same run, but not bit for bit what the first machine would have given."""
+    from iq_lightning.numerics import identity
+
+    now = identity()
+    if path.exists():
+        started = json.loads(path.read_text())
+        changed = {k: (started.get(k), v) for k, v in now.items() if started.get(k) != v and k != "threads"}
+        if changed:
+            log.warning(
+                "this run started with other CPU kernels (%s): it continues, but its results are no longer bitwise those of "
+                "an uninterrupted run on the first machine (numerics=portable makes x86-64 machines agree)",
+                ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()),
+            )
+        return
+    write_atomically(path, json.dumps(now, indent=1))
 
 
 def held_out_prompts(run: RunConfig, tokenizer: PreTrainedTokenizerBase, training: list) -> tuple[list, list]:
@@ -355,6 +379,11 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     if run.train.dry_run:
         print(describe(run) + "\n" + plan.render())
         return None
+    from iq_lightning.numerics import check as check_numerics
+
+    problem = check_numerics(run.train.numerics)
+    if problem:
+        raise ConfigError(problem)
     plan.check()  # before anything loads: a run that cannot fit stops now, with the fix
     log.info("memory plan: %.2f GiB per device at the %s peak", plan.total / 2**30, plan.peak_phase())
     run_dir = run.run_dir
