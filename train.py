@@ -23,12 +23,11 @@ CONF = Path(__file__).resolve().parent / "conf"
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
-    from iq_lightning.config import build_run_config
-    from iq_lightning.run import train
+    from iq_lightning.run import configure, train
 
     single_log_stream()  # after Lightning's import has attached its handlers
 
-    run = build_run_config(cfg, HydraConfig.get().runtime.output_dir)
+    run = configure(cfg, HydraConfig.get().runtime.output_dir)
     train(run)
 
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
-from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain
+from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain, build_run_config
 from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError, UserError
@@ -30,7 +30,7 @@ from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide, 
 from iq_lightning.memory_plan import MemoryPlan, device_capacity, plan_memory, world_size_of
 from iq_lightning.models import export_policy, frozen_reference, generation_eos, load_model, load_tokenizer, output_vocab_size, same_tokenizer
 from iq_lightning.module import InverseQModule
-from iq_lightning.objectives import build_objective
+from iq_lightning.objectives import build_objective, resolve_and_check
 from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
 from iq_lightning.files import write_atomically
@@ -349,8 +349,16 @@ def describe(run: RunConfig) -> str:
     return OmegaConf.to_yaml(plain)
 
 
+def configure(cfg, run_dir: str | Path) -> RunConfig:
+    """The RunConfig a run trains with, from the Hydra config: config.py's checks of everything but
+    the objective, then the objective's own (objectives.resolve_and_check: its defaults filled in,
+    its options checked). Every mistake is one ConfigError line."""
+    return resolve_and_check(build_run_config(cfg, run_dir))
+
+
 def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     """Fit, export final/; with dry_run only print the config and the memory plan (returns None)."""
+    run = resolve_and_check(run)  # the objective's defaults and checks (config.py checked the rest)
     plan = memory_plan(run)
     if run.train.dry_run:
         print(describe(run) + "\n" + plan.render())
