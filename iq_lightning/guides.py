@@ -1,5 +1,5 @@
 """Guide scoring: the per-token targets log pi_hat(y_t) and the reference log pi_ref(y_t) of
-sampled responses, computed once per sample without gradients (METHOD.md, Algorithm 1).
+sampled responses, computed once per sample without gradients (docs/method.md, Algorithm 1).
 
 pi_l is the frozen SFT model (the initial policy) given the plain prompt x; it is also pi_ref.
 pi_w is either that same model with a principle in the prompt (`PrincipleGuide`, both guides in
