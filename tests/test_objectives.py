@@ -297,6 +297,24 @@ def test_dpo_pairs_setting_and_its_mistakes(tmp_path):
         configure(compose(TINY + ["objective=dpo", "objective.pairs=hh"]), tmp_path)
 
 
+def test_the_objective_is_resolved_and_checked_above_the_config(tmp_path, capsys):
+    """config.py checks everything but the objective; objectives.resolve_and_check fills in its
+    defaults and checks it (run.configure), and run.train does so too for a config built without."""
+    from iq_lightning.config import build_run_config
+    from iq_lightning.objectives import resolve_and_check
+
+    cfg = compose(TINY + ["objective=dpo", "data=hh_rlhf", "dry_run=true"])
+    plain = build_run_config(cfg, tmp_path)
+    assert plain.objective.pairs is None  # config.py leaves the objective's defaults alone
+    resolved = resolve_and_check(plain)
+    assert resolved.objective.pairs == "dataset" and resolve_and_check(resolved) == resolved == configure(cfg, tmp_path)
+    train(plain)  # dry_run: prints the config the run would train with
+    assert "pairs: dataset" in capsys.readouterr().out
+    odd = build_run_config(compose(TINY + ["objective=dpo", "micro_batch_size=3"]), tmp_path)  # config.py: fine
+    with pytest.raises(ConfigError, match="micro_batch_size must be even, got 3"):
+        train(odd)
+
+
 def test_dpo_on_local_rows_without_pairs_is_a_one_line_data_error(tmp_path):
     import json
 

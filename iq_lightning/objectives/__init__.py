@@ -43,7 +43,7 @@ OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (InverseQ, Di
 
 
 def build_objective(spec: ObjectiveSpec, alpha: float, reduction: str) -> Objective:
-    """The objective named in the config (validated there)."""
+    """The objective named in the config (checked by resolve_and_check)."""
     return OBJECTIVES[spec.name].from_spec(spec, alpha, reduction)
 
 
