@@ -28,12 +28,11 @@ def main(cfg: DictConfig) -> None:
         from iq_lightning.numerics import pin_portable
 
         pin_portable(os.environ)  # read when torch loads, below: it must come first
-    from iq_lightning.config import build_run_config
-    from iq_lightning.run import train
+    from iq_lightning.run import configure, train
 
     single_log_stream()  # after Lightning's import has attached its handlers
 
-    run = build_run_config(cfg, HydraConfig.get().runtime.output_dir)
+    run = configure(cfg, HydraConfig.get().runtime.output_dir)
     train(run)
 
 

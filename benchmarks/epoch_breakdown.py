@@ -127,14 +127,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import iq_lightning.run as run_module
-    from iq_lightning.config import build_run_config
 
     overrides = [f"model={args.model}", f"epochs={args.epochs}", f"sampler={args.sampler}", "logger=csv",
                  "save_final=false", *args.overrides]
     poller = RSSPoller()
     run_module.OnPolicyDataModule = traced_datamodule(poller)
     with tempfile.TemporaryDirectory() as tmp:
-        run = build_run_config(compose(overrides), tmp)
+        run = run_module.configure(compose(overrides), tmp)
         poller.start()
         result = run_module.train(run, show_progress=False)
         poller.stop()

@@ -42,12 +42,11 @@ def overrides(devices: int, run_dir: str) -> list[str]:
 def plan_for(args: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from iq_lightning.config import build_run_config
-    from iq_lightning.run import memory_plan
+    from iq_lightning.run import configure, memory_plan
 
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose(config_name="train", overrides=[a for a in args if not a.startswith("hydra.")])
-    return memory_plan(build_run_config(cfg, "unused"))
+    return memory_plan(configure(cfg, "unused"))
 
 
 def main() -> None:

@@ -135,11 +135,11 @@ def measure(overrides: list[str], timeout_s: float) -> Measured:
 
 
 def planned(overrides: list[str]):
-    from iq_lightning.config import build_run_config
     from iq_lightning.memory_plan import plan_memory, world_size_of
+    from iq_lightning.run import configure
 
     with tempfile.TemporaryDirectory() as run_dir:
-        run = build_run_config(compose(overrides), run_dir)
+        run = configure(compose(overrides), run_dir)
     return plan_memory(run, world_size_of(run.strategy), None, run.strategy.accelerator)
 
 

@@ -286,7 +286,11 @@ _TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSpec)}
 
 
 def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> RunConfig:
-    """Hydra config -> validated RunConfig. Raises ConfigError with one clear line."""
+    """Hydra config -> validated RunConfig. Raises ConfigError with one clear line.
+
+    The objective's own options are not checked here: config.py knows no objective.
+    objectives.resolve_and_check fills in the objective's defaults and checks its options, where
+    objectives are built (run.train calls it first)."""
     if isinstance(cfg, DictConfig):
         try:
             plain = OmegaConf.to_container(cfg, resolve=True)
@@ -314,18 +318,8 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config: {exc}") from None
-    run = resolve_objective(run)
     validate(run)
     return run
-
-
-def resolve_objective(run: RunConfig) -> RunConfig:
-    """`run` with the objective's defaults that depend on the rest of the config filled in
-    (Objective.resolve: DPO's objective.pairs), so describe, W&B and the restart check see them."""
-    from iq_lightning.objectives import OBJECTIVES
-
-    objective = OBJECTIVES.get(run.objective.name)
-    return run if objective is None else dataclasses.replace(run, objective=objective.resolve(run.objective, run))
 
 
 def as_plain(spec: Any) -> dict:
@@ -371,7 +365,7 @@ def validate(run: RunConfig) -> None:
     _check(t.numerics in NUMERICS, f"numerics must be one of {', '.join(NUMERICS)}, got {t.numerics!r}")
     _check(t.reduction in REDUCTIONS, f"reduction must be one of {', '.join(REDUCTIONS)}, got {t.reduction!r}")
 
-    validate_objective(run)
+    validate_objective(run.objective)
 
     m = run.model
     _check(m.source in MODEL_SOURCES, f"model.source must be one of {', '.join(MODEL_SOURCES)}, got {m.source!r}")
@@ -412,27 +406,13 @@ def validate(run: RunConfig) -> None:
             _integer(v.max_new_tokens, "val.max_new_tokens", 1)
 
 
-def validate_objective(run: RunConfig) -> None:
-    from iq_lightning.losses import DIVERGENCES
-    from iq_lightning.objectives import OBJECTIVES, build_objective
-
-    o = run.objective
-    _check(o.name in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {o.name!r}")
-    _check(o.divergence in DIVERGENCES, f"objective.divergence must be one of {', '.join(DIVERGENCES)}, got {o.divergence!r}")
+def validate_objective(o: ObjectiveSpec) -> None:
+    """The objective group's numbers are numbers; which objective, divergence and values are
+    accepted is the objectives' own check (objectives.resolve_and_check)."""
     _number(o.beta, "objective.beta")
     for key in ("kl_coef", "clip_range", "value_clip_range", "vf_coef", "gamma", "lam", "value_lr"):
         if getattr(o, key) is not None:
             _number(getattr(o, key), f"objective.{key}")
-    OBJECTIVES[o.name].check(o, run)
-    # The plan may depend on the objective's settings (DPO's pairs, PPO's reward): ask a built one.
-    objective = build_objective(o, run.train.alpha, run.train.reduction)
-    if objective.plan.principle_in_prompt:
-        _check(run.guide.kind == "principle", f"objective={o.name} samples pi_w's answers from the initial policy given the principle: it needs guide=principle")
-    if objective.plan.pairs:
-        _check(
-            run.train.micro_batch_size % 2 == 0,
-            f"objective={o.name} trains on chosen/rejected pairs, whole pairs per micro-batch: micro_batch_size must be even, got {run.train.micro_batch_size}",
-        )
 
 
 def validate_sampler(s: SamplerSpec) -> SamplerSpec:

@@ -14,8 +14,7 @@ from iq_lightning.config import DataSpec, DecodingSpec, ModelSpec, SamplerSpec, 
 from iq_lightning.data import EncodedPrompt, encode_prompt, fit_context, prepare_prompts
 from iq_lightning.errors import ConfigError
 from iq_lightning.guides import with_principle
-from iq_lightning.models import load_model
-from iq_lightning.run import FINAL_DIR
+from iq_lightning.models import FINAL_DIR, load_model
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 
 log = logging.getLogger(__name__)

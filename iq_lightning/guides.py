@@ -1,5 +1,5 @@
 """Guide scoring: the per-token targets log pi_hat(y_t) and the reference log pi_ref(y_t) of
-sampled responses, computed once per sample without gradients (METHOD.md, Algorithm 1).
+sampled responses, computed once per sample without gradients (docs/method.md, Algorithm 1).
 
 pi_l is the frozen SFT model (the initial policy) given the plain prompt x; it is also pi_ref.
 pi_w is either that same model with a principle in the prompt (`PrincipleGuide`, both guides in
@@ -42,9 +42,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from iq_lightning.config import GuideSpec
 from iq_lightning.data import EncodedPrompt, Messages, encode_prompt
+from iq_lightning.errors import ConfigError
 from iq_lightning.forward import mixable_head, pack, response_hidden, response_logits, to_device
 from iq_lightning.logprobs import token_logprobs
+from iq_lightning.models import frozen_reference, load_model, output_vocab_size, same_tokenizer
 from iq_lightning.objective import mixed_logits, sampled_token_targets
 
 
@@ -236,3 +239,21 @@ class AlignedModelGuide(GuideScorer):
         logits_w = response_logits(self.winner, batch)
         logits_l = response_logits(self.lesser, batch)
         return logits_w, logits_l, batch["response_ids"]
+
+
+def build_guide(
+    g: GuideSpec, alpha: float, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, show_progress: bool, policy_name: str | None = None
+) -> GuideScorer:
+    """pi_l (and pi_ref) is the frozen initial policy (with LoRA: its adapter-disabled base);
+    pi_w per guide.kind."""
+    lesser = frozen_reference(policy)
+    if g.kind == "principle":
+        return PrincipleGuide(lesser, tokenizer, g.principle, g.placement, alpha, g.batch_size, show_progress)
+    winner, winner_tokenizer = load_model(g.model)
+    if not same_tokenizer(tokenizer, winner_tokenizer) or output_vocab_size(winner) != output_vocab_size(policy):
+        raise ConfigError(
+            f"guide.model {g.model.name_or_path!r} has a different tokenizer from the policy "
+            f"{policy_name!r}; pi_hat mixes log-probs per token id, so both must share one vocabulary"
+        )
+    winner.eval().requires_grad_(False)
+    return AlignedModelGuide(winner, lesser, tokenizer.pad_token_id, alpha, g.batch_size, show_progress)

@@ -45,6 +45,7 @@ NOTES = {
         "hydra.run.dir=DIR names the run directory; the same command with the same DIR resumes an interrupted run.",
         "-m runs a sweep over comma-separated values (-m alpha=1.0,1.2), one directory per run under multirun/; "
         "quote values that contain commas, spaces or '='.",
+        "The method, its equations and the paper's settings: docs/method.md.",
     ],
     "generate": ["hydra.run.dir=DIR names the output directory (output=FILE the responses file)."],
     "evaluate": [

@@ -27,6 +27,8 @@ from iq_lightning.sharded import full_named_parameters, is_lora_layer, plain_nam
 
 log = logging.getLogger(__name__)
 
+# Where a run exports its trained policy (export_policy), read back by generate.py and evaluate.py.
+FINAL_DIR = "final"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 # ChatML, as SmolLM2-Instruct and Zephyr-style chat models use it.

@@ -1,5 +1,5 @@
-"""The Inverse-Q* math: pure tensor functions, no models (METHOD.md, "Estimated optimal policy"
-and "Loss"). Everything here is differentiable where it should be and works on any leading shape.
+"""The Inverse-Q* math: pure tensor functions, no models (docs/method.md, "The estimated optimal
+policy" and "The loss"). Everything here is differentiable where it should be and works on any leading shape.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def inverse_q_loss(
 def token_credit(
     target_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """Per-token credit, credit_t = beta * (log pi_hat(y_t) - log pi_ref(y_t))  (METHOD.md, Fig. 8).
+    """Per-token credit, credit_t = beta * (log pi_hat(y_t) - log pi_ref(y_t))  (the paper's Fig. 8;
+    docs/method.md, "Token credit").
 
     Summed over a prefix it is that prefix's implicit value (Eq. 6 of the paper).
     """

@@ -10,11 +10,21 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from iq_lightning.data import Messages
 from iq_lightning.errors import ConfigError, ModelLoadError, first_line
 from iq_lightning.models import same_tokenizer
 from iq_lightning.rollouts import Rollout
 
 KEY = "objective.reward_model"
+
+
+def conversation_text(tokenizer, messages: Messages, answer: str) -> str:
+    """The conversation with the answer as a reward model reads it: its own chat template, else
+    'Role: content' turns (reward models often have another tokenizer than the policy)."""
+    chat = [*map(dict, messages), {"role": "assistant", "content": answer}]
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(chat, tokenize=False)
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in chat)
 
 
 def _looks_local(name_or_path: str) -> bool:
@@ -45,7 +55,7 @@ class SequenceReward:
     """Scores rollouts with a frozen reward model. When it shares the policy's tokenizer it reads
     the rollout's token ids (prompt + response) directly; otherwise the conversation and the
     decoded response are rendered with its own chat template and tokenizer
-    (evaluation.reward.conversation_text). Rows are right-padded with the reward model's pad
+    (conversation_text). Rows are right-padded with the reward model's pad
     token, where transformers' pooling takes the last non-pad token's score."""
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, policy_tokenizer: PreTrainedTokenizerBase):
@@ -75,8 +85,6 @@ class SequenceReward:
         """x + y as the reward model reads them."""
         if self.same_ids:
             return list(rollout.prompt_ids) + list(rollout.response_ids)
-        from iq_lightning.evaluation.reward import conversation_text
-
         text = conversation_text(self.tokenizer, rollout.messages, rollout.response_text)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -124,7 +124,7 @@ def collate(rollouts: Sequence[Rollout], pad_id: int, per_token: Sequence[dict[s
 class LengthGroupedBatches(TorchSampler[list[int]]):
     """Micro-batches of similar total length (little padding), in a seeded random order.
 
-    `passes` repeats the epoch's samples (METHOD.md: one pass by default). `group` > 1 keeps each
+    `passes` repeats the epoch's samples (docs/method.md: one pass by default). `group` > 1 keeps each
     run of `group` consecutive samples (a preference pair) together, in order, in one micro-batch:
     groups are sorted by their longest sample, and a micro-batch holds batch_size // group of them."""
 

@@ -18,19 +18,19 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
-from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain
+from iq_lightning.config import LoggerSpec, RunConfig, as_plain, build_run_config
 from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError, UserError
-from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide, with_principle
+from iq_lightning.guides import build_guide, with_principle
 from iq_lightning.memory_plan import MemoryPlan, device_capacity, plan_memory, world_size_of
-from iq_lightning.models import export_policy, frozen_reference, generation_eos, load_model, load_tokenizer, output_vocab_size, same_tokenizer
+from iq_lightning.models import FINAL_DIR, export_policy, generation_eos, load_tokenizer
 from iq_lightning.module import InverseQModule
-from iq_lightning.objectives import build_objective
+from iq_lightning.objectives import build_objective, resolve_and_check
 from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
 from iq_lightning.files import write_atomically
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 ROLLOUT_DIR = "rollouts"
-FINAL_DIR = "final"
 
 
 @dataclass
@@ -53,24 +52,6 @@ class TrainResult:
     datamodule: OnPolicyDataModule
     trainer: L.Trainer
     final_dir: Path | None
-
-
-def build_guide(
-    g: GuideSpec, alpha: float, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, show_progress: bool, policy_name: str | None = None
-) -> GuideScorer:
-    """pi_l (and pi_ref) is the frozen initial policy (with LoRA: its adapter-disabled base);
-    pi_w per guide.kind."""
-    lesser = frozen_reference(policy)
-    if g.kind == "principle":
-        return PrincipleGuide(lesser, tokenizer, g.principle, g.placement, alpha, g.batch_size, show_progress)
-    winner, winner_tokenizer = load_model(g.model)
-    if not same_tokenizer(tokenizer, winner_tokenizer) or output_vocab_size(winner) != output_vocab_size(policy):
-        raise ConfigError(
-            f"guide.model {g.model.name_or_path!r} has a different tokenizer from the policy "
-            f"{policy_name!r}; pi_hat mixes log-probs per token id, so both must share one vocabulary"
-        )
-    winner.eval().requires_grad_(False)
-    return AlignedModelGuide(winner, lesser, tokenizer.pad_token_id, alpha, g.batch_size, show_progress)
 
 
 def check_principle_prompt(tokenizer: PreTrainedTokenizerBase, principle: str, placement: str, prompt) -> None:
@@ -373,8 +354,16 @@ def describe(run: RunConfig) -> str:
     return OmegaConf.to_yaml(plain)
 
 
+def configure(cfg, run_dir: str | Path) -> RunConfig:
+    """The RunConfig a run trains with, from the Hydra config: config.py's checks of everything but
+    the objective, then the objective's own (objectives.resolve_and_check: its defaults filled in,
+    its options checked). Every mistake is one ConfigError line."""
+    return resolve_and_check(build_run_config(cfg, run_dir))
+
+
 def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     """Fit, export final/; with dry_run only print the config and the memory plan (returns None)."""
+    run = resolve_and_check(run)  # the objective's defaults and checks (config.py checked the rest)
     plan = memory_plan(run)
     if run.train.dry_run:
         print(describe(run) + "\n" + plan.render())

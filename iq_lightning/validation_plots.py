@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from iq_lightning.evaluation.ratings import wilson_interval
+from iq_lightning.intervals import wilson_interval
 from iq_lightning.validation import read_summary
 
 PANELS = (

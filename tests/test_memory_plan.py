@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import CONF, compose
-from iq_lightning.config import ModelSpec, TinySpec, build_run_config
+from iq_lightning.config import ModelSpec, TinySpec
 from iq_lightning.errors import ConfigError
 from iq_lightning.memory_plan import (
     CHECKPOINT,
@@ -26,13 +26,14 @@ from iq_lightning.memory_plan import (
     plan_memory,
     world_size_of,
 )
+from iq_lightning.run import configure
 
 SMOLLM2_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct, its model card's count
 SMALL = ["epochs=1", "samples_per_epoch=8", "logger=none"]
 
 
 def run_config(tmp_path, overrides):
-    return build_run_config(compose(overrides), tmp_path)
+    return configure(compose(overrides), tmp_path)
 
 
 def meta_parameters(config) -> int:

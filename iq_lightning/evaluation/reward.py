@@ -11,15 +11,7 @@ from tqdm.auto import tqdm
 
 from iq_lightning.data import Messages
 from iq_lightning.errors import ModelLoadError, first_line
-
-
-def conversation_text(tokenizer, messages: Messages, answer: str) -> str:
-    """The conversation with the answer as a reward model reads it: its own chat template, else
-    'Role: content' turns (reward models often have another tokenizer than the policy)."""
-    chat = [*map(dict, messages), {"role": "assistant", "content": answer}]
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(chat, tokenize=False)
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in chat)
+from iq_lightning.reward_model import conversation_text
 
 
 class RewardModel:

@@ -29,6 +29,7 @@ from iq_lightning.evaluation import judge_free, plots
 from iq_lightning.evaluation.answers import answers, beam_sweep_contestants, sweep_contestants
 from iq_lightning.evaluation.endpoint import judge_api_key
 from iq_lightning.files import write_text_atomic
+from iq_lightning.guides import build_guide
 from iq_lightning.evaluation.judge_quality import JudgeQuality, control_set, measure_judge, sample_matches, tie_share
 from iq_lightning.evaluation.judges import HELPFUL_HARMLESS, Judge, LikelihoodJudge, OpenAIJudge
 from iq_lightning.evaluation.matches import Judgment, judge_pairings, pairings, write_judgments
@@ -93,8 +94,6 @@ def against(rates: dict[tuple[str, str], WinRate], name: str, reference: str) ->
 def credit_maps(spec: EvalSpec, rows_by_name: dict[str, dict[str, dict]], show_progress: bool) -> list[Path]:
     """Token-credit maps of the first `credit_maps` answers of each contestant, scored by the
     configured guides over the `model` group's model (pi_l = pi_ref = that model)."""
-    from iq_lightning.run import build_guide
-
     if spec.credit_maps <= 0:
         return []
     model, tokenizer = load_model(spec.model)
