@@ -237,7 +237,7 @@ def test_help_lists_the_scripts_groups_keys_with_their_comments_and_examples(scr
     for absent in HELP_EXPECTS[script]["not"]:
         assert absent not in text, (absent, text)
     assert text.count("\n  python ") >= 3  # example commands
-    assert len(text.splitlines()) < 120
+    assert len(text.splitlines()) < 130  # about two screens
 
 
 def test_help_descriptions_come_from_the_yaml_comments(tmp_path):
