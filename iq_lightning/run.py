@@ -359,7 +359,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     log.info("memory plan: %.2f GiB per device at the %s peak", plan.total / 2**30, plan.peak_phase())
     run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    sharding = sharding_for(run.strategy)
+    sharding = sharding_for(run.strategy, run.train.precision)
     trainer_args = trainer_kwargs(run.strategy, sharding, run.train.micro_batch_size)
     check_resumable(run)
     loggers = build_loggers(run.logger, run_dir, wandb_init_kwargs(run))
