@@ -35,7 +35,7 @@ from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
 from iq_lightning.files import write_atomically
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
-from iq_lightning.strategies import sharding_for, trainer_kwargs
+from iq_lightning.strategies import refuse_host_guides, sharding_for, trainer_kwargs
 from iq_lightning.tracking import RunTracking, wandb_init_kwargs
 from iq_lightning.validation import Validation
 
@@ -351,6 +351,7 @@ def describe(run: RunConfig) -> str:
 
 def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     """Fit, export final/; with dry_run only print the config and the memory plan (returns None)."""
+    refuse_host_guides(run.strategy, run.guide.device)
     plan = memory_plan(run)
     if run.train.dry_run:
         print(describe(run) + "\n" + plan.render())

@@ -339,6 +339,20 @@ def _cpu_deepspeed_strategy():
 SHARDINGS: dict[str, type[Sharding]] = {"deepspeed": ZeRO3, "fsdp": FSDP}
 
 
+def refuse_host_guides(spec: StrategySpec, guide_device: str | None) -> None:
+    """guide.device=cpu beside a policy sharded over GPUs: every rank would load the whole
+    policy, copy it as pi_l, load an aligned pi_w too, and score on the CPU, about 60-70 GB of
+    host RAM per rank at 7B and hours per epoch. The sharded guides are what fits (the memory
+    plan counts them). On CPU processes (strategy.accelerator=cpu, debugging) it stays allowed."""
+    gpu = spec.accelerator in ("gpu", "cuda") or (spec.accelerator == "auto" and torch.cuda.is_available())
+    sharded = any(spec.strategy.startswith(prefix) for prefix in SHARDINGS)
+    if gpu and sharded and guide_device is not None and str(guide_device).startswith("cpu"):
+        raise ConfigError(
+            f"guide.device={guide_device} under strategy={spec.name} on GPUs would hold whole guides in every rank's "
+            "host RAM and score on the CPU: leave guide.device unset (the guides are sharded over the GPUs like the policy)"
+        )
+
+
 def sharding_for(spec: StrategySpec, precision: str = "32-true") -> Sharding:
     """The Sharding of a strategy config under `precision` (train.precision, which the Trainer
     gets too), refusing early what this machine cannot run."""

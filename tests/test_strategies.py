@@ -162,7 +162,19 @@ def test_dry_run_prints_the_plan_without_loading_anything(model, tmp_path):
     out = result.stdout
     assert "alpha:" in out and "memory plan per device (gpu, world size 8)" in out
     assert "optimizer state" in out and "total" in out
+    # what a bf16 run adds, the allocator's share, and which GPU sizes it fits (no device given)
+    for item in ("RMSNorm float32 copies", "float32 LM-head weight copy", "float32 response logits", "NCCL communicator buffers",
+                 "for the allocator's fragmentation", "(device memory unknown)", "80 GB: fits"):
+        assert item in out, item
     assert not (tmp_path / "run_fingerprint.json").exists() and not (tmp_path / "rollouts").exists()
+
+
+def test_host_guides_beside_a_policy_sharded_over_gpus_are_refused_in_one_line(tmp_path):
+    from test_cli import _one_line_error
+
+    line = _one_line_error(_train(tmp_path, "model=zephyr", "guide=aligned_model", "strategy=deepspeed_zero3", "strategy.devices=8",
+                                  "guide.device=cpu", "dry_run=true"))
+    assert line.startswith("error: guide.device=cpu under strategy=deepspeed_zero3 on GPUs") and "leave guide.device unset" in line
 
 
 def test_a_run_that_cannot_fit_stops_before_loading_with_the_fix(tmp_path):
