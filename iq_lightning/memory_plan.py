@@ -15,6 +15,12 @@ items marked rank_zero_only (it loads the source of sharded weights and writes c
     print(plan.render())
     plan.check()  # ConfigError, one line, when the peak exceeds the device
 
+The plan's margin: on a GPU every phase carries GPU_FRAGMENTATION_SHARE (10%) for the caching
+allocator, and NCCL's buffers are an item of their own (estimated, NCCL_BYTES); nothing else is
+held back, so `headroom_bytes` (what the device has left at the peak) is the margin for what the
+plan does not know. A plan that does not fit searches overrides of its items' knobs until it does
+(`fitting_fix`), and a GPU plan without a device size says which of GPU_SIZES_GIB it fits.
+
 `benchmarks/memory_plan_check.py` compares the plan with the measured peak RSS of real CPU runs.
 """
 

