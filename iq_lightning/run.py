@@ -35,7 +35,7 @@ from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
 from iq_lightning.files import write_atomically
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
-from iq_lightning.strategies import sharding_for, trainer_kwargs
+from iq_lightning.strategies import refuse_host_guides, sharding_for, trainer_kwargs
 from iq_lightning.tracking import RunTracking, wandb_init_kwargs
 from iq_lightning.validation import Validation
 
@@ -364,6 +364,7 @@ def configure(cfg, run_dir: str | Path) -> RunConfig:
 def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     """Fit, export final/; with dry_run only print the config and the memory plan (returns None)."""
     run = resolve_and_check(run)  # the objective's defaults and checks (config.py checked the rest)
+    refuse_host_guides(run.strategy, run.guide.device)
     plan = memory_plan(run)
     if run.train.dry_run:
         print(describe(run) + "\n" + plan.render())
@@ -377,7 +378,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     log.info("memory plan: %.2f GiB per device at the %s peak", plan.total / 2**30, plan.peak_phase())
     run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    sharding = sharding_for(run.strategy)
+    sharding = sharding_for(run.strategy, run.train.precision)
     trainer_args = trainer_kwargs(run.strategy, sharding, run.train.micro_batch_size)
     check_resumable(run)
     loggers = build_loggers(run.logger, run_dir, wandb_init_kwargs(run))

@@ -45,8 +45,10 @@ class Sharding(ABC):
     # Whether `discard_gradients` can make a coming optimizer step change nothing (nonfinite.py).
     discards_gradients: bool = True
 
-    def __init__(self, spec: StrategySpec):
+    def __init__(self, spec: StrategySpec, precision: str = "32-true"):
         self.spec = spec
+        # train.precision (the Trainer's too, which the strategy's plugins must agree with)
+        self.precision = "32-true" if str(precision) == "32" else str(precision)
 
     @abstractmethod
     def trainer_strategy(self, micro_batch_size: int):
@@ -127,11 +129,11 @@ class ZeRO3(Sharding):
         if _cpu(self.spec):
             # DeepSpeed picks its accelerator once, when first imported (rank 1 inherits this).
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            strategy = _cpu_deepspeed_strategy()(stage=3)
+            strategy = _cpu_deepspeed_strategy()(stage=3, precision_plugin=batch_keeping_deepspeed_precision(self.precision))
         else:
             from lightning.pytorch.strategies import DeepSpeedStrategy
 
-            strategy = DeepSpeedStrategy(stage=3)
+            strategy = DeepSpeedStrategy(stage=3, precision_plugin=batch_keeping_deepspeed_precision(self.precision))
         # Otherwise Lightning reads it off the train dataloader while setting up, which here
         # would sample an epoch before the policy exists.
         strategy.config["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -180,6 +182,23 @@ class ZeRO3(Sharding):
 
     def discard_gradients(self, trained: nn.Module) -> None:
         raise NotImplementedError("ZeRO-3 steps cannot be skipped (discards_gradients is False)")
+
+
+def batch_keeping_deepspeed_precision(precision: str):
+    """Lightning's DeepSpeed precision plugin, except that the batch reaches training_step as it
+    was collated. Lightning's `DeepSpeedPrecision.convert_input` casts every floating-point
+    tensor of the batch to the precision's dtype (bf16 under bf16-mixed): the float32 targets
+    log pi_hat, the reference log-probs, PPO's advantages would arrive rounded to 8 bits of
+    mantissa (0.0156 nats at |log p| in [2, 4)), the very errors forward.py's float32 head exists
+    to avoid. The batch's only model inputs are integer token ids, which no cast touches, so
+    nothing needs the cast; FSDP's and DDP's plugins make none either."""
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+    class BatchKeepingDeepSpeedPrecision(DeepSpeedPrecision):
+        def convert_input(self, data):
+            return data
+
+    return BatchKeepingDeepSpeedPrecision(precision)
 
 
 def _zero3_inference_config(dtype: torch.dtype) -> dict:
@@ -235,9 +254,28 @@ class FSDP(Sharding):
             param_init_fn=_TiedMaterializer(device),
             device_id=device,
             use_orig_params=True,
+            mixed_precision=self.mixed_precision() if frozen_dtype is None else None,
         )
         load_from_rank0(wrapped, source)
         return wrapped
+
+    def mixed_precision(self):
+        """torch FSDP's MixedPrecision of the policy under train.precision: Lightning's own
+        (FSDPPrecision.mixed_precision_config: bf16-mixed gathers, reduces and keeps buffers in
+        bfloat16, the sharded float32 parameters stay the optimizer's), which Lightning applies
+        only to a model it wraps itself; None at 32-true (nothing to cast). A frozen guide is
+        built in its own dtype (guide.dtype) and gathered as it is."""
+        if self.precision in ("32-true", "32", "64-true"):
+            return None
+        from dataclasses import replace
+
+        from lightning.pytorch.plugins.precision import FSDPPrecision
+
+        # Every unit casts its float inputs: generate runs outside Lightning's autocast, with the
+        # root unit's weights (embeddings, final norm, head) summoned whole in float32
+        # (sharded.ready_for_generate), and the decoder layers gathered in half precision would
+        # otherwise receive float32 hidden states.
+        return replace(FSDPPrecision(self.precision).mixed_precision_config, cast_forward_inputs=True)
 
     def clip_gradients(self, trained: nn.Module, max_norm: float) -> bool:
         # Lightning's FSDP precision plugin refuses norm clipping. The policy is the outermost
@@ -301,8 +339,23 @@ def _cpu_deepspeed_strategy():
 SHARDINGS: dict[str, type[Sharding]] = {"deepspeed": ZeRO3, "fsdp": FSDP}
 
 
-def sharding_for(spec: StrategySpec) -> Sharding:
-    """The Sharding of a strategy config, refusing early what this machine cannot run."""
+def refuse_host_guides(spec: StrategySpec, guide_device: str | None) -> None:
+    """guide.device=cpu beside a policy sharded over GPUs: every rank would load the whole
+    policy, copy it as pi_l, load an aligned pi_w too, and score on the CPU, about 60-70 GB of
+    host RAM per rank at 7B and hours per epoch. The sharded guides are what fits (the memory
+    plan counts them). On CPU processes (strategy.accelerator=cpu, debugging) it stays allowed."""
+    gpu = spec.accelerator in ("gpu", "cuda") or (spec.accelerator == "auto" and torch.cuda.is_available())
+    sharded = any(spec.strategy.startswith(prefix) for prefix in SHARDINGS)
+    if gpu and sharded and guide_device is not None and str(guide_device).startswith("cpu"):
+        raise ConfigError(
+            f"guide.device={guide_device} under strategy={spec.name} on GPUs would hold whole guides in every rank's "
+            "host RAM and score on the CPU: leave guide.device unset (the guides are sharded over the GPUs like the policy)"
+        )
+
+
+def sharding_for(spec: StrategySpec, precision: str = "32-true") -> Sharding:
+    """The Sharding of a strategy config under `precision` (train.precision, which the Trainer
+    gets too), refusing early what this machine cannot run."""
     if spec.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"strategy={spec.name} asks for accelerator={spec.accelerator} but no CUDA GPU is visible "
@@ -312,8 +365,8 @@ def sharding_for(spec: StrategySpec) -> Sharding:
         raise ConfigError(f"strategy.strategy={spec.strategy}: only ZeRO stage 3 (deepspeed_stage_3) is supported")
     for prefix, cls in SHARDINGS.items():
         if spec.strategy.startswith(prefix):
-            return cls(spec)
-    return Replicated(spec)
+            return cls(spec, precision)
+    return Replicated(spec, precision)
 
 
 def trainer_kwargs(spec: StrategySpec, sharding: Sharding, micro_batch_size: int) -> dict:

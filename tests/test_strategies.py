@@ -12,6 +12,9 @@ differ by ~4e-6 after two epochs at lr 1e-4, against a movement of ~2e-4.
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import has_module, smollm2_installed
+from conftest import REPO, has_module, smollm2_installed
 from iq_lightning.config import TinySpec
 from iq_lightning.models import build_tiny
 from test_cli import _train
@@ -159,7 +162,19 @@ def test_dry_run_prints_the_plan_without_loading_anything(model, tmp_path):
     out = result.stdout
     assert "alpha:" in out and "memory plan per device (gpu, world size 8)" in out
     assert "optimizer state" in out and "total" in out
+    # what a bf16 run adds, the allocator's share, and which GPU sizes it fits (no device given)
+    for item in ("RMSNorm float32 copies", "float32 LM-head weight copy", "float32 response logits", "NCCL communicator buffers",
+                 "for the allocator's fragmentation", "(device memory unknown)", "80 GB: fits"):
+        assert item in out, item
     assert not (tmp_path / "run_fingerprint.json").exists() and not (tmp_path / "rollouts").exists()
+
+
+def test_host_guides_beside_a_policy_sharded_over_gpus_are_refused_in_one_line(tmp_path):
+    from test_cli import _one_line_error
+
+    line = _one_line_error(_train(tmp_path, "model=zephyr", "guide=aligned_model", "strategy=deepspeed_zero3", "strategy.devices=8",
+                                  "guide.device=cpu", "dry_run=true"))
+    assert line.startswith("error: guide.device=cpu under strategy=deepspeed_zero3 on GPUs") and "leave guide.device unset" in line
 
 
 def test_a_run_that_cannot_fit_stops_before_loading_with_the_fix(tmp_path):
@@ -197,3 +212,118 @@ def test_smollm2_sharded_run_matches_ddp(strategy, smollm2_ddp_run, tmp_path):
     assert sorted(got) == sorted(want)
     worst = max((got[k] - want[k]).abs().max().item() for k in want)
     assert worst < 1e-4, worst
+
+
+# A ZeRO-3 run on 2 CPU processes, with the Lightning strategy and plugins train.py builds
+# (sharding_for + trainer_kwargs), that saves the batches its training_step receives.
+_BATCH_PROBE = """
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from iq_lightning.config import StrategySpec
+from iq_lightning.strategies import sharding_for, trainer_kwargs
+
+out, precision = Path(sys.argv[1]), sys.argv[2]
+
+
+class Probe(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 4)
+
+    def training_step(self, batch, batch_idx):
+        torch.save(batch, out / f"seen_rank{self.global_rank}.pt")
+        return self.embed(batch["ids"]).float().sum() * batch["targets"].sum().detach().float()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    # Values bf16 cannot hold: a cast to bf16 and back changes them.
+    rows = [{"ids": torch.tensor([i, 3 * i]), "targets": torch.randn(3) * 5} for i in range(2)]
+    torch.save(rows, out / "stored.pt")
+    spec = StrategySpec(name="deepspeed_zero3", accelerator="cpu", devices=2, strategy="deepspeed_stage_3")
+    sharding = sharding_for(spec, precision)
+    trainer = L.Trainer(**trainer_kwargs(spec, sharding, micro_batch_size=2), precision=precision, max_steps=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(Probe(), torch.utils.data.DataLoader(rows, batch_size=2))
+"""
+
+
+@pytest.mark.parametrize("strategy", _params(["deepspeed_zero3"]))
+def test_zero3_bf16_mixed_hands_training_step_the_float32_targets_bit_for_bit(strategy, tmp_path):
+    """Lightning's DeepSpeedPrecision casts every float tensor of the batch to bf16 under
+    bf16-mixed; the targets must reach training_step as they were stored (float32, bitwise)."""
+    script = tmp_path / "probe.py"
+    script.write_text(_BATCH_PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    _ok(subprocess.run([sys.executable, str(script), str(tmp_path), "bf16-mixed"], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=tmp_path))
+    stored = torch.load(tmp_path / "stored.pt")
+    want = torch.stack([row["targets"] for row in stored])
+    assert not torch.equal(want.bfloat16().float(), want)  # a bf16 round trip would show
+    for rank in (0, 1):
+        seen = torch.load(tmp_path / f"seen_rank{rank}.pt")
+        assert seen["targets"].dtype == torch.float32, rank
+        assert torch.equal(seen["targets"], want), rank
+        assert seen["ids"].dtype == torch.int64
+
+
+def test_zero3_strategy_is_built_with_the_batch_keeping_precision_plugin():
+    """What the Trainer gets under bf16-mixed: DeepSpeed still runs in bf16 (its config comes from
+    the plugin's precision), and the plugin leaves the batch alone."""
+    pytest.importorskip("deepspeed")
+    from iq_lightning.config import StrategySpec
+    from iq_lightning.strategies import sharding_for
+
+    spec = StrategySpec(name="deepspeed_zero3", accelerator="cpu", devices=2, strategy="deepspeed_stage_3")
+    plugin = sharding_for(spec, "bf16-mixed").trainer_strategy(2).precision_plugin
+    assert plugin.precision == "bf16-mixed" and plugin._desired_dtype == torch.bfloat16
+    batch = {"targets": torch.tensor([-2.123456789, -9.87654321]), "ids": torch.tensor([1, 2])}
+    kept = plugin.convert_input(batch)
+    assert kept["targets"].dtype == torch.float32 and torch.equal(kept["targets"], batch["targets"])
+
+
+def _fsdp_policy_worker(rank: int, port: int, precision: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from iq_lightning.config import StrategySpec
+    from iq_lightning.strategies import sharding_for
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        spec = StrategySpec(name="fsdp", accelerator="cpu", devices=2, strategy="fsdp")
+        source = build_tiny(TinySpec())[0] if rank == 0 else None
+        policy = sharding_for(spec, precision).materialize(lambda: build_tiny(TinySpec())[0], source)
+        seen = {}
+        q_proj = policy.module.model.layers[0].self_attn.q_proj
+        # The weight a decoder layer computes with: what FSDP gathered for its forward.
+        q_proj.register_forward_pre_hook(lambda module, args: seen.update(gathered=module.weight.dtype))
+        policy(torch.tensor([[5, 17, 29, 41]])).logits.float().sum().backward()
+        stored = {p.dtype for p in policy.parameters()}
+        grads = {p.grad.dtype for p in policy.parameters() if p.grad is not None}
+        torch.save({"gathered": seen["gathered"], "stored": stored, "grads": grads}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_policy_gathers_in_the_precision_setting(tmp_path):
+    """strategies.FSDP wraps the policy itself, so Lightning's MixedPrecision must come from
+    there: under bf16-mixed a layer's weights are gathered in bfloat16 (half the all-gather and
+    reduce-scatter of float32), the float32 shards and their gradients stay the optimizer's."""
+    import torch.multiprocessing as mp
+    from test_sharded import _free_port
+
+    mp.spawn(_fsdp_policy_worker, args=(_free_port(), "bf16-mixed", str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert seen["gathered"] == torch.bfloat16, (rank, seen)
+        assert seen["stored"] == {torch.float32} and seen["grads"] == {torch.float32}, (rank, seen)

