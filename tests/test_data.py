@@ -364,3 +364,21 @@ def test_local_rows_carry_pairs_and_unusable_ones_are_skipped_and_counted(tmp_pa
     path.write_text(json.dumps({"prompt": "q", "chosen": "good"}) + "\n")
     with pytest.raises(DataError, match=r"p\.jsonl:1: a preference pair needs both 'chosen' and 'rejected' as strings"):
         _load_local(path)
+
+
+def test_long_ids_load_and_name_files_that_the_file_system_takes(tmp_path):
+    """B13: a 300-byte id loaded fine and then crashed every run after its first epoch ('File
+    name too long' for its credit-map page): the file name derived from an id is bounded."""
+    from iq_lightning.analysis import safe_filename
+
+    long_ids = ["x" * 300, "é" * 200, "a/" * 150 + "1", "a/" * 150 + "2"]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": f"prompt {n}"}) + "\n" for n, i in enumerate(long_ids)))
+    assert [p.id for p in _load_local(path)] == long_ids  # nothing a user can have is refused
+    names = [safe_filename(i) for i in long_ids]
+    assert len(set(names)) == len(names)  # ids that differ only in their tail stay apart
+    for name in names:
+        (tmp_path / f"00_{name}.html").write_text("page")  # as the credit maps name their pages
+        assert len(name.encode("utf-8")) <= 200  # room for a caller's prefix and suffix
+    assert safe_filename("helpful-base/test/7") == "helpful-base_test_7"  # short names as before
+    assert safe_filename("..") == "__" and safe_filename(".") == "_"  # never a directory
