@@ -261,6 +261,15 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], co
         except Exception as exc:
             raise CommandLineError(f"{first_line(exc)} ({' '.join(fixed + list(combination))})") from None
 
+    from iq_lightning.evaluation.endpoint import check_key_variable
+
+    for o in key_overrides:  # a key pasted as judge.api_key_env: refused before Hydra echoes it into .hydra/*.yaml
+        for option in _options(o) if o.key_or_group == "judge.api_key_env" else []:
+            try:
+                check_key_variable(None if option is None else str(option))
+            except UserError as exc:
+                raise CommandLineError(str(exc)) from None
+
     candidates = sorted({k for cfg in configs for k in _all_keys(cfg) if not k.startswith("hydra.")} | set(groups))
     hydra_keys = sorted({k for cfg in configs for k in _all_keys(cfg) if k.startswith("hydra.")})
     for o in key_overrides:

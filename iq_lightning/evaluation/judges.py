@@ -144,6 +144,9 @@ class OpenAIJudge(Judge):
         extra_body: Mapping[str, Any] | None = None,
         timeout_s: float = 120.0,
         max_retries: int = 3,
+        organization: str | None = None,
+        project: str | None = None,
+        proxy: bool = True,
     ):
         super().__init__(criteria)
         from openai import OpenAI
@@ -154,9 +157,15 @@ class OpenAIJudge(Judge):
         # A local server needs no key; the client still insists on a string. The official URL is
         # passed explicitly: left None, the client would take $OPENAI_BASE_URL and send the
         # official key there.
+        # The client reads $OPENAI_ORG_ID / $OPENAI_PROJECT_ID when given None, and httpx takes
+        # $HTTP(S)_PROXY: both are set here from what endpoint.py allows, not from the environment.
+        import openai
+
         self.client = OpenAI(
-            base_url=base_url or OFFICIAL_OPENAI_URL, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=max_retries
+            base_url=base_url or OFFICIAL_OPENAI_URL, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=max_retries,
+            http_client=None if proxy else openai.DefaultHttpxClient(trust_env=False),
         )
+        self.client.organization, self.client.project = organization, project
 
     def fingerprint(self) -> dict[str, Any]:
         return {

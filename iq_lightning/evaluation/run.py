@@ -27,7 +27,7 @@ from iq_lightning.tracking import eval_init_kwargs, eval_metrics
 from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation import judge_free, plots
 from iq_lightning.evaluation.answers import answers, beam_sweep_contestants, sweep_contestants
-from iq_lightning.evaluation.endpoint import judge_api_key
+from iq_lightning.evaluation.endpoint import judge_api_key, official_identity, use_proxy
 from iq_lightning.files import write_text_atomic
 from iq_lightning.evaluation.judge_quality import JudgeQuality, control_set, measure_judge, sample_matches, tie_share
 from iq_lightning.evaluation.judges import HELPFUL_HARMLESS, Judge, LikelihoodJudge, OpenAIJudge
@@ -69,7 +69,10 @@ def build_judge(spec: EvalSpec) -> Judge:
     criteria = j.criteria or HELPFUL_HARMLESS
     if j.backend == "openai":
         key = judge_api_key(j.base_url, j.api_key_env, os.environ)
-        return OpenAIJudge(j.model, j.base_url, key, criteria, j.temperature, j.max_tokens, j.extra_body)
+        return OpenAIJudge(
+            j.model, j.base_url, key, criteria, j.temperature, j.max_tokens, j.extra_body,
+            **official_identity(j.base_url, os.environ), proxy=use_proxy(j.base_url, key is not None),
+        )
     from iq_lightning.generation import model_spec_for
 
     model_spec = model_spec_for(None, j.model_path, spec.model)

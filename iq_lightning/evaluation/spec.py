@@ -23,7 +23,7 @@ from iq_lightning.config import (
     validate_sampler,
 )
 from iq_lightning.errors import ConfigError
-from iq_lightning.evaluation.endpoint import is_official, judge_api_key
+from iq_lightning.evaluation.endpoint import check_key_variable, is_official, judge_api_key, parse_base_url
 from iq_lightning.principle_check import CHECK_KINDS, CheckSpec
 
 JUDGE_BACKENDS = ("likelihood", "openai")
@@ -211,6 +211,9 @@ def build_eval_spec(cfg: DictConfig | Mapping[str, Any]) -> EvalSpec:
 def validate_eval(spec: EvalSpec) -> None:
     """Mistakes found before any model is loaded."""
     j = spec.judge
+    check_key_variable(j.api_key_env)  # whichever backend: a pasted key is refused, not repeated
+    if j.base_url is not None:
+        parse_base_url(j.base_url)
     if j.backend not in JUDGE_BACKENDS:
         raise ConfigError(f"judge.backend must be one of {', '.join(JUDGE_BACKENDS)}, got {j.backend!r}")
     if j.backend == "openai":
