@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from iq_lightning.data import Messages
+from iq_lightning.data import Messages, chat_ids
 from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation.endpoint import OFFICIAL_OPENAI_URL
 from iq_lightning.forward import pack, response_logprobs, to_device
@@ -237,11 +237,11 @@ class LikelihoodJudge(Judge):
 
     def _prompt_and_continuations(self, comparison: Comparison) -> tuple[list[int], list[list[int]]]:
         messages = judge_messages(comparison.conversation, comparison.first, comparison.second, self.criteria)
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + self.reply_prefix
-        prompt = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # The answers and the conversation are third-party text: chat_ids keeps their special tokens text.
+        prompt = chat_ids(self.tokenizer, messages, self.reply_prefix)
         continuations = []
         for label in ("A", "B"):
-            full = list(self.tokenizer(text + label + "]]", add_special_tokens=False)["input_ids"])
+            full = chat_ids(self.tokenizer, messages, self.reply_prefix + label + "]]")
             # Tokenizers may merge across the boundary; then score from the first differing token.
             shared = next((i for i, (x, y) in enumerate(zip(prompt, full)) if x != y), min(len(prompt), len(full)))
             continuations.append((shared, full))
