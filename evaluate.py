@@ -25,8 +25,10 @@ def main(cfg: DictConfig) -> None:
     from iq_lightning.evaluation.run import evaluate
     from iq_lightning.evaluation.spec import build_eval_spec
 
+    from hydra.core.hydra_config import HydraConfig
+
     single_log_stream()
-    evaluate(build_eval_spec(cfg))
+    evaluate(build_eval_spec(cfg, HydraConfig.get().overrides.task))  # the command line wins over the runs' settings
 
 
 if __name__ == "__main__":
