@@ -44,6 +44,7 @@ from iq_lightning.evaluation.ratings import (
 )
 from iq_lightning.evaluation.report import ELO_FIELDS, RATE_FIELDS, elo_rows, log_to_wandb, markdown_summary, rate_row, write_csv
 from iq_lightning.evaluation.reward import RewardCurve, RewardModel, reward_curve
+from iq_lightning.evaluation.lock import exclusive
 from iq_lightning.evaluation.settings import settings_from_runs
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
 from iq_lightning.models import load_model
@@ -164,8 +165,13 @@ def _planned_matches(names: list[str], spec: EvalSpec, rows: dict[str, dict[str,
 
 
 def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
+    """The whole evaluation, holding out_dir's lock (one evaluation per out_dir at a time)."""
+    with exclusive(spec.out_dir, "evaluation"):
+        return _evaluate(spec, show_progress)
+
+
+def _evaluate(spec: EvalSpec, show_progress: bool) -> EvalResult:
     out = spec.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     contestants = list(spec.contestants) + (sweep_contestants(spec.sweep_dir) if spec.sweep_dir else [])
     beam_sweep = beam_sweep_contestants(spec)
     contestants += [c for c in beam_sweep if c not in spec.contestants]
