@@ -746,7 +746,7 @@ def test_a_pasted_key_is_refused_before_hydra_saves_it_and_not_repeated(value, c
     with pytest.raises(ConfigError) as refused:
         check_key_variable(value)
     assert value not in str(refused.value)
-    for name in ("OPENAI_API_KEY", "MY_JUDGE_KEY", "VLLM_KEY_2", None):
+    for name in ("OPENAI_API_KEY", "MY_JUDGE_KEY", "VLLM_KEY_2", "my_judge_service_key_2024", None):
         check_key_variable(name)  # names are fine
 
 

@@ -45,9 +45,11 @@ def check_key_variable(api_key_env: str | None) -> None:
 
 
 def _looks_like_a_key(name: str) -> bool:
-    # Keys that happen to be valid names: sk_live_..., hf_..., or long runs of mixed case and digits.
+    # Keys that happen to be valid names: sk_live_..., hf_..., or a long run of letters and digits
+    # with no word breaks (variable names such as MY_JUDGE_KEY_2 have them).
     lowered = name.lower()
-    return lowered.startswith(("sk_", "hf_", "pk_", "rk_")) or (len(name) >= 24 and any(c.isdigit() for c in name) and any(c.islower() for c in name))
+    unbroken = len(name) >= 24 and "_" not in name and any(c.isdigit() for c in name) and any(c.islower() for c in name)
+    return lowered.startswith(("sk_", "hf_", "pk_", "rk_")) or unbroken
 
 
 def is_official(base_url: str | None) -> bool:
