@@ -317,13 +317,14 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[st
     return ids
 
 
-def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], suffix: str = "") -> list[int]:
-    """The template rendered with the generation header, then `suffix` (text the caller writes,
-    e.g. a judge's verdict format), as token ids; contents as text (encode_prompt). No BOS added."""
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], suffix: str = "", generation_prompt: bool = True) -> list[int]:
+    """The template rendered (with the generation header unless `generation_prompt` is False),
+    then `suffix` (text the caller writes, e.g. a judge's verdict format), as token ids; contents
+    as text (encode_prompt). No BOS added."""
     messages = list(messages)
     if any(_holds_added_token(tokenizer, m.get("content")) for m in messages):
-        return _encode_contents_as_text(tokenizer, messages, suffix)
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + suffix
+        return _encode_contents_as_text(tokenizer, messages, suffix, generation_prompt)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False) + suffix
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -331,13 +332,15 @@ def _holds_added_token(tokenizer: PreTrainedTokenizerBase, content: Any) -> bool
     return isinstance(content, str) and any(token in content for token in tokenizer.get_added_vocab())
 
 
-def _encode_contents_as_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], suffix: str = "") -> list[int]:
+def _encode_contents_as_text(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], suffix: str = "", generation_prompt: bool = True
+) -> list[int]:
     """Render with a unique marker per content, then tokenize around the markers: the template's
     text with special tokens parsed, each content with them split (`split_special_tokens`)."""
     vocabulary = set(tokenizer.get_added_vocab())
     markers = [f"\ue000{i}\ue001" for i in range(len(messages))]
     marked = [{**m, "content": marker} if isinstance(m.get("content"), str) else m for m, marker in zip(messages, markers)]
-    text = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(marked, add_generation_prompt=generation_prompt, tokenize=False)
     ids: list[int] = []
     for i, (message, marker) in enumerate(zip(messages, markers)):
         if marker not in marked[i].get("content", ""):
