@@ -144,8 +144,12 @@ def test_an_evaluation_of_a_run_reports_the_runs_settings_in_summary_md(tmp_path
     """Issue 23 item 1, end to end: a run trained with its own principle on its own prompts was
     evaluated on the bundled prompts against a Prompting baseline given the French default,
     with summary.md saying `language=fr`."""
+    import iq_lightning.run as recipe
     from iq_lightning.evaluation.run import evaluate
 
+    built = []
+    build_guide = recipe.build_guide
+    monkeypatch.setattr(recipe, "build_guide", lambda guide, alpha, *a, **k: built.append((guide.principle, alpha)) or build_guide(guide, alpha, *a, **k))
     run = make_run(tmp_path / "run", f"guide.principle='{ONE_SENTENCE}'", "data=local", f"data.path={prompts}", "alpha=1.0")
     overrides = [
         "model=tiny", "logger=none", f"out_dir={tmp_path / 'eval'}", f"+contestants.iq.run_dir={run}", "sampler.max_new_tokens=4",
@@ -159,3 +163,4 @@ def test_an_evaluation_of_a_run_reports_the_runs_settings_in_summary_md(tmp_path
     assert sorted({j.prompt_id for j in result.judgments}) == ["q0", "q1", "q2"]  # the run's own held-out prompts
     prompting = next(iter((result.out_dir / "generations").glob("prompting-*.jsonl"))).read_text()
     assert ONE_SENTENCE in prompting and "French" not in prompting
+    assert built == [(ONE_SENTENCE, 1.0)]  # the credit maps: the run's principle and alpha, not 1.5
