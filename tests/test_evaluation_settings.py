@@ -164,3 +164,24 @@ def test_an_evaluation_of_a_run_reports_the_runs_settings_in_summary_md(tmp_path
     prompting = next(iter((result.out_dir / "generations").glob("prompting-*.jsonl"))).read_text()
     assert ONE_SENTENCE in prompting and "French" not in prompting
     assert built == [(ONE_SENTENCE, 1.0)]  # the credit maps: the run's principle and alpha, not 1.5
+
+
+def test_records_of_older_runs_are_read_and_a_damaged_one_is_one_line(tmp_path):
+    from iq_lightning.evaluation.trained import read_trained
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "run_fingerprint.json").write_text(json.dumps({
+        "model": "tiny", "lora": False, "alpha": 1.2, "guide": ["principle", ONE_SENTENCE, "user"],
+        "sampler": [32, 1.0, 1.0], "samples_per_epoch": 32, "seed": 0, "data": ["bundled", None, "train"],
+    }))
+    record = read_trained(legacy)
+    assert (record.alpha, record.beta) == (1.2, 0.1)
+    assert (record.settings["guide.principle"], record.settings["guide.placement"], record.settings["data.split"]) == (ONE_SENTENCE, "user", "test")
+    assert read_trained(tmp_path) is None  # no record
+    (legacy / "run_fingerprint.json").write_text('{"settings": {"guide.kind": "principle"}}')
+    with pytest.raises(ConfigError, match=r"run_fingerprint.json is not a run record this version reads \(KeyError"):
+        read_trained(legacy)
+    (legacy / "run_fingerprint.json").write_text('{"settings": ')
+    with pytest.raises(ConfigError, match=r"run_fingerprint.json does not parse"):
+        read_trained(legacy)

@@ -60,6 +60,13 @@ def read_trained(run_dir: str | Path) -> TrainedWith | None:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} does not parse ({exc}): cannot tell what this run was trained with") from None
+    try:
+        return _trained_with(str(run_dir), stored)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path} is not a run record this version reads ({type(exc).__name__}: {exc})") from None
+
+
+def _trained_with(run_dir: str, stored: dict) -> TrainedWith:
     if "settings" not in stored:  # runs started before the whole config was recorded
         kind, principle, placement = stored["guide"]
         source, data_path, _ = stored["data"]
@@ -67,7 +74,7 @@ def read_trained(run_dir: str | Path) -> TrainedWith | None:
             "guide.kind": kind, "guide.principle": principle, "guide.placement": placement, "guide.model": None,
             "data.source": source, "data.path": data_path, "data.split": ValSpec().split, "principle_check": _check({}),
         }
-        return TrainedWith(str(run_dir), float(stored["alpha"]), TrainSpec().beta, settings)
+        return TrainedWith(run_dir, float(stored["alpha"]), TrainSpec().beta, settings)
     flat = stored["settings"]
     guide_model = _unflat(flat, "guide.model")
     settings = {
@@ -81,4 +88,4 @@ def read_trained(run_dir: str | Path) -> TrainedWith | None:
         "data.split": flat.get("val.split", ValSpec().split),  # the run's held-out split
         "principle_check": _check(flat),
     }
-    return TrainedWith(str(run_dir), float(flat["alpha"]), float(flat.get("beta", TrainSpec().beta)), settings)
+    return TrainedWith(run_dir, float(flat["alpha"]), float(flat.get("beta", TrainSpec().beta)), settings)
