@@ -181,7 +181,7 @@ def _evaluate(spec: EvalSpec, show_progress: bool) -> EvalResult:
     settings = settings_from_runs(spec, contestants)  # the principle, data, check, alpha, beta the runs trained with
     spec, contestants = settings.spec, settings.contestants
     for key, origin in settings.origins.items():
-        log.info("%s = %s (from %s)", key, origin.value, origin.source)
+        log.info("%s = %s (%s)", key, origin.value, origin.source)
     files: list[Path] = []
 
     # 1. answers (cached per contestant)
