@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from iq_lightning.cli import check_command_line, configure_environment, single_log_stream, user_errors_as_one_line
+from iq_lightning.cli import check_command_line, check_output_dir, configure_environment, single_log_stream, user_errors_as_one_line
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -25,11 +25,14 @@ def main(cfg: DictConfig) -> None:
     from iq_lightning.evaluation.run import evaluate
     from iq_lightning.evaluation.spec import build_eval_spec
 
+    from hydra.core.hydra_config import HydraConfig
+
     single_log_stream()
-    evaluate(build_eval_spec(cfg))
+    evaluate(build_eval_spec(cfg, HydraConfig.get().overrides.task))  # the command line wins over the runs' settings
 
 
 if __name__ == "__main__":
     configure_environment()
     check_command_line(CONF, "evaluate", __doc__)  # --help, and every mistake as one error: line
+    check_output_dir(CONF, "evaluate")  # a directory Hydra cannot create: one error: line
     main()

@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from iq_lightning.cli import check_command_line, configure_environment, single_log_stream, user_errors_as_one_line
+from iq_lightning.cli import check_command_line, check_output_dir, configure_environment, single_log_stream, user_errors_as_one_line
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -39,4 +39,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     configure_environment()
     check_command_line(CONF, "train", __doc__)  # --help, and every mistake as one error: line
+    check_output_dir(CONF, "train")  # a directory Hydra cannot create: one error: line
     main()

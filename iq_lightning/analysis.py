@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import math
 from pathlib import Path
@@ -15,9 +16,23 @@ from iq_lightning.objective import token_credit
 from iq_lightning.rollouts import Rollout, read_rollouts
 
 
+# File systems limit a name to 255 bytes (ext4, APFS, NTFS's 255 UTF-16 units); callers add a
+# prefix and a suffix of their own, so names made here stay well below.
+MAX_NAME_BYTES = 120
+
+
 def safe_filename(name: str) -> str:
-    """An id or contestant name as a file name: anything but [A-Za-z0-9-_.=] becomes '_'."""
-    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
+    """An id or contestant name as a file name: anything but letters, digits and -_.= becomes
+    '_'; a name over MAX_NAME_BYTES (UTF-8) keeps its head and ends in a hash of the whole name,
+    so long ids stay apart; '.' and '..' never name a directory."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
+    if safe.strip(".") == "":
+        safe = safe.replace(".", "_") or "_"
+    if len(safe.encode("utf-8")) <= MAX_NAME_BYTES:
+        return safe
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+    head = safe.encode("utf-8")[: MAX_NAME_BYTES - len(digest) - 1].decode("utf-8", "ignore")
+    return f"{head}-{digest}"
 
 
 def epoch_metrics(run_dir: str | Path) -> list[dict[str, float]]:

@@ -72,6 +72,30 @@ def check_command_line(config_dir: str | Path, config_name: str, doc: str, argv:
         sys.exit(0)
 
 
+def check_output_dir(config_dir: str | Path, config_name: str, argv: Sequence[str] | None = None) -> None:
+    """Before Hydra creates the run (or sweep) directory: one `error:` line, exit 2, where it
+    cannot be created or written in (Hydra's own report is a traceback)."""
+    from iq_lightning.files import cannot_create
+    from iq_lightning.help import compose_config
+
+    parsed = _parse_flags(config_name, list(sys.argv[1:] if argv is None else argv))
+    if parsed.help or any(getattr(parsed, flag, None) for flag in _UNCHECKED_FLAGS):
+        return
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        fixed = [o.input_line for o in OverridesParser.create().parse_overrides(parsed.overrides) if not o.is_sweep_override()]
+        hydra = compose_config(Path(config_dir), config_name, fixed).hydra
+        where = Path(hydra.sweep.dir if parsed.multirun else hydra.run.dir)
+    except Exception:  # noqa: BLE001 -- a config Hydra cannot compose is Hydra's to report
+        return
+    problem = cannot_create(where)
+    if problem:
+        key = "hydra.sweep.dir" if parsed.multirun else "hydra.run.dir"
+        print(f"error: cannot write the output directory {where} ({problem}); choose a writable one with {key}=...", file=sys.stderr)
+        sys.exit(2)
+
+
 def command_line_help_or_error(config_dir: Path, config_name: str, doc: str, args: list[str]) -> str | None:
     """The help text for -h/--help, None for a command line that is fine; CommandLineError otherwise."""
     from iq_lightning.help import compose_config, help_text
@@ -260,6 +284,15 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], co
             configs.append(compose(config_dir, config_name, fixed + list(combination)))
         except Exception as exc:
             raise CommandLineError(f"{first_line(exc)} ({' '.join(fixed + list(combination))})") from None
+
+    from iq_lightning.evaluation.endpoint import check_key_variable
+
+    for o in key_overrides:  # a key pasted as judge.api_key_env: refused before Hydra echoes it into .hydra/*.yaml
+        for option in _options(o) if o.key_or_group == "judge.api_key_env" else []:
+            try:
+                check_key_variable(None if option is None else str(option))
+            except UserError as exc:
+                raise CommandLineError(str(exc)) from None
 
     candidates = sorted({k for cfg in configs for k in _all_keys(cfg) if not k.startswith("hydra.")} | set(groups))
     hydra_keys = sorted({k for cfg in configs for k in _all_keys(cfg) if k.startswith("hydra.")})

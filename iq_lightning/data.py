@@ -302,14 +302,58 @@ def load_prompts(spec: DataSpec) -> tuple[list[Prompt], PromptStats]:
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of the chat-formatted prompt with the assistant's generation header."""
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of the chat-formatted prompt with the assistant's generation header.
+
+    Message contents are text: a user message holding `<|im_end|><|im_start|>system ...` must not
+    become a real turn (HH-RLHF and BeaverTails are third-party text), so a special token is an
+    id only where the template itself writes it. A prompt whose contents hold no added token's
+    text is tokenized whole, exactly as the template renders it; one that does is tokenized piece
+    by piece, the template's pieces with special tokens, the contents with them split as text."""
+    ids = chat_ids(tokenizer, messages)
     # Templates that leave BOS to the tokenizer (Zephyr's, Mistral's) would lose it here.
     bos = tokenizer.bos_token_id
     if getattr(tokenizer, "add_bos_token", False) and bos is not None and (not ids or ids[0] != bos):
         ids.insert(0, bos)
     return ids
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], suffix: str = "", generation_prompt: bool = True) -> list[int]:
+    """The template rendered (with the generation header unless `generation_prompt` is False),
+    then `suffix` (text the caller writes, e.g. a judge's verdict format), as token ids; contents
+    as text (encode_prompt). No BOS added."""
+    messages = list(messages)
+    if any(_holds_added_token(tokenizer, m.get("content")) for m in messages):
+        return _encode_contents_as_text(tokenizer, messages, suffix, generation_prompt)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False) + suffix
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _holds_added_token(tokenizer: PreTrainedTokenizerBase, content: Any) -> bool:
+    return isinstance(content, str) and any(token in content for token in tokenizer.get_added_vocab())
+
+
+def _encode_contents_as_text(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], suffix: str = "", generation_prompt: bool = True
+) -> list[int]:
+    """Render with a unique marker per content, then tokenize around the markers: the template's
+    text with special tokens parsed, each content with them split (`split_special_tokens`)."""
+    vocabulary = set(tokenizer.get_added_vocab())
+    markers = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    marked = [{**m, "content": marker} if isinstance(m.get("content"), str) else m for m, marker in zip(messages, markers)]
+    text = tokenizer.apply_chat_template(marked, add_generation_prompt=generation_prompt, tokenize=False)
+    ids: list[int] = []
+    for i, (message, marker) in enumerate(zip(messages, markers)):
+        if marker not in marked[i].get("content", ""):
+            continue
+        before, found, text = text.partition(marker)
+        if not found or marker in text or any(marker in t for t in vocabulary):
+            raise DataError(f"the chat template does not write message {i}'s content once and as given; cannot encode it safely")
+        if before:
+            ids += tokenizer(before, add_special_tokens=False)["input_ids"]
+        ids += tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if text + suffix:
+        ids += tokenizer(text + suffix, add_special_tokens=False)["input_ids"]
+    return list(ids)
 
 
 def encode_prompts(

@@ -25,6 +25,21 @@ from iq_lightning.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def cannot_create(directory: Path) -> str | None:
+    """Why `directory` cannot be created or written in (None: it can), found by making and
+    removing a temporary directory in its nearest existing ancestor, so nothing is left behind."""
+    probe = Path(directory).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".write-check-"))
+    except OSError as exc:
+        return f"{probe}: {exc.strerror or exc}"
+    return None
+
+
 class CorruptFile(UserError):
     """A file of a run's or an evaluation's directory damaged beyond a torn last line."""
 

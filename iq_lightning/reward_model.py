@@ -10,12 +10,21 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from iq_lightning.data import Messages
+from iq_lightning.data import Messages, chat_ids
 from iq_lightning.errors import ConfigError, ModelLoadError, first_line
 from iq_lightning.models import same_tokenizer
 from iq_lightning.rollouts import Rollout
 
 KEY = "objective.reward_model"
+
+
+def conversation_ids(tokenizer, messages: Messages, answer: str) -> list[int]:
+    """conversation_text as token ids, its contents (prompt and answer) as text: a special token
+    inside them stays text (data.chat_ids)."""
+    chat = [*map(dict, messages), {"role": "assistant", "content": answer}]
+    if tokenizer.chat_template:
+        return chat_ids(tokenizer, chat, generation_prompt=False)
+    return list(tokenizer(conversation_text(tokenizer, messages, answer), add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def conversation_text(tokenizer, messages: Messages, answer: str) -> str:
@@ -85,8 +94,8 @@ class SequenceReward:
         """x + y as the reward model reads them."""
         if self.same_ids:
             return list(rollout.prompt_ids) + list(rollout.response_ids)
-        text = conversation_text(self.tokenizer, rollout.messages, rollout.response_text)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Contents as text: a special token inside a prompt or answer must not become a turn.
+        return conversation_ids(self.tokenizer, rollout.messages, rollout.response_text)
 
     @torch.no_grad()
     def score(self, rollouts: Sequence[Rollout]) -> torch.Tensor:

@@ -11,29 +11,32 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from iq_lightning.analysis import safe_filename
 from iq_lightning.config import ModelSpec
 from iq_lightning.errors import ConfigError
 from iq_lightning.files import fsync_file, read_jsonl
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
+from iq_lightning.evaluation.trained import FINGERPRINT_FILE, read_trained
 from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
 
 log = logging.getLogger(__name__)
 
 
 def sweep_contestants(sweep_dir: str | Path) -> list[ContestantSpec]:
-    """Every finished run of a Hydra multirun directory, named and ordered by its alpha."""
+    """Every finished run of a Hydra multirun directory, named and ordered by the alpha it was
+    trained with: read from the run's own record (trained.py), never from .hydra/config.yaml,
+    which a refused restart rewrites with the alpha it was refused for."""
     found = []
     for run in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
-        config = run / ".hydra" / "config.yaml"
-        if not config.is_file() or not (run / "final").is_dir():
+        if not (run / "final").is_dir():
             continue
-        alpha = float(OmegaConf.load(config)["alpha"])
-        found.append(ContestantSpec(name=f"alpha={alpha:g}", run_dir=str(run), alpha=alpha))
+        record = read_trained(run)
+        if record is None:
+            log.warning("sweep_dir: %s has final/ but no %s, so its alpha is unknown: left out", run, FINGERPRINT_FILE)
+            continue
+        found.append(ContestantSpec(name=f"alpha={record.alpha:g}", run_dir=str(run), alpha=record.alpha))
     if not found:
-        raise ConfigError(f"sweep_dir={sweep_dir} holds no finished runs (subdirectories with .hydra/config.yaml and final/)")
+        raise ConfigError(f"sweep_dir={sweep_dir} holds no finished runs (subdirectories with {FINGERPRINT_FILE} and final/)")
     names = [c.name for c in found]
     if len(set(names)) != len(names):  # a sweep over more than alpha: keep the runs apart
         found = [replace(c, name=f"{c.name} ({Path(c.run_dir).name})") for c in found]

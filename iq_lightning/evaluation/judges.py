@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from iq_lightning.data import Messages
+from iq_lightning.data import Messages, chat_ids
 from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation.endpoint import OFFICIAL_OPENAI_URL
 from iq_lightning.forward import pack, response_logprobs, to_device
@@ -144,6 +144,9 @@ class OpenAIJudge(Judge):
         extra_body: Mapping[str, Any] | None = None,
         timeout_s: float = 120.0,
         max_retries: int = 3,
+        organization: str | None = None,
+        project: str | None = None,
+        proxy: bool = True,
     ):
         super().__init__(criteria)
         from openai import OpenAI
@@ -154,9 +157,15 @@ class OpenAIJudge(Judge):
         # A local server needs no key; the client still insists on a string. The official URL is
         # passed explicitly: left None, the client would take $OPENAI_BASE_URL and send the
         # official key there.
+        # The client reads $OPENAI_ORG_ID / $OPENAI_PROJECT_ID when given None, and httpx takes
+        # $HTTP(S)_PROXY: both are set here from what endpoint.py allows, not from the environment.
+        import openai
+
         self.client = OpenAI(
-            base_url=base_url or OFFICIAL_OPENAI_URL, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=max_retries
+            base_url=base_url or OFFICIAL_OPENAI_URL, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=max_retries,
+            http_client=None if proxy else openai.DefaultHttpxClient(trust_env=False),
         )
+        self.client.organization, self.client.project = organization, project
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -228,11 +237,11 @@ class LikelihoodJudge(Judge):
 
     def _prompt_and_continuations(self, comparison: Comparison) -> tuple[list[int], list[list[int]]]:
         messages = judge_messages(comparison.conversation, comparison.first, comparison.second, self.criteria)
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + self.reply_prefix
-        prompt = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # The answers and the conversation are third-party text: chat_ids keeps their special tokens text.
+        prompt = chat_ids(self.tokenizer, messages, self.reply_prefix)
         continuations = []
         for label in ("A", "B"):
-            full = list(self.tokenizer(text + label + "]]", add_special_tokens=False)["input_ids"])
+            full = chat_ids(self.tokenizer, messages, self.reply_prefix + label + "]]")
             # Tokenizers may merge across the boundary; then score from the first differing token.
             shared = next((i for i, (x, y) in enumerate(zip(prompt, full)) if x != y), min(len(prompt), len(full)))
             continuations.append((shared, full))

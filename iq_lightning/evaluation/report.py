@@ -71,10 +71,12 @@ def markdown_summary(
     judge_free_block: Sequence[str] = (),
     elo_intervals: EloIntervals | None = None,
     unreliable: bool = False,
+    settings_block: Sequence[str] = (),
 ) -> str:
     """summary.md: the judge and its measured quality first (a banner when unreliable), the
-    judge-free figures, then the judge's win rates and Elo with their intervals."""
-    lines = ["# Evaluation", "", *judge_block, *judge_free_block]
+    settings used and where they came from, the judge-free figures, then the judge's win rates
+    and Elo with their intervals."""
+    lines = ["# Evaluation", "", *judge_block, *settings_block, *judge_free_block]
     if rates:
         caveat = " (UNRELIABLE JUDGE: see the top)" if unreliable else ""
         lines += [

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from iq_lightning.data import Messages
 from iq_lightning.errors import ModelLoadError, first_line
-from iq_lightning.reward_model import conversation_text
+from iq_lightning.reward_model import conversation_ids, conversation_text
 
 
 class RewardModel:
@@ -35,17 +35,17 @@ class RewardModel:
         self.tokenizer.padding_side = "right"
         self.batch_size = batch_size
 
-    def _text(self, messages: Messages, answer: str) -> str:
-        return conversation_text(self.tokenizer, messages, answer)
-
     @torch.inference_mode()
     def score(self, items: Sequence[tuple[Messages, str]], desc: str = "reward") -> list[float]:
         device = next(self.model.parameters()).device
         scores: list[float] = []
         for start in tqdm(range(0, len(items), self.batch_size), desc=desc, unit="batch", leave=False):
-            texts = [self._text(m, a) for m, a in items[start : start + self.batch_size]]
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False).to(device)
-            out = self.model(**batch)
+            rows = [conversation_ids(self.tokenizer, m, a)[: self.tokenizer.model_max_length] for m, a in items[start : start + self.batch_size]]
+            ids = torch.full((len(rows), max(map(len, rows))), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(rows):  # padded on the right, as the tokenizer is set up above
+                ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row, dtype=torch.long), 1
+            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))
             values = out.score if getattr(out, "score", None) is not None else out.logits[:, 0]
             scores.extend(values.float().flatten().tolist())
         return scores

@@ -27,7 +27,7 @@ from iq_lightning.tracking import eval_init_kwargs, eval_metrics
 from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation import judge_free, plots
 from iq_lightning.evaluation.answers import answers, beam_sweep_contestants, sweep_contestants
-from iq_lightning.evaluation.endpoint import judge_api_key
+from iq_lightning.evaluation.endpoint import judge_api_key, official_identity, use_proxy
 from iq_lightning.files import write_text_atomic
 from iq_lightning.guides import build_guide
 from iq_lightning.evaluation.judge_quality import JudgeQuality, control_set, measure_judge, sample_matches, tie_share
@@ -45,6 +45,8 @@ from iq_lightning.evaluation.ratings import (
 )
 from iq_lightning.evaluation.report import ELO_FIELDS, RATE_FIELDS, elo_rows, log_to_wandb, markdown_summary, rate_row, write_csv
 from iq_lightning.evaluation.reward import RewardCurve, RewardModel, reward_curve
+from iq_lightning.evaluation.lock import exclusive
+from iq_lightning.evaluation.settings import settings_from_runs
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
 from iq_lightning.models import load_model
 from iq_lightning.principle_check import build_check
@@ -70,7 +72,10 @@ def build_judge(spec: EvalSpec) -> Judge:
     criteria = j.criteria or HELPFUL_HARMLESS
     if j.backend == "openai":
         key = judge_api_key(j.base_url, j.api_key_env, os.environ)
-        return OpenAIJudge(j.model, j.base_url, key, criteria, j.temperature, j.max_tokens, j.extra_body)
+        return OpenAIJudge(
+            j.model, j.base_url, key, criteria, j.temperature, j.max_tokens, j.extra_body,
+            **official_identity(j.base_url, os.environ), proxy=use_proxy(j.base_url, key is not None),
+        )
     from iq_lightning.generation import model_spec_for
 
     model_spec = model_spec_for(None, j.model_path, spec.model)
@@ -91,23 +96,28 @@ def against(rates: dict[tuple[str, str], WinRate], name: str, reference: str) ->
     return None
 
 
-def credit_maps(spec: EvalSpec, rows_by_name: dict[str, dict[str, dict]], show_progress: bool) -> list[Path]:
+def credit_maps(spec: EvalSpec, rows_by_name: dict[str, dict[str, dict]], credit: dict[str, tuple[float, float]], show_progress: bool) -> list[Path]:
     """Token-credit maps of the first `credit_maps` answers of each contestant, scored by the
-    configured guides over the `model` group's model (pi_l = pi_ref = that model)."""
+    configured guides over the `model` group's model (pi_l = pi_ref = that model), at the alpha
+    and beta of `credit` (a run's own: settings.py)."""
     if spec.credit_maps <= 0:
         return []
     model, tokenizer = load_model(spec.model)
     if torch.cuda.is_available():
         model.to("cuda")
-    guide = build_guide(spec.guide, spec.alpha, model, tokenizer, show_progress=False, policy_name=spec.model.name_or_path)
+    guides: dict[float, object] = {}
     written = []
     for name, rows in rows_by_name.items():
+        alpha, beta = credit.get(name, (spec.alpha, spec.beta))
+        if alpha not in guides:
+            guides[alpha] = build_guide(spec.guide, alpha, model, tokenizer, show_progress=False, policy_name=spec.model.name_or_path)
+        guide = guides[alpha]
         chosen = list(rows.values())[: spec.credit_maps]
         prompts = [EncodedPrompt(Prompt(r["id"], tuple(r["messages"]), r.get("category")), tuple(encode_prompt(tokenizer, r["messages"]))) for r in chosen]
         responses = [list(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) or [tokenizer.eos_token_id] for r in chosen]
         scores = guide.score(prompts, responses, desc=f"credit {name}")
         for i, (r, ids, s) in enumerate(zip(chosen, responses, scores)):
-            page = credit_html(tokenizer, ids, s.target_logprobs, s.ref_logprobs, r["messages"][-1]["content"], f"{name}, {r['id']}", spec.beta)
+            page = credit_html(tokenizer, ids, s.target_logprobs, s.ref_logprobs, r["messages"][-1]["content"], f"{name}, {r['id']}", beta)
             path = spec.out_dir / "credit" / safe_filename(name) / f"{i:02d}.html"
             written.append(write_text_atomic(path, page))
     return written
@@ -154,14 +164,23 @@ def _planned_matches(names: list[str], spec: EvalSpec, rows: dict[str, dict[str,
 
 
 def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
+    """The whole evaluation, holding out_dir's lock (one evaluation per out_dir at a time)."""
+    with exclusive(spec.out_dir, "evaluation"):
+        return _evaluate(spec, show_progress)
+
+
+def _evaluate(spec: EvalSpec, show_progress: bool) -> EvalResult:
     out = spec.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     contestants = list(spec.contestants) + (sweep_contestants(spec.sweep_dir) if spec.sweep_dir else [])
     beam_sweep = beam_sweep_contestants(spec)
     contestants += [c for c in beam_sweep if c not in spec.contestants]
     names = [c.name for c in contestants]
     if len(set(names)) != len(names):
         raise ConfigError(f"contestant names must be unique, got {names}")
+    settings = settings_from_runs(spec, contestants)  # the principle, data, check, alpha, beta the runs trained with
+    spec, contestants = settings.spec, settings.contestants
+    for key, origin in settings.origins.items():
+        log.info("%s = %s (%s)", key, origin.value, origin.source)
     files: list[Path] = []
 
     # 1. answers (cached per contestant)
@@ -270,11 +289,11 @@ def evaluate(spec: EvalSpec, show_progress: bool = True) -> EvalResult:
         files.append(plots.reward_curve_plot(curve, out / "plots" / "reward_curve.png", baseline, spec.reward.baseline_label))
 
     # 6. token-credit maps of the answers
-    credit_pages = credit_maps(spec, rows, show_progress)
+    credit_pages = credit_maps(spec, rows, settings.credit, show_progress)
     files.extend(credit_pages)
 
     unreliable = quality is not None and not quality.reliable
-    summary = markdown_summary(rates, elo, increments, judge_block, free_block, intervals, unreliable)
+    summary = markdown_summary(rates, elo, increments, judge_block, free_block, intervals, unreliable, settings.markdown())
     write_text_atomic(out / "results" / "summary.md", summary)
     log.info("evaluation written to %s\n%s", out, summary)
     log_to_wandb(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,7 +23,7 @@ from iq_lightning.config import (
     validate_sampler,
 )
 from iq_lightning.errors import ConfigError
-from iq_lightning.evaluation.endpoint import is_official, judge_api_key
+from iq_lightning.evaluation.endpoint import check_key_variable, is_official, judge_api_key, parse_base_url
 from iq_lightning.principle_check import CHECK_KINDS, CheckSpec
 
 JUDGE_BACKENDS = ("likelihood", "openai")
@@ -43,6 +43,9 @@ class ContestantSpec:
     placement: str = "system"
     alpha: float | None = None  # a sweep run's alpha (Fig. 7)
     decoding: DecodingSpec = DecodingSpec()
+    # principle and placement are the guide's (`${guide.principle}`): they follow the principle
+    # the contestant runs were trained with (evaluation/settings.py)
+    follows_guide: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,8 @@ class EvalSpec:
     credit_maps: int = 3
     seed: int = 0
     beam_sweep: BeamSweepSpec = BeamSweepSpec()
+    # keys set on the command line: they win over what the contestant runs were trained with
+    explicit: frozenset[str] = frozenset()
 
 
 _TOP = {"reference", "focus", "pairs", "sweep_dir", "alpha", "beta", "credit_maps", "seed", "name", "out_dir", "min_category_count"}
@@ -157,7 +162,16 @@ _GROUPS = {
 }
 
 
-def _contestants(node: Any) -> tuple[ContestantSpec, ...]:
+def explicit_keys(overrides: Sequence[str]) -> frozenset[str]:
+    """The keys a command line sets (`+guide.principle=...` -> guide.principle, `data=local` -> data)."""
+    return frozenset(text.split("=", 1)[0].lstrip("+~") for text in overrides if "=" in text or text.startswith("~"))
+
+
+def is_explicit(setting: str, explicit: frozenset[str]) -> bool:
+    return any(setting == k or setting.startswith(k + ".") or k.startswith(setting + ".") for k in explicit)
+
+
+def _contestants(node: Any, raw: Any = None) -> tuple[ContestantSpec, ...]:
     if not isinstance(node, Mapping):
         raise ConfigError(f"contestants must be a mapping of name -> settings, got {node!r}")
     found = []
@@ -166,14 +180,18 @@ def _contestants(node: Any) -> tuple[ContestantSpec, ...]:
             continue
         if not isinstance(settings, Mapping):
             raise ConfigError(f"contestants.{name} must be a mapping (run_dir, model_path, principle, placement, decoding)")
-        found.append(build_spec(ContestantSpec, {"name": str(name), **settings}, f"contestants.{name}"))
+        unresolved = (raw or {}).get(name) or {}
+        follows = isinstance(unresolved, Mapping) and unresolved.get("principle") == "${guide.principle}"
+        found.append(build_spec(ContestantSpec, {"name": str(name), **settings, "follows_guide": follows}, f"contestants.{name}"))
     return tuple(found)
 
 
-def build_eval_spec(cfg: DictConfig | Mapping[str, Any]) -> EvalSpec:
-    """Hydra config -> validated EvalSpec; ConfigError (one line) on a mistake."""
+def build_eval_spec(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str] = ()) -> EvalSpec:
+    """Hydra config -> validated EvalSpec; ConfigError (one line) on a mistake. `overrides`: the
+    command line's (they win over the settings the contestant runs were trained with)."""
     try:
         plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        raw = OmegaConf.to_container(cfg.get("contestants") or {}, resolve=False) if isinstance(cfg, DictConfig) else None
     except Exception as exc:
         raise ConfigError(f"cannot resolve the config: {exc}") from None
     stray = sorted(set(plain) - _TOP - _GROUPS - {"hydra"})
@@ -194,13 +212,14 @@ def build_eval_spec(cfg: DictConfig | Mapping[str, Any]) -> EvalSpec:
             judge=build_spec(JudgeSpec, judge, "judge"),
             elo=build_spec(EloSpec, plain.get("elo"), "elo"),
             reward=build_spec(RewardSpec, plain.get("reward"), "reward"),
-            contestants=_contestants(plain.get("contestants") or {}),
+            contestants=_contestants(plain.get("contestants") or {}, raw),
             out_dir=Path(plain["out_dir"]),
             judge_check=build_spec(JudgeCheckSpec, plain.get("judge_check"), "judge_check"),
             principle_check=build_spec(CheckSpec, plain.get("principle_check"), "principle_check"),
             judge_free=build_spec(JudgeFreeSpec, plain.get("judge_free"), "judge_free"),
             beam_sweep=build_spec(BeamSweepSpec, beam_sweep, "beam_sweep"),
             **{k: plain[k] for k in _TOP - {"name", "out_dir"} if k in plain},
+            explicit=explicit_keys(overrides),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config: {exc}") from None
@@ -211,6 +230,9 @@ def build_eval_spec(cfg: DictConfig | Mapping[str, Any]) -> EvalSpec:
 def validate_eval(spec: EvalSpec) -> None:
     """Mistakes found before any model is loaded."""
     j = spec.judge
+    check_key_variable(j.api_key_env)  # whichever backend: a pasted key is refused, not repeated
+    if j.base_url is not None:
+        parse_base_url(j.base_url)
     if j.backend not in JUDGE_BACKENDS:
         raise ConfigError(f"judge.backend must be one of {', '.join(JUDGE_BACKENDS)}, got {j.backend!r}")
     if j.backend == "openai":
