@@ -126,11 +126,13 @@ class OnPolicyDataModule(L.LightningDataModule):
         scored = time.perf_counter()
         peaks.mark("score")
         tokens = sum(len(g.response_ids) for g in generations)
+        scored_tokens = tokens + sum(len(p.input_ids) for p in prompts)  # x + y of each rollout, read by both guides
         self.epoch_stats = {
             "time/weight_sync_s": synced - started,
             "time/sample_s": sampled - synced,
             "time/score_s": scored - sampled,
             "throughput/sample_tokens_per_s": tokens / max(sampled - synced, 1e-9),
+            "throughput/score_tokens_per_s": scored_tokens / max(scored - sampled, 1e-9),
             **peaks.figures,
         }
         return [

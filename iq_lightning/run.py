@@ -27,7 +27,7 @@ from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_pr
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError, UserError
 from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide, with_principle
-from iq_lightning.memory_plan import MemoryPlan, device_capacity, plan_memory, world_size_of
+from iq_lightning.memory_plan import MemoryPlan, architecture_of, device_capacity, plan_memory, world_size_of
 from iq_lightning.models import export_policy, frozen_reference, generation_eos, load_model, load_tokenizer, output_vocab_size, same_tokenizer
 from iq_lightning.module import InverseQModule
 from iq_lightning.objectives import build_objective
@@ -36,6 +36,7 @@ from iq_lightning.rank_models import RankModels
 from iq_lightning.files import write_atomically
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 from iq_lightning.strategies import sharding_for, trainer_kwargs
+from iq_lightning.throughput import ModelFlops
 from iq_lightning.tracking import RunTracking, wandb_init_kwargs
 from iq_lightning.validation import Validation
 
@@ -399,6 +400,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         models=models,
         nonfinite_skips=t.nonfinite_skips,
         objective=objective,
+        flops=ModelFlops.of(architecture_of(run.model)),
     )
     datamodule = OnPolicyDataModule(
         prompts,
