@@ -31,6 +31,7 @@ from iq_lightning.memory_plan import MemoryPlan, architecture_of, device_capacit
 from iq_lightning.models import export_policy, frozen_reference, generation_eos, load_model, load_tokenizer, output_vocab_size, same_tokenizer
 from iq_lightning.module import InverseQModule
 from iq_lightning.objectives import build_objective
+from iq_lightning.out_of_memory import StopOnOutOfMemory, budgets_from_plan
 from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
 from iq_lightning.files import write_atomically
@@ -423,6 +424,8 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha))
     if t.save_epoch_policies:
         callbacks.append(EpochPolicyExport(run_dir, tokenizer))
+    # Last: it ends the run (raises) on an out-of-memory error, after the others' on_exception.
+    callbacks.append(StopOnOutOfMemory(budgets_from_plan(plan), plan.capacity_bytes / 2**30 if plan.capacity_bytes else None))
     trainer = L.Trainer(
         **trainer_args,
         precision=t.precision,

@@ -46,6 +46,8 @@ from iq_lightning.guides import GuideScorer, PrincipleGuide
 from iq_lightning.logprobs import token_logprobs
 from iq_lightning.models import AdapterDisabled
 from iq_lightning.objective import estimated_optimal_logprobs
+from iq_lightning.out_of_memory import VALIDATION
+from iq_lightning.out_of_memory import phase as oom_phase
 from iq_lightning.principle_check import PrincipleCheck
 from iq_lightning.samplers.base import SamplingParams
 from iq_lightning.samplers.hf import HFSampler
@@ -201,6 +203,7 @@ class Validation(Callback):
                 )
         return rows
 
+    @oom_phase(VALIDATION)
     def validate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         started = time.perf_counter()
         rank, world = trainer.global_rank, trainer.world_size
