@@ -317,7 +317,7 @@ def held_out_prompts(run: RunConfig, tokenizer: PreTrainedTokenizerBase, trainin
     return [p for p in prompts if p.prompt.id in held], [p for p in training if p.prompt.id not in held]
 
 
-def build_validation(run: RunConfig, tokenizer, held_out: list, eos: list[int], sharded: bool) -> Validation:
+def build_validation(run: RunConfig, tokenizer, held_out: list, eos: list[int], sharded: bool, gather_whole_up_to: int = 0) -> Validation:
     v = run.val
     return Validation(
         run.run_dir,
@@ -333,6 +333,7 @@ def build_validation(run: RunConfig, tokenizer, held_out: list, eos: list[int], 
         seed=run.train.seed,
         sharded=sharded,
         table_rows=v.table_rows,
+        gather_whole_up_to=gather_whole_up_to,
     )
 
 
@@ -341,6 +342,14 @@ def memory_plan(run: RunConfig) -> MemoryPlan:
     world = world_size_of(run.strategy)
     capacity = device_capacity(run.strategy.accelerator, max(1, world // run.strategy.num_nodes), run.strategy.device_memory_gib)
     return plan_memory(run, world, capacity, run.strategy.accelerator)
+
+
+def whole_gather_budget(plan: MemoryPlan, phase: str) -> int:
+    """Bytes a sharded model gathered whole for generate may take during `phase`: the plan's
+    headroom there (0, never, when the device's memory is unknown). See sharded.ready_for_generate."""
+    if plan.capacity_bytes is None:
+        return 0
+    return max(plan.capacity_bytes - plan.phase_bytes(phase), 0)
 
 
 def describe(run: RunConfig) -> str:
@@ -386,7 +395,8 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         held_out = fit_context(held_out, context_limits(run, sampler=False), val_new_tokens, None, winner_length, key, "held-out prompts")
     eos = eos_ids(tokenizer, generation_eos(run.model))
     sampler = build_sampler(
-        run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharding.sharded
+        run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharding.sharded,
+        gather_whole_up_to=whole_gather_budget(plan, "sampling"),
     )
     models = RankModels(run.model, run.guide, run.train.alpha, tokenizer, sharding, show_progress)
 
@@ -419,7 +429,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)
     callbacks = [RunStarted(run), checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
     if run.val.every_n_epochs:
-        callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded))
+        callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded, whole_gather_budget(plan, "validation")))
     if t.credit_maps_per_epoch:
         callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha))
     if t.save_epoch_policies:

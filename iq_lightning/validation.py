@@ -124,6 +124,7 @@ class Validation(Callback):
         seed: int,
         sharded: bool,
         table_rows: int = 16,
+        gather_whole_up_to: int = 0,
     ):
         self.out = Path(run_dir) / VALIDATION_DIR
         self.prompts = list(prompts)
@@ -135,7 +136,9 @@ class Validation(Callback):
         self.batch_size = batch_size
         self.sharded = sharded
         self.table_rows = table_rows
-        self.sampler = HFSampler(batch_size, eos_ids, tokenizer.pad_token_id, show_progress=False, synced_gpus=sharded)
+        self.sampler = HFSampler(
+            batch_size, eos_ids, tokenizer.pad_token_id, show_progress=False, synced_gpus=sharded, gather_whole_up_to=gather_whole_up_to
+        )
 
     # --- when ------------------------------------------------------------------------------
 
