@@ -20,6 +20,8 @@ from iq_lightning.device_memory import PhasePeaks
 from iq_lightning.errors import UserError
 from iq_lightning.guides import GuideScorer
 from iq_lightning.objectives import SamplePlan, sampling_prompt_ids
+from iq_lightning.out_of_memory import SAMPLING, SCORING
+from iq_lightning.out_of_memory import phase as oom_phase
 from iq_lightning.rollouts import LengthGroupedBatches, Rollout, TornRolloutsError, collate, read_rollouts, write_rollouts
 from iq_lightning.samplers import Sampler, SamplingParams
 from iq_lightning.samplers.base import Generation
@@ -114,23 +116,27 @@ class OnPolicyDataModule(L.LightningDataModule):
             generations = given_replies(prompts, self.tokenizer, self.sampling.max_new_tokens)
             synced = started
         else:
-            self.sampler.update_weights(policy)  # an engine's first call also starts it
-            synced = time.perf_counter()
-            generations = self._sample(policy, guide, prompts, epoch, rank, world)
+            with oom_phase(SAMPLING):
+                self.sampler.update_weights(policy)  # an engine's first call also starts it
+                synced = time.perf_counter()
+                generations = self._sample(policy, guide, prompts, epoch, rank, world)
         # Stored prompt by prompt, a prompt's samples adjacent (a pair: chosen, then rejected).
         prompts = [p for p in prompts for _ in draws]
         roles = [role for _ in range(len(generations) // k) for role, _ in draws]
         sampled = time.perf_counter()
         peaks.mark("sample")
-        scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring", winner=self.plan.winner_logprobs)
+        with oom_phase(SCORING):
+            scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring", winner=self.plan.winner_logprobs)
         scored = time.perf_counter()
         peaks.mark("score")
         tokens = sum(len(g.response_ids) for g in generations)
+        scored_tokens = tokens + sum(len(p.input_ids) for p in prompts)  # x + y of each rollout, read by both guides
         self.epoch_stats = {
             "time/weight_sync_s": synced - started,
             "time/sample_s": sampled - synced,
             "time/score_s": scored - sampled,
             "throughput/sample_tokens_per_s": tokens / max(sampled - synced, 1e-9),
+            "throughput/score_tokens_per_s": scored_tokens / max(scored - sampled, 1e-9),
             **peaks.figures,
         }
         return [

@@ -16,6 +16,7 @@ from iq_lightning.objective import inverse_q_loss, token_credit
 from iq_lightning.objectives import InverseQ, Objective
 from iq_lightning.rank_models import RankModels
 from iq_lightning.strategies import Replicated, Sharding
+from iq_lightning.throughput import ModelFlops, TrainingThroughput, device_peak_flops, logprob_gap
 
 
 def fused_kernel_devices() -> set[str]:
@@ -65,6 +66,7 @@ class InverseQModule(L.LightningModule):
         models: RankModels | None = None,
         nonfinite_skips: int = 0,
         objective: Objective | None = None,
+        flops: ModelFlops | None = None,
     ):
         super().__init__()
         self.policy = policy
@@ -81,9 +83,12 @@ class InverseQModule(L.LightningModule):
         self.heads: torch.nn.Module | None = None  # the objective's own trainable part (PPO's value head)
         if policy is not None:
             self._attach_heads()
-        self.save_hyperparameters(ignore=["policy", "guide", "models", "objective"])
+        self.save_hyperparameters(ignore=["policy", "guide", "models", "objective", "flops"])
         self._epoch_started = 0.0
         self._train_peaks: PhasePeaks | None = None
+        self.flops = flops  # the policy's sizes for model FLOPs and MFU (throughput.py)
+        self._throughput = TrainingThroughput(flops)
+        self._epoch_first_step = 0
 
     def setup(self, stage: str) -> None:
         if self.guide is None:
@@ -132,13 +137,14 @@ class InverseQModule(L.LightningModule):
                 "response_length": mask.sum(-1).mean(),
                 **step.figures,
             }
-        return {"loss": step.loss, **metrics}
+        return {"loss": step.loss, "policy_logprobs": policy_logprobs, **metrics}
 
     def _on_any_rank(self, flags: torch.Tensor) -> torch.Tensor:
         """`flags` (0/1 per check) summed over the ranks: every rank takes the same verdict."""
         return self.trainer.strategy.reduce(flags.to(self.device, torch.float32), reduce_op="sum") > 0
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._throughput.add(batch)
         targets_finite = torch.isfinite(batch["target_logprobs"]).all()  # padding is 0, not junk
         metrics = self.batch_metrics(batch)
         bad = self._on_any_rank(torch.stack([~targets_finite, ~torch.isfinite(metrics["loss"].detach())]))
@@ -161,12 +167,23 @@ class InverseQModule(L.LightningModule):
             sync_dist=True,
         )
         self.log("train/response_length", metrics["response_length"], on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        if self._measures_sampler_gap(batch):
+            gap, gap_tokens = logprob_gap(batch["sampling_logprobs"], metrics["policy_logprobs"], batch["response_mask"])
+            self.log("train/sampler_logprob_gap", gap, on_step=False, on_epoch=True, batch_size=max(gap_tokens, 1), sync_dist=True)
         # The objective's own figures (StepLoss.figures: DPO's reward accuracy, PPO's losses and
         # clip fractions), epoch means over micro-batch rows.
-        figures = {f"train/{k}": v for k, v in metrics.items() if k not in per_token | {"loss", "response_length"}}
+        figures = {f"train/{k}": v for k, v in metrics.items() if k not in per_token | {"loss", "response_length", "policy_logprobs"}}
         if figures:
             self.log_dict(figures, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         return metrics["loss"]
+
+    def _measures_sampler_gap(self, batch) -> bool:
+        """Before the epoch's first optimizer step the policy holds the weights its samples were
+        drawn with: only then do the sampler's log-probs and the trainer's describe the same
+        model. Not for the data's own replies or an epoch trained on epoch 0's samples again."""
+        plan = self.objective.plan
+        on_policy = not plan.given_pairs and (plan.on_policy or self.current_epoch == 0)
+        return on_policy and "sampling_logprobs" in batch and self.global_step == self._epoch_first_step
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Between backward (gradients unscaled) and clipping and the step: skip the step, or stop,
@@ -204,11 +221,14 @@ class InverseQModule(L.LightningModule):
         self._epoch_started = time.perf_counter()
         self._train_done = None
         self._train_peaks = PhasePeaks()
+        self._throughput = TrainingThroughput(self.flops)
+        self._epoch_first_step = self.global_step
 
     def on_train_epoch_end(self) -> None:
         stats = dict(getattr(self.trainer.datamodule, "epoch_stats", {}) or {})
         stats["train/nonfinite_skipped"] = self.nonfinite.skipped
         stats["time/train_s"] = (self._train_done or time.perf_counter()) - self._epoch_started
+        stats.update(self._throughput.figures(stats["time/train_s"], device_peak_flops(self.device, str(self.trainer.precision))))
         self._train_peaks.mark("train")
         stats.update(self._train_peaks.figures)
         self.log_dict({k: float(v) for k, v in stats.items()}, on_epoch=True, sync_dist=True)

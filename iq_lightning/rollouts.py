@@ -102,7 +102,7 @@ def collate(rollouts: Sequence[Rollout], pad_id: int, per_token: Sequence[dict[s
     time with gradients (1.92 s vs 1.98 s per SmolLM2 step), unlike the no-grad guide passes."""
     batch = pack([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id, share_prefix=False)
     width = batch["response_ids"].shape[1]
-    keys = ["target_logprobs", "ref_logprobs"]
+    keys = ["target_logprobs", "ref_logprobs", "sampling_logprobs"]  # the sampler's, for train/sampler_logprob_gap only
     if rollouts and all(r.has_winner_logprobs for r in rollouts):
         keys.append("winner_logprobs")
     for key in keys:

@@ -27,15 +27,17 @@ from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_pr
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError, UserError
 from iq_lightning.guides import build_guide, with_principle
-from iq_lightning.memory_plan import MemoryPlan, device_capacity, plan_memory, world_size_of
+from iq_lightning.memory_plan import MemoryPlan, architecture_of, device_capacity, plan_memory, world_size_of
 from iq_lightning.models import FINAL_DIR, export_policy, generation_eos, load_tokenizer
 from iq_lightning.module import InverseQModule
 from iq_lightning.objectives import build_objective, resolve_and_check
+from iq_lightning.out_of_memory import StopOnOutOfMemory, budgets_from_plan
 from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
 from iq_lightning.files import write_atomically
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 from iq_lightning.strategies import refuse_host_guides, sharding_for, trainer_kwargs
+from iq_lightning.throughput import ModelFlops
 from iq_lightning.tracking import RunTracking, wandb_init_kwargs
 from iq_lightning.validation import Validation
 
@@ -320,7 +322,7 @@ def held_out_prompts(run: RunConfig, tokenizer: PreTrainedTokenizerBase, trainin
     return [p for p in prompts if p.prompt.id in held], [p for p in training if p.prompt.id not in held]
 
 
-def build_validation(run: RunConfig, tokenizer, held_out: list, eos: list[int], sharded: bool) -> Validation:
+def build_validation(run: RunConfig, tokenizer, held_out: list, eos: list[int], sharded: bool, gather_whole_up_to: int = 0) -> Validation:
     v = run.val
     return Validation(
         run.run_dir,
@@ -336,6 +338,7 @@ def build_validation(run: RunConfig, tokenizer, held_out: list, eos: list[int], 
         seed=run.train.seed,
         sharded=sharded,
         table_rows=v.table_rows,
+        gather_whole_up_to=gather_whole_up_to,
     )
 
 
@@ -344,6 +347,14 @@ def memory_plan(run: RunConfig) -> MemoryPlan:
     world = world_size_of(run.strategy)
     capacity = device_capacity(run.strategy.accelerator, max(1, world // run.strategy.num_nodes), run.strategy.device_memory_gib)
     return plan_memory(run, world, capacity, run.strategy.accelerator)
+
+
+def whole_gather_budget(plan: MemoryPlan, phase: str) -> int:
+    """Bytes a sharded model gathered whole for generate may take during `phase`: the plan's
+    headroom there (0, never, when the device's memory is unknown). See sharded.ready_for_generate."""
+    if plan.capacity_bytes is None:
+        return 0
+    return max(plan.capacity_bytes - plan.phase_bytes(phase), 0)
 
 
 def describe(run: RunConfig) -> str:
@@ -403,7 +414,8 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         held_out = fit_context(held_out, context_limits(run, sampler=False), val_new_tokens, None, winner_length, key, "held-out prompts")
     eos = eos_ids(tokenizer, generation_eos(run.model))
     sampler = build_sampler(
-        run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharding.sharded
+        run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharding.sharded,
+        gather_whole_up_to=whole_gather_budget(plan, "sampling"),
     )
     models = RankModels(run.model, run.guide, run.train.alpha, tokenizer, sharding, show_progress)
 
@@ -418,6 +430,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         models=models,
         nonfinite_skips=t.nonfinite_skips,
         objective=objective,
+        flops=ModelFlops.of(architecture_of(run.model)),
     )
     datamodule = OnPolicyDataModule(
         prompts,
@@ -435,11 +448,13 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)
     callbacks = [RunStarted(run), checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
     if run.val.every_n_epochs:
-        callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded))
+        callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded, whole_gather_budget(plan, "validation")))
     if t.credit_maps_per_epoch:
         callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha))
     if t.save_epoch_policies:
         callbacks.append(EpochPolicyExport(run_dir, tokenizer))
+    # Last: it ends the run (raises) on an out-of-memory error, after the others' on_exception.
+    callbacks.append(StopOnOutOfMemory(budgets_from_plan(plan), plan.capacity_bytes / 2**30 if plan.capacity_bytes else None))
     trainer = L.Trainer(
         **trainer_args,
         precision=t.precision,

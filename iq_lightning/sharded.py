@@ -231,16 +231,72 @@ def _refuse_units_inside(lora_layer: nn.Module, prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def ready_for_generate(model: nn.Module) -> Iterator[nn.Module]:
+def ready_for_generate(model: nn.Module, gather_whole_up_to: int = 0) -> Iterator[nn.Module]:
     """The module to call `generate` on. Under FSDP1 generate would run the wrapped module past
     the wrapper's forward, leaving the root unit's own weights (embeddings, final norm, LM head)
     sharded: they are gathered for the call, and the wrapped module is returned (settings such
     as its generation_config live there). Inner units still gather in their own forward. FSDP2
-    and ZeRO-3 gather through module hooks, and plain models need nothing."""
+    gathers through module hooks, and plain models need nothing.
+
+    ZeRO-3 gathers each module's partitions in a hook around its forward, so generate would
+    all-gather the whole model once per generated token. When the whole model takes at most
+    `gather_whole_up_to` bytes (the memory plan's headroom; 0: never), it is gathered once
+    around the call instead, with DeepSpeed's module hooks removed meanwhile and registered
+    again afterwards, as TRL's unwrap_model_for_generation does. Otherwise the hooks gather."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if isinstance(model, FullyShardedDataParallel):
         with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
             yield model.module
+        return
+    offload = _zero3_offload(model) if gather_whole_up_to > 0 and _kind(model) == "deepspeed" else None
+    if offload is not None and whole_bytes(model) <= gather_whole_up_to:
+        with _zero3_whole(model, offload):
+            yield model
     else:
         yield model
+
+
+def whole_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s parameters whole (ZeRO-3 partitions counted at their full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+
+
+def _zero3_offload(model: nn.Module):
+    """The DeepSpeedZeRoOffload whose hooks gather `model`'s partitions: the training engine's
+    (its ZeRO-3 optimizer's parameter_offload) or a frozen guide's inference engine's. The
+    engines are not reachable from the module, but every hook closes over its offload object.
+    None when no hook does (a DeepSpeed release that registers them otherwise)."""
+    import inspect
+
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    for hook in model._forward_pre_hooks.values():
+        for cell in inspect.unwrap(hook).__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(value, DeepSpeedZeRoOffload):
+                return value
+    return None
+
+
+@contextlib.contextmanager
+def _zero3_whole(model: nn.Module, offload) -> Iterator[None]:
+    """`model`'s parameters gathered once, the engine's module hooks off meanwhile (TRL's
+    remove_hooks / add_hooks): with them on, each module's post-forward hook would release what
+    was gathered and the next forward gather it again."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        for param in offload.module.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            # Registers every module's hooks again (and invalidates the coordinator's trace).
+            offload._register_deepspeed_module(offload.module)

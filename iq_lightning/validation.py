@@ -46,6 +46,8 @@ from iq_lightning.guides import GuideScorer, PrincipleGuide
 from iq_lightning.logprobs import token_logprobs
 from iq_lightning.models import AdapterDisabled
 from iq_lightning.objective import estimated_optimal_logprobs
+from iq_lightning.out_of_memory import VALIDATION
+from iq_lightning.out_of_memory import phase as oom_phase
 from iq_lightning.principle_check import PrincipleCheck
 from iq_lightning.samplers.base import SamplingParams
 from iq_lightning.samplers.hf import HFSampler
@@ -122,6 +124,7 @@ class Validation(Callback):
         seed: int,
         sharded: bool,
         table_rows: int = 16,
+        gather_whole_up_to: int = 0,
     ):
         self.out = Path(run_dir) / VALIDATION_DIR
         self.prompts = list(prompts)
@@ -133,7 +136,9 @@ class Validation(Callback):
         self.batch_size = batch_size
         self.sharded = sharded
         self.table_rows = table_rows
-        self.sampler = HFSampler(batch_size, eos_ids, tokenizer.pad_token_id, show_progress=False, synced_gpus=sharded)
+        self.sampler = HFSampler(
+            batch_size, eos_ids, tokenizer.pad_token_id, show_progress=False, synced_gpus=sharded, gather_whole_up_to=gather_whole_up_to
+        )
 
     # --- when ------------------------------------------------------------------------------
 
@@ -201,6 +206,7 @@ class Validation(Callback):
                 )
         return rows
 
+    @oom_phase(VALIDATION)
     def validate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         started = time.perf_counter()
         rank, world = trainer.global_rank, trainer.world_size

@@ -20,13 +20,15 @@ def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_eos) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _hf(spec: SamplerSpec, tokenizer, eos, show_progress, synced_gpus: bool = False, **_) -> Sampler:
+def _hf(spec: SamplerSpec, tokenizer, eos, show_progress, synced_gpus: bool = False, gather_whole_up_to: int = 0, **_) -> Sampler:
     from iq_lightning.samplers.hf import HFSampler
 
-    return HFSampler(spec.batch_size, eos, tokenizer.pad_token_id, show_progress=show_progress, synced_gpus=synced_gpus)
+    return HFSampler(
+        spec.batch_size, eos, tokenizer.pad_token_id, show_progress=show_progress, synced_gpus=synced_gpus, gather_whole_up_to=gather_whole_up_to
+    )
 
 
-def _vllm(spec: SamplerSpec, tokenizer, eos, show_progress, synced_gpus: bool = False, **kwargs) -> Sampler:
+def _vllm(spec: SamplerSpec, tokenizer, eos, show_progress, synced_gpus: bool = False, gather_whole_up_to: int = 0, **kwargs) -> Sampler:
     from iq_lightning.samplers.vllm import VLLMSampler
 
     return VLLMSampler.from_spec(spec, tokenizer=tokenizer, eos_token_ids=eos, show_progress=show_progress, **kwargs)

@@ -26,6 +26,7 @@ class HFSampler(Sampler):
         pad_token_id: int,
         show_progress: bool = True,
         synced_gpus: bool = False,
+        gather_whole_up_to: int = 0,
     ):
         self.batch_size = batch_size
         self.eos_token_ids = list(eos_token_ids)
@@ -34,6 +35,9 @@ class HFSampler(Sampler):
         # ZeRO-3 / FSDP: every rank must run the same number of forward passes (its shards are
         # gathered collectively), so ranks keep stepping until all have finished.
         self.synced_gpus = synced_gpus
+        # ZeRO-3: gather the whole policy once per generate call, not once per token, when it
+        # takes at most this many bytes (the memory plan's headroom; sharded.ready_for_generate).
+        self.gather_whole_up_to = gather_whole_up_to
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
         # Greedy as far as generate knows: TokenDraw puts all the mass on the token it drew.
@@ -50,7 +54,7 @@ class HFSampler(Sampler):
     # tensor that training (or a LoRA policy's adapter-disabled guide pass) then cannot use.
     @torch.no_grad()
     def generate(self, policy: PreTrainedModel, prompts, params: SamplingParams, desc: str = "sampling") -> list[Generation]:
-        with ready_for_generate(policy) as model:
+        with ready_for_generate(policy, self.gather_whole_up_to) as model:
             return self._generate(model, prompts, params, desc)
 
     def _generate(self, policy: PreTrainedModel, prompts, params: SamplingParams, desc: str) -> list[Generation]:
