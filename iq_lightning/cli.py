@@ -316,7 +316,7 @@ class ExternalLaunch(NamedTuple):
 
     name: str
     job_id: str | None  # the launcher's id for the whole job, the same in every process
-    process: str = "rank0"  # this process's place in the job: rank<N>, or node<N> (its first process)
+    log_name: str | None = None  # train_rank<N>, train_node<N>: a process other than the job's first; None: the first, or one Lightning names
 
 
 def external_launch(environ: Mapping[str, str]) -> ExternalLaunch | None:
@@ -324,22 +324,29 @@ def external_launch(environ: Mapping[str, str]) -> ExternalLaunch | None:
     children carry LOCAL_RANK, and the parent's run directory on their command line)."""
     if "TORCHELASTIC_RUN_ID" in environ:
         run_id = environ["TORCHELASTIC_RUN_ID"]
-        return ExternalLaunch("torchrun", None if run_id in ("", "none") else run_id, f"rank{environ.get('RANK', '0')}")
+        return ExternalLaunch("torchrun", None if run_id in ("", "none") else run_id, _log_name("rank", environ.get("RANK", "0")))
     if environ.get("SLURM_JOB_ID") and environ.get("SLURM_NTASKS", "1").isdigit() and int(environ["SLURM_NTASKS"]) > 1:
-        return ExternalLaunch("srun", environ["SLURM_JOB_ID"], f"rank{environ.get('SLURM_PROCID', '0')}")
+        return ExternalLaunch("srun", environ["SLURM_JOB_ID"], _log_name("rank", environ.get("SLURM_PROCID", "0")))
     named = [k for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE") if k in environ]
     if not named:
         return None
-    node = environ.get("NODE_RANK", "0")
-    return ExternalLaunch(f"a launch per process or node ({'/'.join(named)} set)", None, "rank0" if node == "0" else f"node{node}")
+    # Node 0's first process is rank 0, and Lightning names the processes it starts beside it
+    # (train_ddp_process_<local rank>); it would give the other nodes' processes the same names.
+    node, local = environ.get("NODE_RANK", "0"), environ.get("LOCAL_RANK", "0")
+    process = _log_name("node", node + (f"_{local}" if local != "0" else "")) if node != "0" else None
+    return ExternalLaunch(f"a launch per process or node ({'/'.join(named)} set)", None, process)
+
+
+def _log_name(kind: str, place: str) -> str | None:
+    return None if place == "0" else f"train_{kind}{place}"
 
 
 def own_log_overrides(launch: ExternalLaunch | None) -> list[str]:
     """Hydra overrides that give a process other than rank 0 its own log file and keep it from
     rewriting the run's .hydra/ (as Lightning does for the processes it starts itself)."""
-    if launch is None or launch.process in ("rank0", "node0"):
+    if launch is None or launch.log_name is None:
         return []
-    return [f"hydra.job.name=train_{launch.process}", "hydra.output_subdir=null"]
+    return [f"hydra.job.name={launch.log_name}", "hydra.output_subdir=null"]
 
 
 def check_shared_run_dir(config_dir: str | Path, config_name: str, launch: ExternalLaunch | None, argv: Sequence[str] | None = None) -> None:

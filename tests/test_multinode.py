@@ -99,17 +99,20 @@ def test_a_resume_with_one_ranks_rollouts_missing_samples_again_on_every_rank(ze
     [
         ({}, None),
         ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # one task: Lightning starts the others itself
-        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, ExternalLaunch("srun", "7", "rank3")),
-        ({"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "0", "RANK": "1", "WORLD_SIZE": "2"}, ExternalLaunch("torchrun", "abc", "rank1")),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, ExternalLaunch("srun", "7", "train_rank3")),
+        ({"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "0", "RANK": "1", "WORLD_SIZE": "2"}, ExternalLaunch("torchrun", "abc", "train_rank1")),
         ({"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"}, ExternalLaunch("torchrun", None)),
-        ({"NODE_RANK": "1", "WORLD_SIZE": "2"}, ExternalLaunch("a launch per process or node (NODE_RANK/WORLD_SIZE set)", None, "node1")),
+        ({"NODE_RANK": "1", "WORLD_SIZE": "2"}, ExternalLaunch("a launch per process or node (NODE_RANK/WORLD_SIZE set)", None, "train_node1")),
+        # What Lightning gives the processes it starts beside the first on a node.
+        ({"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "4"}, ExternalLaunch("a launch per process or node (LOCAL_RANK/NODE_RANK/WORLD_SIZE set)", None)),
+        ({"LOCAL_RANK": "1", "NODE_RANK": "1", "WORLD_SIZE": "4"}, ExternalLaunch("a launch per process or node (LOCAL_RANK/NODE_RANK/WORLD_SIZE set)", None, "train_node1_1")),
     ],
 )
 def test_external_launchers_are_told_from_the_environment(environ, want):
     assert external_launch(environ) == want
     # Only the job's first process writes train.log and .hydra/; the others log beside it.
     overrides = own_log_overrides(want)
-    assert overrides == ([] if want is None or want.process == "rank0" else [f"hydra.job.name=train_{want.process}", "hydra.output_subdir=null"])
+    assert overrides == ([] if want is None or want.log_name is None else [f"hydra.job.name={want.log_name}", "hydra.output_subdir=null"])
 
 
 @pytest.mark.parametrize(
