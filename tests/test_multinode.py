@@ -8,7 +8,9 @@
 - 2 "nodes" x 1 process on loopback, started as Lightning's manual multi-node launch and as
   torchrun's c10d rendezvous, under DDP and ZeRO-3: killed in epoch 1, resumed, exported, and the
   same run bit for bit as one node with 2 processes.
-- An alpha sweep through Hydra's submitit launcher writes one SLURM array job, offline.
+- scripts/slurm/train.sbatch under a stand-in srun (2 tasks, Lightning's SLURM environment)
+  trains in the job id's directory; an alpha sweep through Hydra's submitit launcher writes one
+  SLURM array job, offline.
 
 Every start runs under a timeout that kills its whole process group: a hang is a failure, not a
 stuck suite.
@@ -281,3 +283,52 @@ def test_an_alpha_sweep_submits_one_slurm_job_per_run_with_the_strategys_nodes_a
     assert sbatch["#SBATCH --time"] == "600"
     assert sbatch["#SBATCH --partition"] == "gpu"
     assert "srun" in script
+
+
+# Stands in for srun on one machine: SLURM_NTASKS tasks of the command, task i as "node" i, with the
+# variables srun gives each task (Lightning's SLURM environment reads its ranks from them).
+FAKE_SRUN = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_NODEID=$i "$@" > "task$i.log" 2>&1 &
+  pids+=($!)
+done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+exit $rc
+"""
+
+
+def test_the_sbatch_script_runs_one_task_per_device_in_the_job_ids_directory(ddp_run, tmp_path):
+    """scripts/slurm/train.sbatch as SLURM would run it on 2 nodes x 1 task, with a stand-in srun:
+    the run directory is the job's (outputs/slurm-<id>), the same in both tasks, and the run is
+    the one-node run's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')  # this environment's
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    for name in ("train.py", "conf"):  # sbatch runs from the repository root
+        (tmp_path / name).symlink_to(REPO / name)
+    job_id = "4242"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith(("TORCHELASTIC_", "SLURM_"))}
+    env.update(
+        PATH=f"{bin_dir}:{os.environ['PATH']}", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        SLURM_JOB_ID=job_id, SLURM_JOB_NAME="iq-train", SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="1", SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(_free_port()),
+    )
+    cmd = ["bash", str(REPO / "scripts" / "slurm" / "train.sbatch"), *COMMON, "strategy=ddp", "epochs=2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the sbatch script hung: " + "".join((tmp_path / f"task{i}.log").read_text()[-2000:] for i in (0, 1)))
+    logs = [(tmp_path / f"task{i}.log").read_text() for i in (0, 1)]
+    assert proc.returncode == 0, [log[-3000:] for log in logs]
+    run_dir = tmp_path / "outputs" / f"slurm-{job_id}"
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [f"slurm-{job_id}"]
+    assert (run_dir / "train.log").exists() and (run_dir / "train_rank1.log").exists()
+    _assert_same_run(run_dir, ddp_run, ZERO3_ROLLOUTS)
