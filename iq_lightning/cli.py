@@ -325,7 +325,10 @@ def external_launch(environ: Mapping[str, str]) -> ExternalLaunch | None:
     if "TORCHELASTIC_RUN_ID" in environ:
         run_id = environ["TORCHELASTIC_RUN_ID"]
         return ExternalLaunch("torchrun", None if run_id in ("", "none") else run_id, _log_name("rank", environ.get("RANK", "0")))
-    if environ.get("SLURM_JOB_ID") and environ.get("SLURM_NTASKS", "1").isdigit() and int(environ["SLURM_NTASKS"]) > 1:
+    # Tasks started by srun (an interactive allocation, named bash or interactive, is Lightning's
+    # to launch in, as it decides in SLURMEnvironment.detect).
+    tasks = environ.get("SLURM_NTASKS", "1")
+    if environ.get("SLURM_JOB_ID") and tasks.isdigit() and int(tasks) > 1 and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
         return ExternalLaunch("srun", environ["SLURM_JOB_ID"], _log_name("rank", environ.get("SLURM_PROCID", "0")))
     named = [k for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE") if k in environ]
     if not named:

@@ -101,6 +101,7 @@ def test_a_resume_with_one_ranks_rollouts_missing_samples_again_on_every_rank(ze
     [
         ({}, None),
         ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # one task: Lightning starts the others itself
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_JOB_NAME": "interactive"}, None),  # salloc, then python train.py
         ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, ExternalLaunch("srun", "7", "train_rank3")),
         ({"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "0", "RANK": "1", "WORLD_SIZE": "2"}, ExternalLaunch("torchrun", "abc", "train_rank1")),
         ({"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"}, ExternalLaunch("torchrun", None)),
