@@ -311,11 +311,14 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], co
             raise CommandLineError(f"{shown} is read only with data=local, and the prompts come from data={source}: add data=local")
 
 
+_ANY_SHARED_DIR = "/shared/outputs/my-run"
+
+
 class ExternalLaunch(NamedTuple):
     """A launcher that started this process beside others: each process composes its own config."""
 
     name: str
-    job_id: str | None  # the launcher's id for the whole job, the same in every process
+    run_dir: str  # a run directory to suggest: from the launcher's job id, the same in every process, where there is one
     log_name: str | None = None  # train_rank<N>, train_node<N>: a process other than the job's first; None: the first, or one Lightning names
 
 
@@ -324,12 +327,13 @@ def external_launch(environ: Mapping[str, str]) -> ExternalLaunch | None:
     children carry LOCAL_RANK, and the parent's run directory on their command line)."""
     if "TORCHELASTIC_RUN_ID" in environ:
         run_id = environ["TORCHELASTIC_RUN_ID"]
-        return ExternalLaunch("torchrun", None if run_id in ("", "none") else run_id, _log_name("rank", environ.get("RANK", "0")))
+        run_dir = _ANY_SHARED_DIR if run_id in ("", "none") else f"outputs/torchrun-{run_id}"
+        return ExternalLaunch("torchrun", run_dir, _log_name("rank", environ.get("RANK", "0")))
     # Tasks started by srun (an interactive allocation, named bash or interactive, is Lightning's
     # to launch in, as it decides in SLURMEnvironment.detect).
     tasks = environ.get("SLURM_NTASKS", "1")
     if environ.get("SLURM_JOB_ID") and tasks.isdigit() and int(tasks) > 1 and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        return ExternalLaunch("srun", environ["SLURM_JOB_ID"], _log_name("rank", environ.get("SLURM_PROCID", "0")))
+        return ExternalLaunch("srun", f"outputs/slurm-{environ['SLURM_JOB_ID']}", _log_name("rank", environ.get("SLURM_PROCID", "0")))
     named = [k for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE") if k in environ]
     if not named:
         return None
@@ -337,7 +341,7 @@ def external_launch(environ: Mapping[str, str]) -> ExternalLaunch | None:
     # (train_ddp_process_<local rank>); it would give the other nodes' processes the same names.
     node, local = environ.get("NODE_RANK", "0"), environ.get("LOCAL_RANK", "0")
     process = _log_name("node", node + (f"_{local}" if local != "0" else "")) if node != "0" else None
-    return ExternalLaunch(f"a launch per process or node ({'/'.join(named)} set)", None, process)
+    return ExternalLaunch(f"a launch per process or node ({'/'.join(named)} set)", _ANY_SHARED_DIR, process)
 
 
 def _log_name(kind: str, place: str) -> str | None:
@@ -371,17 +375,23 @@ def shared_run_dir_error(config_dir: Path, config_name: str, launch: ExternalLau
     from iq_lightning.help import compose_config
 
     parsed = _parse_flags(config_name, args)
-    if parsed.multirun or parsed.help or parsed.cfg or parsed.info or any(getattr(parsed, f, None) for f in _UNCHECKED_FLAGS):
-        return None  # a sweep's launcher names its jobs' directories once, before they start
-    cfg = compose_config(config_dir, config_name, parsed.overrides)
-    num_nodes = int(cfg.strategy.num_nodes) if "strategy" in cfg else 1
-    if (launch is None and num_nodes <= 1) or cfg.get("dry_run"):
+    if parsed.help or parsed.cfg or parsed.info or any(getattr(parsed, f, None) for f in _UNCHECKED_FLAGS):
         return None
-    if "${now:" not in str(cfg.hydra.run._get_node("dir")._value()):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    # A sweep's swept values do not name its directory (and do not compose as they are).
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(parsed.overrides) if not o.is_sweep_override()]
+    cfg = compose_config(config_dir, config_name, fixed)
+    num_nodes = int(cfg.strategy.num_nodes) if "strategy" in cfg else 1
+    # A sweep submitted from a login node (hydra/launcher=slurm) names its directory there, once.
+    if (launch is None and (num_nodes <= 1 or parsed.multirun)) or cfg.get("dry_run"):
+        return None
+    key = "sweep" if parsed.multirun else "run"
+    if "${now:" not in str(cfg.hydra[key]._get_node("dir")._value()):
         return None
     who = launch.name if launch is not None else f"strategy.num_nodes={num_nodes}"
-    example = f"outputs/{launch.name}-{launch.job_id}" if launch is not None and launch.job_id else "/shared/outputs/my-run"
+    example = launch.run_dir if launch is not None else _ANY_SHARED_DIR
     return (
-        f"{who}: every process would name its own run directory from the clock; give them one on a filesystem "
-        f"all nodes share: hydra.run.dir={example}"
+        f"{who}: every process would name its own {key} directory from the clock; give them one on a filesystem "
+        f"all nodes share: hydra.{key}.dir={example}"
     )

@@ -102,13 +102,13 @@ def test_a_resume_with_one_ranks_rollouts_missing_samples_again_on_every_rank(ze
         ({}, None),
         ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # one task: Lightning starts the others itself
         ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_JOB_NAME": "interactive"}, None),  # salloc, then python train.py
-        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, ExternalLaunch("srun", "7", "train_rank3")),
-        ({"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "0", "RANK": "1", "WORLD_SIZE": "2"}, ExternalLaunch("torchrun", "abc", "train_rank1")),
-        ({"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"}, ExternalLaunch("torchrun", None)),
-        ({"NODE_RANK": "1", "WORLD_SIZE": "2"}, ExternalLaunch("a launch per process or node (NODE_RANK/WORLD_SIZE set)", None, "train_node1")),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, ExternalLaunch("srun", "outputs/slurm-7", "train_rank3")),
+        ({"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "0", "RANK": "1", "WORLD_SIZE": "2"}, ExternalLaunch("torchrun", "outputs/torchrun-abc", "train_rank1")),
+        ({"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"}, ExternalLaunch("torchrun", "/shared/outputs/my-run")),
+        ({"NODE_RANK": "1", "WORLD_SIZE": "2"}, ExternalLaunch("a launch per process or node (NODE_RANK/WORLD_SIZE set)", "/shared/outputs/my-run", "train_node1")),
         # What Lightning gives the processes it starts beside the first on a node.
-        ({"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "4"}, ExternalLaunch("a launch per process or node (LOCAL_RANK/NODE_RANK/WORLD_SIZE set)", None)),
-        ({"LOCAL_RANK": "1", "NODE_RANK": "1", "WORLD_SIZE": "4"}, ExternalLaunch("a launch per process or node (LOCAL_RANK/NODE_RANK/WORLD_SIZE set)", None, "train_node1_1")),
+        ({"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "4"}, ExternalLaunch("a launch per process or node (LOCAL_RANK/NODE_RANK/WORLD_SIZE set)", "/shared/outputs/my-run")),
+        ({"LOCAL_RANK": "1", "NODE_RANK": "1", "WORLD_SIZE": "4"}, ExternalLaunch("a launch per process or node (LOCAL_RANK/NODE_RANK/WORLD_SIZE set)", "/shared/outputs/my-run", "train_node1_1")),
     ],
 )
 def test_external_launchers_are_told_from_the_environment(environ, want):
@@ -118,6 +118,9 @@ def test_external_launchers_are_told_from_the_environment(environ, want):
     assert overrides == ([] if want is None or want.log_name is None else [f"hydra.job.name={want.log_name}", "hydra.output_subdir=null"])
 
 
+SRUN = ExternalLaunch("srun", "outputs/slurm-7", "train_rank3")
+
+
 @pytest.mark.parametrize(
     ("launch", "args", "refused"),
     [
@@ -125,16 +128,22 @@ def test_external_launchers_are_told_from_the_environment(environ, want):
         (None, ["strategy=ddp", "strategy.num_nodes=2"], True),
         (None, ["strategy=ddp", "strategy.num_nodes=2", "dry_run=true"], False),  # loads and writes nothing
         (None, ["strategy=ddp", "strategy.num_nodes=2", "hydra.run.dir=/shared/run"], False),
-        (ExternalLaunch("srun", "7"), [], True),
-        (ExternalLaunch("srun", "7"), ["hydra.run.dir=outputs/srun-7"], False),
-        (ExternalLaunch("srun", "7"), ["-m", "alpha=1.0,1.2"], False),  # the sweep's launcher names the directories
+        (None, ["-m", "alpha=1.0,1.2", "strategy=ddp", "strategy.num_nodes=2"], False),  # submitted from a login node
+        (SRUN, [], True),
+        (SRUN, ["hydra.run.dir=outputs/slurm-7"], False),
+        (SRUN, ["-m", "alpha=1.0,1.2"], True),  # a sweep run by every task: each would name its own
+        (SRUN, ["-m", "alpha=1.0,1.2", "hydra.sweep.dir=/shared/sweep"], False),
     ],
 )
 def test_a_clock_named_run_directory_is_refused_when_processes_start_apart(launch, args, refused):
     message = shared_run_dir_error(REPO / "conf", "train", launch, args)
     assert (message is not None) == refused, message
     if launch is not None and refused:
-        assert message.endswith("hydra.run.dir=outputs/srun-7")
+        key = "sweep" if "-m" in args else "run"
+        assert message == (
+            f"srun: every process would name its own {key} directory from the clock; give them one on a filesystem all nodes share: "
+            f"hydra.{key}.dir=outputs/slurm-7"
+        )
 
 
 def test_a_launch_per_node_without_a_run_directory_is_one_line_and_writes_nothing(tmp_path):
