@@ -10,13 +10,23 @@ Examples:
 """
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from iq_lightning.cli import check_command_line, check_output_dir, configure_environment, single_log_stream, user_errors_as_one_line
+from iq_lightning.cli import (
+    check_command_line,
+    check_output_dir,
+    check_shared_run_dir,
+    configure_environment,
+    external_launch,
+    own_log_overrides,
+    single_log_stream,
+    user_errors_as_one_line,
+)
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -40,4 +50,7 @@ if __name__ == "__main__":
     configure_environment()
     check_command_line(CONF, "train", __doc__)  # --help, and every mistake as one error: line
     check_output_dir(CONF, "train")  # a directory Hydra cannot create: one error: line
+    launch = external_launch(os.environ)
+    check_shared_run_dir(CONF, "train", launch)  # one run directory for every process
+    sys.argv += own_log_overrides(launch)
     main()

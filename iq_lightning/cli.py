@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from iq_lightning.errors import UserError, first_line
 
@@ -256,11 +256,14 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], co
     others = _other_scripts(config_dir, config_name)
     conf_groups = sorted(p.name for p in config_dir.iterdir() if p.is_dir() and p.name != "hydra")
 
-    group_overrides, key_overrides = [], []
+    group_overrides, key_overrides, hydra_groups = [], [], []
     for o in parsed:
         key = o.key_or_group
         if key.startswith("hydra/"):
-            continue  # Hydra's own groups (launcher, sweeper, ...)
+            # Hydra's own groups (launcher, sweeper, ...): Hydra checks the option; its keys
+            # (hydra.launcher.timeout_min) exist only once it is composed in.
+            hydra_groups += [] if o.is_sweep_override() else [o.input_line]
+            continue
         if key in conf_groups or (key in others and "." not in key):
             if key not in groups:
                 users = others.get(key)
@@ -276,7 +279,7 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], co
             key_overrides.append(o)
 
     # Compose once per combination of swept group options: keys depend on the options chosen.
-    fixed = [o.input_line for o in group_overrides if not o.is_sweep_override()]
+    fixed = hydra_groups + [o.input_line for o in group_overrides if not o.is_sweep_override()]
     swept = [[f"{o.key_or_group}={v}" for v in _options(o)] for o in group_overrides if o.is_sweep_override()]
     configs = []
     for combination in itertools.product(*swept) if swept else [()]:
@@ -339,3 +342,89 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], co
         if source != "local" and (given or data.get("path") is not None):
             shown = path.input_line if given else f"data.path={data.get('path')}"
             raise CommandLineError(f"{shown} is read only with data=local, and the prompts come from data={source}: add data=local")
+
+
+_ANY_SHARED_DIR = "/shared/outputs/my-run"
+
+
+class ExternalLaunch(NamedTuple):
+    """A launcher that started this process beside others: each process composes its own config."""
+
+    name: str
+    run_dir: str  # a run directory to suggest: from the launcher's job id, the same in every process, where there is one
+    log_name: str | None = None  # train_rank<N>, train_node<N>: a process other than the job's first; None: the first, or one Lightning names
+
+
+def external_launch(environ: Mapping[str, str]) -> ExternalLaunch | None:
+    """The launcher named by the process environment, or None for a plain start (Lightning's own
+    children carry LOCAL_RANK, and the parent's run directory on their command line)."""
+    if "TORCHELASTIC_RUN_ID" in environ:
+        run_id = environ["TORCHELASTIC_RUN_ID"]
+        run_dir = _ANY_SHARED_DIR if run_id in ("", "none") else f"outputs/torchrun-{run_id}"
+        return ExternalLaunch("torchrun", run_dir, _log_name("rank", environ.get("RANK", "0")))
+    # Tasks started by srun (an interactive allocation, named bash or interactive, is Lightning's
+    # to launch in, as it decides in SLURMEnvironment.detect).
+    tasks = environ.get("SLURM_NTASKS", "1")
+    if environ.get("SLURM_JOB_ID") and tasks.isdigit() and int(tasks) > 1 and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return ExternalLaunch("srun", f"outputs/slurm-{environ['SLURM_JOB_ID']}", _log_name("rank", environ.get("SLURM_PROCID", "0")))
+    named = [k for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE") if k in environ]
+    if not named:
+        return None
+    # Node 0's first process is rank 0, and Lightning names the processes it starts beside it
+    # (train_ddp_process_<local rank>); it would give the other nodes' processes the same names.
+    node, local = environ.get("NODE_RANK", "0"), environ.get("LOCAL_RANK", "0")
+    process = _log_name("node", node + (f"_{local}" if local != "0" else "")) if node != "0" else None
+    return ExternalLaunch(f"a launch per process or node ({'/'.join(named)} set)", _ANY_SHARED_DIR, process)
+
+
+def _log_name(kind: str, place: str) -> str | None:
+    return None if place == "0" else f"train_{kind}{place}"
+
+
+def own_log_overrides(launch: ExternalLaunch | None) -> list[str]:
+    """Hydra overrides that give a process other than rank 0 its own log file and keep it from
+    rewriting the run's .hydra/ (as Lightning does for the processes it starts itself)."""
+    if launch is None or launch.log_name is None:
+        return []
+    return [f"hydra.job.name={launch.log_name}", "hydra.output_subdir=null"]
+
+
+def check_shared_run_dir(config_dir: str | Path, config_name: str, launch: ExternalLaunch | None, argv: Sequence[str] | None = None) -> None:
+    """Refuse (one `error:` line, exit 2) a run of several nodes or externally launched processes
+    whose run directory is named by the clock (`${now:...}`): every process would evaluate it
+    itself and write its own, so resume, rollout reuse and export would disagree."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        message = shared_run_dir_error(Path(config_dir), config_name, launch, args)
+    except Exception:  # noqa: BLE001 - check_command_line has its own words for a command line that does not compose
+        return
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def shared_run_dir_error(config_dir: Path, config_name: str, launch: ExternalLaunch | None, args: list[str]) -> str | None:
+    """The refusal check_shared_run_dir prints, or None when every process names the same directory."""
+    from iq_lightning.help import compose_config
+
+    parsed = _parse_flags(config_name, args)
+    if parsed.help or parsed.cfg or parsed.info or any(getattr(parsed, f, None) for f in _UNCHECKED_FLAGS):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    # A sweep's swept values do not name its directory (and do not compose as they are).
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(parsed.overrides) if not o.is_sweep_override()]
+    cfg = compose_config(config_dir, config_name, fixed)
+    num_nodes = int(cfg.strategy.num_nodes) if "strategy" in cfg else 1
+    # A sweep submitted from a login node (hydra/launcher=slurm) names its directory there, once.
+    if (launch is None and (num_nodes <= 1 or parsed.multirun)) or cfg.get("dry_run"):
+        return None
+    key = "sweep" if parsed.multirun else "run"
+    if "${now:" not in str(cfg.hydra[key]._get_node("dir")._value()):
+        return None
+    who = launch.name if launch is not None else f"strategy.num_nodes={num_nodes}"
+    example = launch.run_dir if launch is not None else _ANY_SHARED_DIR
+    return (
+        f"{who}: every process would name its own {key} directory from the clock; give them one on a filesystem "
+        f"all nodes share: hydra.{key}.dir={example}"
+    )

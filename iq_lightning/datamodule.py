@@ -195,17 +195,16 @@ class OnPolicyDataModule(L.LightningDataModule):
             # empty, or fit stops: one placeholder batch, and no sampling with the wrong weights.
             return DataLoader([None], batch_size=1, collate_fn=list)
         path = self.rollout_path(epoch)
-        rollouts = None
-        if path.exists():
-            # A resumed run restarts this epoch from the checkpoint these samples were drawn with,
-            # so they are still on-policy; reuse them rather than sample again.
-            try:
-                rollouts = read_rollouts(path)
-            except TornRolloutsError as exc:
-                log.warning("epoch %d: %s; sampling the epoch again", epoch, exc)
-            else:
-                self.epoch_stats = {"time/sample_s": 0.0, "time/score_s": 0.0}
-                log.info("epoch %d: reusing %d rollouts from %s", epoch, len(rollouts), path)
+        rollouts = self._stored(epoch, path)
+        # Reuse is decided over all ranks: a kill between two ranks' writes leaves some files
+        # missing, and a rank that skipped `collect` would leave the others in its collectives.
+        if not self.trainer.strategy.reduce_boolean_decision(rollouts is not None, all=True):
+            if rollouts is not None:
+                log.info("epoch %d: another rank has no stored rollouts; every rank samples the epoch again", epoch)
+            rollouts = None
+        elif rollouts is not None:
+            self.epoch_stats = {"time/sample_s": 0.0, "time/score_s": 0.0}
+            log.info("epoch %d: reusing %d rollouts from %s", epoch, len(rollouts), path)
         if rollouts is None and not self.plan.on_policy and epoch > 0:
             rollouts = self._first_epoch_samples(epoch)
             write_rollouts(path, rollouts)
@@ -224,6 +223,18 @@ class OnPolicyDataModule(L.LightningDataModule):
         return DataLoader(
             list(zip(rollouts, per_token)), batch_sampler=batches, collate_fn=partial(_collate_prepared, pad_id=self.tokenizer.pad_token_id)
         )
+
+    def _stored(self, epoch: int, path: Path) -> list[Rollout] | None:
+        """This rank's stored rollouts of `epoch`, or None when missing or torn. A resumed run
+        restarts the epoch from the checkpoint these samples were drawn with, so they are still
+        on-policy."""
+        if not path.exists():
+            return None
+        try:
+            return read_rollouts(path)
+        except TornRolloutsError as exc:
+            log.warning("epoch %d: %s; sampling the epoch again", epoch, exc)
+            return None
 
     def _prepare(self, rollouts: list[Rollout]):
         """The objective's per-token values for this epoch's steps (PPO: old log-probs, values,
