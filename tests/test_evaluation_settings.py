@@ -185,3 +185,13 @@ def test_records_of_older_runs_are_read_and_a_damaged_one_is_one_line(tmp_path):
     (legacy / "run_fingerprint.json").write_text('{"settings": ')
     with pytest.raises(ConfigError, match=r"run_fingerprint.json does not parse"):
         read_trained(legacy)
+
+
+def test_which_settings_a_command_line_chooses():
+    from iq_lightning.evaluation.spec import explicit_keys, is_explicit
+
+    keys = explicit_keys(["+contestants.iq.run_dir=/r", "guide.principle='x'", "data=local", "principle_check.kind=regex", "data.limit=4"])
+    assert keys == ("contestants.iq.run_dir", "data", "data.limit", "guide.principle", "principle_check.kind")
+    assert is_explicit("guide.principle", keys) and not is_explicit("guide.placement", keys)
+    assert is_explicit("data.source", keys) and is_explicit("principle_check", keys)  # a group, a key inside a setting
+    assert not is_explicit("data.split", ("data.limit",)) and not is_explicit("alpha", keys)
