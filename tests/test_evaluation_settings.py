@@ -195,3 +195,19 @@ def test_which_settings_a_command_line_chooses():
     assert is_explicit("guide.principle", keys) and not is_explicit("guide.placement", keys)
     assert is_explicit("data.source", keys) and is_explicit("principle_check", keys)  # a group, a key inside a setting
     assert not is_explicit("data.split", ("data.limit",)) and not is_explicit("alpha", keys)
+
+
+def test_evaluating_on_the_prompts_a_run_trained_on_is_said(tmp_path, prompts):
+    """A local file without a split column gives every row to both splits: the evaluation then
+    measures training prompts, which summary.md must say."""
+    from iq_lightning.evaluation.settings import settings_from_runs
+
+    unsplit = tmp_path / "unsplit.jsonl"
+    unsplit.write_text("".join(json.dumps({"id": f"u{i}", "prompt": f"Question {i}?"}) + "\n" for i in range(40)))
+    run = make_run(tmp_path / "run", "data=local", f"data.path={unsplit}", final=False)
+    spec = _spec(f"+contestants.iq.run_dir={run}", tmp_path=tmp_path)
+    table = "\n".join(settings_from_runs(spec, list(spec.contestants)).markdown())
+    assert f"> 40 of the 40 evaluation prompts (split 'test') are among those iq trained on (all rows of {unsplit}, which" in table
+    split = make_run(tmp_path / "split", "data=local", f"data.path={prompts}", "data.split=train", final=False)
+    spec = _spec(f"+contestants.iq.run_dir={split}", tmp_path=tmp_path)
+    assert "evaluation prompts" not in "\n".join(settings_from_runs(spec, list(spec.contestants)).markdown())
