@@ -185,3 +185,29 @@ def test_records_of_older_runs_are_read_and_a_damaged_one_is_one_line(tmp_path):
     (legacy / "run_fingerprint.json").write_text('{"settings": ')
     with pytest.raises(ConfigError, match=r"run_fingerprint.json does not parse"):
         read_trained(legacy)
+
+
+def test_which_settings_a_command_line_chooses():
+    from iq_lightning.evaluation.spec import explicit_keys, is_explicit
+
+    keys = explicit_keys(["+contestants.iq.run_dir=/r", "guide.principle='x'", "data=local", "principle_check.kind=regex", "data.limit=4"])
+    assert keys == ("contestants.iq.run_dir", "data", "data.limit", "guide.principle", "principle_check.kind")
+    assert is_explicit("guide.principle", keys) and not is_explicit("guide.placement", keys)
+    assert is_explicit("data.source", keys) and is_explicit("principle_check", keys)  # a group, a key inside a setting
+    assert not is_explicit("data.split", ("data.limit",)) and not is_explicit("alpha", keys)
+
+
+def test_evaluating_on_the_prompts_a_run_trained_on_is_said(tmp_path, prompts):
+    """A local file without a split column gives every row to both splits: the evaluation then
+    measures training prompts, which summary.md must say."""
+    from iq_lightning.evaluation.settings import settings_from_runs
+
+    unsplit = tmp_path / "unsplit.jsonl"
+    unsplit.write_text("".join(json.dumps({"id": f"u{i}", "prompt": f"Question {i}?"}) + "\n" for i in range(40)))
+    run = make_run(tmp_path / "run", "data=local", f"data.path={unsplit}", final=False)
+    spec = _spec(f"+contestants.iq.run_dir={run}", tmp_path=tmp_path)
+    table = "\n".join(settings_from_runs(spec, list(spec.contestants)).markdown())
+    assert f"> 40 of the 40 evaluation prompts (split 'test') are among those iq trained on (all rows of {unsplit}, which" in table
+    split = make_run(tmp_path / "split", "data=local", f"data.path={prompts}", "data.split=train", final=False)
+    spec = _spec(f"+contestants.iq.run_dir={split}", tmp_path=tmp_path)
+    assert "evaluation prompts" not in "\n".join(settings_from_runs(spec, list(spec.contestants)).markdown())

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from iq_lightning.config import ModelSpec, build_spec
+from iq_lightning.config import DataSpec, ModelSpec, build_spec
+from iq_lightning.data import load_prompts
 from iq_lightning.errors import ConfigError
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec, is_explicit
 from iq_lightning.evaluation.trained import FINGERPRINT_FILE, TrainedWith, read_trained
@@ -49,6 +50,7 @@ class Settings:
     credit: dict[str, tuple[float, float]]  # contestant -> (alpha, beta) of its credit maps
     origins: dict[str, Origin] = field(default_factory=dict)
     unrecorded: list[str] = field(default_factory=list)  # run contestants without a record
+    notes: list[str] = field(default_factory=list)  # what the reader must know about the data
 
     def markdown(self) -> list[str]:
         lines = [
@@ -64,7 +66,7 @@ class Settings:
             lines.append(f"| {key} | {_cell(origin.value)} | {_cell(origin.source)} |")
         for name in self.unrecorded:
             lines.append(f"| ({name}) | no {FINGERPRINT_FILE} | its settings are unknown: the evaluation's own are used |")
-        return lines + [""]
+        return lines + [""] + [f"> {note}" for note in self.notes] + ([""] if self.notes else [])
 
 
 def _cell(value: Any) -> str:
@@ -166,8 +168,34 @@ def settings_from_runs(spec: EvalSpec, contestants: Sequence[ContestantSpec]) ->
             t.beta if use_runs and not is_explicit("beta", spec.explicit) else resolved.beta,
         )
 
+    notes = [note] if (note := _trained_on(resolved.data, trained)) else []
+    if notes:
+        log.warning(notes[0])
+
     # The Prompting baseline follows the guide's principle unless it was given its own.
     following = [
         replace(c, principle=resolved.guide.principle, placement=resolved.guide.placement) if c.follows_guide else c for c in contestants
     ]
-    return Settings(resolved, following, credit, origins, unrecorded)
+    return Settings(resolved, following, credit, origins, unrecorded, notes)
+
+
+def _trained_on(data: DataSpec, trained: dict[str, TrainedWith]) -> str | None:
+    """A note when evaluation prompts of a local file are among the prompts a run trained on: a
+    file without a split column gives its every row to each split (the run held out only
+    `val.prompts` of them for its validation)."""
+    if data.source != "local":
+        return None
+    evaluated = {p.id for p in load_prompts(replace(data, limit=None))[0]}
+    for name, t in trained.items():
+        same_file = (t.settings.get("data.source"), t.settings.get("data.path")) == ("local", data.path)
+        if not same_file or t.train_split == data.split:
+            continue
+        shared = evaluated & {p.id for p in load_prompts(replace(data, split=t.train_split, limit=None))[0]}
+        if shared:
+            which = f"split {t.train_split!r}" if t.train_split else "all rows"
+            return (
+                f"{len(shared)} of the {len(evaluated)} evaluation prompts (split {data.split!r}) are among those {name} trained on "
+                f"({which} of {data.path}, which keeps no split apart): these results are on training prompts; give the file a "
+                "split column (train/test) and train with data.split=train"
+            )
+    return None

@@ -152,7 +152,7 @@ class EvalSpec:
     seed: int = 0
     beam_sweep: BeamSweepSpec = BeamSweepSpec()
     # keys set on the command line: they win over what the contestant runs were trained with
-    explicit: frozenset[str] = frozenset()
+    explicit: tuple[str, ...] = ()
 
 
 _TOP = {"reference", "focus", "pairs", "sweep_dir", "alpha", "beta", "credit_maps", "seed", "name", "out_dir", "min_category_count"}
@@ -162,12 +162,12 @@ _GROUPS = {
 }
 
 
-def explicit_keys(overrides: Sequence[str]) -> frozenset[str]:
+def explicit_keys(overrides: Sequence[str]) -> tuple[str, ...]:
     """The keys a command line sets (`+guide.principle=...` -> guide.principle, `data=local` -> data)."""
-    return frozenset(text.split("=", 1)[0].lstrip("+~") for text in overrides if "=" in text or text.startswith("~"))
+    return tuple(sorted({text.split("=", 1)[0].lstrip("+~") for text in overrides if "=" in text or text.startswith("~")}))
 
 
-def is_explicit(setting: str, explicit: frozenset[str]) -> bool:
+def is_explicit(setting: str, explicit: Sequence[str]) -> bool:
     return any(setting == k or setting.startswith(k + ".") or k.startswith(setting + ".") for k in explicit)
 
 

@@ -26,6 +26,7 @@ class TrainedWith:
     alpha: float
     beta: float
     settings: Mapping[str, Any] = field(default_factory=dict)
+    train_split: str | None = "train"  # the split of `data` it trained on
 
 
 def _unflat(flat: Mapping[str, Any], prefix: str) -> dict | None:
@@ -69,12 +70,12 @@ def read_trained(run_dir: str | Path) -> TrainedWith | None:
 def _trained_with(run_dir: str, stored: dict) -> TrainedWith:
     if "settings" not in stored:  # runs started before the whole config was recorded
         kind, principle, placement = stored["guide"]
-        source, data_path, _ = stored["data"]
+        source, data_path, train_split = stored["data"]
         settings = {
             "guide.kind": kind, "guide.principle": principle, "guide.placement": placement, "guide.model": None,
             "data.source": source, "data.path": data_path, "data.split": ValSpec().split, "principle_check": _check({}),
         }
-        return TrainedWith(run_dir, float(stored["alpha"]), TrainSpec().beta, settings)
+        return TrainedWith(run_dir, float(stored["alpha"]), TrainSpec().beta, settings, train_split)
     flat = stored["settings"]
     guide_model = _unflat(flat, "guide.model")
     settings = {
@@ -88,4 +89,4 @@ def _trained_with(run_dir: str, stored: dict) -> TrainedWith:
         "data.split": flat.get("val.split", ValSpec().split),  # the run's held-out split
         "principle_check": _check(flat),
     }
-    return TrainedWith(run_dir, float(flat["alpha"]), float(flat.get("beta", TrainSpec().beta)), settings)
+    return TrainedWith(run_dir, float(flat["alpha"]), float(flat.get("beta", TrainSpec().beta)), settings, flat.get("data.split", DataSpec().split))
