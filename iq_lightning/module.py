@@ -180,9 +180,10 @@ class InverseQModule(L.LightningModule):
     def _measures_sampler_gap(self, batch) -> bool:
         """Before the epoch's first optimizer step the policy holds the weights its samples were
         drawn with: only then do the sampler's log-probs and the trainer's describe the same
-        model. Not for the data's own replies or an epoch trained on epoch 0's samples again."""
+        model. Not for the data's own replies, samples drawn from x_w (their log-probs are given
+        the principle, the trainer's are not) or an epoch trained on epoch 0's samples again."""
         plan = self.objective.plan
-        on_policy = not plan.given_pairs and (plan.on_policy or self.current_epoch == 0)
+        on_policy = not plan.given_pairs and not plan.principle_in_prompt and (plan.on_policy or self.current_epoch == 0)
         return on_policy and "sampling_logprobs" in batch and self.global_step == self._epoch_first_step
 
     def on_before_optimizer_step(self, optimizer) -> None:

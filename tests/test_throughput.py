@@ -130,3 +130,12 @@ def test_vllm_gap_is_small_after_a_weight_push_and_large_without(tmp_path, monke
         assert gaps[1] < 1e-3, gaps
     else:
         assert gaps[1] > 0.05, gaps
+
+
+def test_no_gap_for_samples_drawn_from_the_principle_prompt(tmp_path):
+    # SFT trains on pi_w's answers, sampled from x_w: their log-probs are given the principle and
+    # the trainer's are not, so a gap there would measure the principle, not the sampler.
+    _run(tmp_path, "epochs=1", "objective=sft", "save_final=false")
+    (row,) = _epoch_rows(tmp_path)
+    assert not row.get("train/sampler_logprob_gap")
+    assert float(row["throughput/train_tokens_per_s"]) > 0
