@@ -164,7 +164,7 @@ def test_dry_run_prints_the_plan_without_loading_anything(model, tmp_path):
     assert "optimizer state" in out and "total" in out
     # what a bf16 run adds, the allocator's share, and which GPU sizes it fits (no device given)
     for item in ("RMSNorm float32 copies", "float32 LM-head weight copy", "float32 response logits", "NCCL communicator buffers",
-                 "for the allocator's fragmentation", "(device memory unknown)", "80 GB: fits"):
+                 "for the allocator's fragmentation", "(device memory unknown)", "80 GB: fits, "):
         assert item in out, item
     assert not (tmp_path / "run_fingerprint.json").exists() and not (tmp_path / "rollouts").exists()
 
