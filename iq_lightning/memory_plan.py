@@ -342,10 +342,10 @@ class MemoryPlan:
         capacity = self.capacity_bytes if capacity_bytes is None else capacity_bytes
         return plan_memory(run or self.run, world_size or self.world_size, capacity, self.accelerator)
 
-    def fits_on(self) -> dict[str, bool]:
-        """For a GPU plan: whether it fits each of GPU_SIZES_GIB (the vLLM engine's share and the
-        headroom depend on the size)."""
-        return {name: self.replanned(capacity_bytes=int(gib * GIB)).fits for name, gib in GPU_SIZES_GIB.items()}
+    def fits_on(self) -> dict[str, int]:
+        """For a GPU plan: its headroom on each of GPU_SIZES_GIB (negative: it does not fit; the
+        vLLM engine's share depends on the size)."""
+        return {name: self.replanned(capacity_bytes=int(gib * GIB)).headroom_bytes for name, gib in GPU_SIZES_GIB.items()}
 
     def fitting_fix(self, max_overrides: int = 4) -> str | None:
         """Overrides (command-line spelling) with which the plan fits its device, searched: each
@@ -427,7 +427,10 @@ class MemoryPlan:
             lines.append(f"  total {total / GIB:.2f} GiB per device at the {peak} peak (device memory unknown)")
             if self.run is not None and self.device == "gpu":
                 sizes = self.fits_on()
-                said = ", ".join(f"{name}: {'fits' if ok else 'does not fit'}" for name, ok in sizes.items())
+                said = ", ".join(
+                    f"{name}: fits, {left / GIB:.1f} GiB to spare" if left >= 0 else f"{name}: does not fit, {-left / GIB:.1f} GiB short"
+                    for name, left in sizes.items()
+                )
                 lines.append(f"  on GPUs of {said}; strategy.device_memory_gib=80 checks against one (on a GPU machine the GPU's own size is used)")
         else:
             verdict = "fits" if self.fits else "DOES NOT FIT"

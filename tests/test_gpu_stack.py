@@ -48,3 +48,20 @@ def test_missing_names_each_piece(monkeypatch):
     monkeypatch.setattr(gpu_paper_stack, "_installed", lambda name: True)
     monkeypatch.setattr(gpu_paper_stack.importlib.util, "find_spec", lambda name: object())
     assert gpu_paper_stack.missing(devices=1) == []
+
+
+def test_install_gpu_keeps_the_machines_torch_and_refuses_a_cpu_build():
+    """--gpu never installs a torch of its own: with a CPU build it stops before pip runs."""
+    import os
+    import shutil
+
+    import pytest
+
+    if torch.version.cuda:
+        pytest.skip("a CUDA torch: --gpu would really install")
+    env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+    result = subprocess.run([shutil.which("bash"), str(REPO / "scripts" / "install.sh"), "--gpu"], capture_output=True, text=True,
+                            timeout=120, cwd=REPO, env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: --gpu keeps the machine's CUDA torch")
