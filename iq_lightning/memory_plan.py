@@ -458,13 +458,10 @@ class MemoryPlan:
 
 # --- searching a fix ---------------------------------------------------------------------------
 
-# RunConfig paths whose command-line key differs: train.yaml's top-level keys.
-_CLI_KEYS = {"train.micro_batch_size": "micro_batch_size"}
-
-
 def _override_text(knob: str, value: Any) -> str:
+    """`knob=value` as typed on the command line: RunConfig's train.* are train.yaml's top-level keys."""
     text = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
-    return f"{_CLI_KEYS.get(knob, knob)}={text}"
+    return f"{knob.removeprefix('train.')}={text}"
 
 
 def _value(run: RunConfig, knob: str) -> Any:

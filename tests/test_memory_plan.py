@@ -369,7 +369,7 @@ def test_the_suggested_fix_is_searched_to_fit(tmp_path):
         plan.check()
     fix = _overrides_of_the_fix(str(info.value))
     assert fix and all("=" in f for f in fix), fix
-    fixed = plan_memory(run_config(tmp_path, [*base, *[("train." + f if f.startswith("micro_batch_size") else f) for f in fix]]), 8, 80 * GIB, "gpu")
+    fixed = plan_memory(run_config(tmp_path, [*base, *fix]), 8, 80 * GIB, "gpu")  # as typed on the command line
     assert fixed.fits, (fix, fixed.render())
     # A single knob: the largest batch that fits, not a halving.
     single = plan_memory(run_config(tmp_path, ["model=vicuna7b", "strategy=deepspeed_zero3", "strategy.devices=8", "sampler.batch_size=64"]), 8, 80 * GIB, "gpu")
@@ -378,6 +378,16 @@ def test_the_suggested_fix_is_searched_to_fit(tmp_path):
     assert key == "sampler.batch_size"
     assert plan_memory(run_config(tmp_path, ["model=vicuna7b", "strategy=deepspeed_zero3", "strategy.devices=8", one]), 8, 80 * GIB, "gpu").fits
     assert not plan_memory(run_config(tmp_path, ["model=vicuna7b", "strategy=deepspeed_zero3", "strategy.devices=8", f"sampler.batch_size={int(value) + 1}"]), 8, 80 * GIB, "gpu").fits
+
+
+def test_a_fix_on_a_training_setting_is_spelled_as_the_command_line_takes_it(tmp_path):
+    """micro_batch_size is train.yaml's top-level key (RunConfig's train.micro_batch_size)."""
+    base = ["model=zephyr", "strategy=deepspeed_zero3", "strategy.devices=8", "micro_batch_size=64"]
+    plan = plan_memory(run_config(tmp_path, base), 8, 80 * GIB, "gpu")
+    assert not plan.fits
+    fix = plan.fitting_fix()
+    assert fix == "micro_batch_size=31", fix  # the largest that fits (32 does not)
+    assert plan_memory(run_config(tmp_path, [*base, *fix.split()]), 8, 80 * GIB, "gpu").fits
 
 
 def test_an_unknown_device_says_which_gpu_sizes_fit(tmp_path):
