@@ -9,13 +9,15 @@ Examples:
     python train.py model=zephyr alpha=1.2 strategy=deepspeed_zero3   # the paper's Zephyr-7B run (GPUs, hub)
 """
 
+import dataclasses
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from iq_lightning.cli import check_command_line, configure_environment, single_log_stream, user_errors_as_one_line
+from iq_lightning.cli import check_command_line, configure_environment, resume_hint, run_name, single_log_stream, user_errors_as_one_line
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -24,12 +26,19 @@ CONF = Path(__file__).resolve().parent / "conf"
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
     from iq_lightning.config import build_run_config
-    from iq_lightning.run import train
+    from iq_lightning.run import FINGERPRINT_FILE, train
 
     single_log_stream()  # after Lightning's import has attached its handlers
 
-    run = build_run_config(cfg, HydraConfig.get().runtime.output_dir)
-    train(run)
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)  # one sweep job's own overrides
+    run = build_run_config(cfg, hydra_cfg.runtime.output_dir)
+    if run.logger.name is None:  # W&B tells a sweep's runs apart by name
+        run = dataclasses.replace(run, logger=dataclasses.replace(run.logger, name=run_name(overrides) or run.run_dir.name))
+    begun = time.time()
+    fingerprint = run.run_dir / FINGERPRINT_FILE  # rewritten when training starts (run.RunStarted)
+    with resume_hint("train.py", overrides, run.run_dir, lambda: fingerprint.exists() and fingerprint.stat().st_mtime >= begun):
+        train(run)
 
 
 if __name__ == "__main__":

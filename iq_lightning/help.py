@@ -13,11 +13,13 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from iq_lightning.quoting import shell_override
+
 # The keys each script's help lists beyond the primary file's own top-level ones (in this order).
 # Descriptions come from the comments of the YAML files that set them, never from here.
 MOST_USED_GROUP_KEYS = {
     "train": [
-        "guide.principle", "guide.placement", "guide.device", "sampler.max_new_tokens", "sampler.temperature",
+        "guide.principle", "guide.principle_file", "guide.placement", "guide.device", "sampler.max_new_tokens", "sampler.temperature",
         "sampler.top_p", "sampler.batch_size", "data.path", "data.split", "data.limit", "model.lora.enabled",
         "model.gradient_checkpointing", "strategy.devices", "val.every_n_epochs", "val.prompts", "val.split",
         "logger.mode", "logger.project",
@@ -233,7 +235,12 @@ def help_text(config_dir: Path, config_name: str, doc: str, cfg: DictConfig | No
     rows = []
     for key in keys:
         try:
-            rows.append((f"{key}={_shown(_value(cfg, key))}", comments.get(key, "")))
+            value = _value(cfg, key)
+            if key.rsplit(".", 1)[-1] == "principle" and isinstance(value, str):
+                # Prose is shown whole (a cut principle reads as another), quoted as the shell needs it.
+                rows.append((shell_override(key, value), comments.get(key, "")))
+            else:
+                rows.append((f"{key}={_shown(value)}", comments.get(key, "")))
         except KeyError:  # a key of another option of its group: say which
             group, _, rest = key.partition(".")
             for option in group_options(config_dir, group) if group in groups else []:

@@ -97,11 +97,18 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "KeyboardInterrupt" in out, out[-2000:]
+    # It ends by printing the command that resumes: the same overrides, the run directory named.
+    said = out.rstrip().splitlines()
+    assert said[-2].endswith("resume with:"), out[-2000:]
+    assert said[-1].strip() == " ".join(["python", "train.py", *args[2:-1], f"hydra.run.dir={tmp_path}"])
     done = sorted(p.name for p in (tmp_path / "rollouts").glob("epoch_*.jsonl"))
     assert 1 <= len(done) < 30
     kept = {name: (tmp_path / "rollouts" / name).read_bytes() for name in done}
 
-    resumed = _train(tmp_path, *args[2:-1])
+    import shlex
+
+    printed = shlex.split(said[-1])
+    resumed = subprocess.run([sys.executable, str(REPO / "train.py"), *printed[2:]], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr + resumed.stdout
     after = sorted(p.name for p in (tmp_path / "rollouts").glob("epoch_*.jsonl"))
