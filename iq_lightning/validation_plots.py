@@ -39,6 +39,26 @@ TRAINING_PANELS = (
 PHASE_COLUMNS = (("time/sample_s", "sample"), ("time/score_s", "score"), ("time/train_s", "train"), ("time/val_s", "validate"), ("time/checkpoint_s", "checkpoint"))
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: runs are often headless
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path | None:
+    if fig is None:
+        return None
+    plt = _pyplot()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _bounds(ax, values: list[float], low: float | None, high: float | None) -> None:
     """Limits that do not turn noise into a cliff: shares on [0, 1]; any other figure from 0 (or
     its most negative value) to 10% above the largest value drawn."""
@@ -62,13 +82,14 @@ def _epoch_axis(ax, epochs: list[int], label: str = "epoch (-1: before training)
 
 
 def plot_validation(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """plots/validation.png of a run; None if it has no validation yet. The principle-rate panel
-    is always drawn: it says so when no check applies to the principle."""
-    import matplotlib
+    """plots/validation.png of a run; None if it has no validation yet."""
+    return _save(validation_figure(run_dir), Path(out) if out else Path(run_dir) / "plots" / "validation.png")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def validation_figure(run_dir: str | Path):
+    """The figure of plot_validation (a matplotlib Figure), or None. The principle-rate panel is
+    always drawn: it says so when no check applies to the principle."""
+    plt = _pyplot()
     rows = read_summary(run_dir)
     policy = [r for r in rows if r["who"] == "policy"]
     teacher = next((r for r in rows if r["who"] == "teacher"), None)
@@ -104,22 +125,18 @@ def plot_validation(run_dir: str | Path, out: str | Path | None = None) -> Path 
     legend_ax = next((ax for ax in axes.flat if ax.get_legend_handles_labels()[0]), axes[0][0])
     legend_ax.legend(fontsize=7)
     fig.suptitle(f"held-out validation: {Path(run_dir).name}", fontsize=10)
-    fig.tight_layout()
-    path = Path(out) if out else Path(run_dir) / "plots" / "validation.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_training(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     """plots/training.png: the training loss, the KL estimate, the mean token credit and the
     seconds of each phase against epoch, from metrics/metrics.csv; None before the first epoch."""
-    import matplotlib
+    return _save(training_figure(run_dir), Path(out) if out else Path(run_dir) / "plots" / "training.png")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def training_figure(run_dir: str | Path):
+    """The figure of plot_training, or None."""
+    plt = _pyplot()
     rows = _epoch_rows(Path(run_dir) / "metrics" / "metrics.csv")
     if not rows:
         return None
@@ -146,12 +163,7 @@ def plot_training(run_dir: str | Path, out: str | Path | None = None) -> Path | 
     ax.set_ylabel("seconds per phase")
     ax.legend(fontsize=7)
     fig.suptitle(f"training: {Path(run_dir).name}", fontsize=10)
-    fig.tight_layout()
-    path = Path(out) if out else Path(run_dir) / "plots" / "training.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def sweep_points(sweep_dir: str | Path) -> list[dict]:
@@ -173,11 +185,12 @@ def sweep_points(sweep_dir: str | Path) -> list[dict]:
 
 def plot_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> Path | None:
     """plots/alpha_sweep_validation.png: final principle rate and NLL under pi_w against alpha."""
-    import matplotlib
+    return _save(sweep_figure(sweep_dir), Path(out) if out else Path(sweep_dir) / "plots" / "alpha_sweep_validation.png")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def sweep_figure(sweep_dir: str | Path):
+    """The figure of plot_sweep (95% Wilson intervals on the rate), or None."""
+    plt = _pyplot()
     points = sweep_points(sweep_dir)
     if not points:
         return None
@@ -208,12 +221,7 @@ def plot_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> Path | N
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("alpha sweep, held-out validation after the last epoch", fontsize=10)
-    fig.tight_layout()
-    path = Path(out) if out else Path(sweep_dir) / "plots" / "alpha_sweep_validation.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _epoch_rows(path: Path) -> list[dict[str, float]]:
