@@ -19,7 +19,7 @@ from iq_lightning.quoting import shell_override
 # Descriptions come from the comments of the YAML files that set them, never from here.
 MOST_USED_GROUP_KEYS = {
     "train": [
-        "guide.principle", "guide.principle_file", "guide.placement", "guide.device", "sampler.max_new_tokens", "sampler.temperature",
+        "guide.principle", "guide.placement", "guide.device", "sampler.max_new_tokens", "sampler.temperature",
         "sampler.top_p", "sampler.batch_size", "data.path", "data.split", "data.limit", "model.lora.enabled",
         "model.gradient_checkpointing", "strategy.devices", "val.every_n_epochs", "val.prompts", "val.split",
         "logger.mode", "logger.project",
@@ -45,8 +45,8 @@ USAGE_LINES = {
 NOTES = {
     "train": [
         "hydra.run.dir=DIR names the run directory; the same command with the same DIR resumes an interrupted run.",
-        "-m runs a sweep over comma-separated values (-m alpha=1.0,1.2), one directory per run under multirun/; "
-        "quote values that contain commas, spaces or '='.",
+        "-m sweeps comma-separated values (-m alpha=1.0,1.2), a run directory each; quote "
+        "values with commas, spaces or '=', or use guide.principle_file=FILE.",
     ],
     "generate": ["hydra.run.dir=DIR names the output directory (output=FILE the responses file)."],
     "evaluate": [

@@ -105,7 +105,7 @@ def test_help_shows_the_whole_default_principle_quoted_as_the_shell_needs_it():
     text = _check("--help")
     line = next(line for line in text.splitlines() if "guide.principle=" in line)
     assert line.strip() == """'guide.principle="Always reply in French, whatever language the user writes in."'"""
-    assert "guide.principle_file=null" in text
+    assert "guide.principle_file=FILE" in text
 
 
 # --- item 10: the command that resumes -----------------------------------------------------------
