@@ -265,7 +265,7 @@ class Validation(Callback):
     def _wandb_table(self, logger, epoch: int, rows: list[AnswerFigures]) -> None:
         import wandb
 
-        columns = ["epoch", "prompt", "answer", "passes", "nll_w", "kl_pi_hat", "repetition", "tokens", "truncated"]
+        columns = ["epoch", "prompt", "answer", "passes", "nll_w", "kl_pi_hat_exact", "repetition", "tokens", "truncated"]
         data = [[epoch, r.prompt, r.answer, r.passes, r.nll_w, r.kl_pi_hat, r.repetition, r.tokens, r.truncated] for r in rows[: self.table_rows]]
         logger.experiment.log({"validation/answers": wandb.Table(columns=columns, data=data)})
 
