@@ -74,7 +74,7 @@ def test_principle_file_becomes_the_principle_text(tmp_path):
     with pytest.raises(ConfigError, match="empty.txt is empty"):
         build_run_config(compose(TINY + [f"guide.principle_file={tmp_path / 'empty.txt'}"]), tmp_path / "run")
     with pytest.raises(CommandLineError, match="guide.principle_file=/nonexistent.txt: no such file"):
-        _check(f"guide.principle_file=/nonexistent.txt")
+        _check("guide.principle_file=/nonexistent.txt")
 
 
 # --- small ones: mistakes said before torch loads ------------------------------------------------
