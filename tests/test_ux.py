@@ -162,6 +162,19 @@ def test_sweep_directories_are_job_numbers_and_wandb_runs_are_named_by_overrides
     assert run_name(["logger.mode=online"]) is None
 
 
+def test_a_wandb_run_is_named_by_its_overrides(tmp_path):
+    import os
+
+    from iq_lightning.tracking import read_offline_run
+
+    overrides = ["model=tiny", "epochs=1", "samples_per_epoch=4", "sampler.max_new_tokens=4", "val.every_n_epochs=0", "alpha=1.2"]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={tmp_path}"],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_offline_run(tmp_path).name == "alpha=1.2 epochs=1 model=tiny sampler.max_new_tokens=4 samples_per_epoch=4 val.every_n_epochs=0"
+
+
 # --- item 9: a run that talks; item 4: no check, truncated; item 14: keep_checkpoint -------------
 
 
