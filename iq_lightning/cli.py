@@ -32,7 +32,11 @@ _NOISE_WARNINGS = (
     # Lightning 2.6's own pytree helper asks torch >= 2.9 a deprecated question on every fit.
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
-_NOISE_LOG_LINES = ("💡 Tip: For seamless cloud logging",)  # Lightning's advertisement for its hosted logger
+_NOISE_LOG_LINES = (
+    "💡 Tip: For seamless cloud logging",  # Lightning's advertisement for its hosted logger
+    "Setting accelerator to CPU.",  # DeepSpeed, imported (by peft) on a CPU run that does not use it
+)
+_NOISY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "DeepSpeed")
 
 
 def configure_environment() -> None:
@@ -57,9 +61,10 @@ def single_log_stream() -> None:
             if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
         logger.propagate = True
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropNoise) for f in rank_zero.filters):
-        rank_zero.addFilter(_DropNoise())
+    for name in _NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
 
 
 def resume_command(script: str, overrides: Sequence[str], run_dir: str | Path) -> str:

@@ -2,9 +2,10 @@
 the seconds each phase took, so a run can be followed from its log without a progress bar or a
 W&B sync.
 
-The line is written once all of an epoch's figures exist: Lightning aggregates the epoch's
-logged values (and the module logs its training time) after the callbacks' own epoch-end hooks,
-so the line for epoch N is written when epoch N+1 starts, or when training ends.
+A Lightning logger rather than a callback: Lightning aggregates an epoch's logged values (the
+module's training time among them) after every epoch-end hook, and hands them to the loggers
+right then, before the next epoch samples; validation has logged its figures (and time/val_s)
+to every logger just before.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import logging
 import math
 from typing import Mapping
 
-import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -60,28 +61,33 @@ def _finite(value) -> bool:
         return False
 
 
-class EpochSummary(Callback):
-    """Logs `summary_line` for every finished epoch (rank zero). `validation`: the Validation
-    callback, whose newest figures (`last`) belong to the epoch when it validated after it."""
+class EpochSummary(Logger):
+    """Logs `summary_line` for every trained epoch (rank zero), from what is logged to it."""
 
-    def __init__(self, validation=None):
-        self.validation = validation
-        self._pending: int | None = None
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self._validation: dict[int, dict[str, float]] = {}
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._pending = trainer.current_epoch
+    @property
+    def name(self) -> str:
+        return "epoch_summary"
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer)
+    @property
+    def version(self) -> int:
+        return 0
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer)
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
 
-    def _write(self, trainer: L.Trainer) -> None:
-        epoch, self._pending = self._pending, None
-        if epoch is None or not trainer.is_global_zero:
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if "epoch" not in metrics:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        last = getattr(self.validation, "last", None)
-        validation = last if last is not None and last.get("epoch") == epoch else None
-        log.info(summary_line(epoch, trainer.max_epochs, metrics, validation))
+        epoch = int(metrics["epoch"])
+        held = {k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")}
+        if held:
+            self._validation[epoch] = {**held, "seconds": metrics.get("time/val_s", math.nan)}
+        if "train/loss_epoch" in metrics:
+            log.info(summary_line(epoch, self.epochs, metrics, self._validation.pop(epoch, None)))

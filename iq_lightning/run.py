@@ -432,10 +432,8 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     # After every completed epoch (only the newest is kept): what a restart resumes from.
     checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)
     callbacks = [RunStarted(run), checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
-    validation = build_validation(run, tokenizer, held_out, eos, sharding.sharded, show_progress) if run.val.every_n_epochs else None
-    if validation is not None:
-        callbacks.append(validation)
-    callbacks.append(EpochSummary(validation))
+    if run.val.every_n_epochs:
+        callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded, show_progress))
     if t.credit_maps_per_epoch:
         callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha))
     if t.save_epoch_policies:
@@ -444,7 +442,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         **trainer_args,
         precision=t.precision,
         max_epochs=t.epochs,
-        logger=loggers or False,
+        logger=[*loggers, EpochSummary(t.epochs)],  # one log line per epoch, whatever else logs
         callbacks=callbacks,
         reload_dataloaders_every_n_epochs=1,
         accumulate_grad_batches=t.accumulate_grad_batches,

@@ -143,7 +143,6 @@ class Validation(Callback):
         self.batch_size = batch_size
         self.sharded = sharded
         self.table_rows = table_rows
-        self.last: dict | None = None  # the newest validation's figures (the epoch summary line reads them)
         self.sampler = HFSampler(batch_size, eos_ids, tokenizer.pad_token_id, show_progress=show_progress, synced_gpus=sharded)
 
     # --- when ------------------------------------------------------------------------------
@@ -260,7 +259,6 @@ class Validation(Callback):
         if "principle_rate" not in figures:
             shown += f", principle_rate: {NO_CHECK_NOTE}"
         log.info("validation after epoch %d: %s", epoch, shown)
-        self.last = {"epoch": epoch, **figures, "seconds": seconds}
 
     def _wandb_table(self, logger, epoch: int, rows: list[AnswerFigures]) -> None:
         import wandb
