@@ -119,3 +119,16 @@ def test_judge_table_names_too_few_matches_as_the_reason(tmp_path):
     row = next(line for line in quality.markdown() if line.startswith("| swap consistency"))
     assert row.endswith(f"| **FAIL**: too few to measure (4 < {spec.min_checked}) |")
     assert "100%" in row
+
+
+def test_reward_curve_of_one_epoch_has_integer_ticks(tmp_path, monkeypatch):
+    from iq_lightning.evaluation import plots
+    from iq_lightning.evaluation.reward import RewardCurve
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    curve = RewardCurve(epochs=[0, 1], mean=[1.0, 1.3], increment=[0.0, 0.3])
+    plots.reward_curve_plot(curve, tmp_path / "r.png")
+    ax = figures[-1].axes[0]
+    shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert shown and all(float(t).is_integer() for t in shown)

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: evaluation runs on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from iq_lightning.files import atomic_path  # noqa: E402
 from iq_lightning.evaluation.ratings import EloIntervals, EloResult, WinRate, gaussian_smooth  # noqa: E402
@@ -249,6 +250,7 @@ def reward_curve_plot(curve: RewardCurve, path: Path, baseline: float | None = N
     if baseline is not None:
         ax.axhline(baseline, color=LOSE, linestyle="--", label=baseline_label)
     ax.axhline(0, color="grey", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 0.2 ticks on a 1-epoch curve
     ax.set_xlabel("epoch (0 = initial model)")
     ax.set_ylabel("reward increment / std")
     ax.legend(fontsize=8)
