@@ -435,8 +435,8 @@ def _refuse_split_text(o) -> None:
         return
     raw = o.input_line.split("=", 1)[1]
     pieces = [str(p) for p in _options(o)]
-    if "'" in raw or '"' in raw or not pieces:
-        return
+    if "'" in raw or '"' in raw or not pieces or raw.lstrip().startswith(("choice(", "glob(")):
+        return  # quoted pieces, or Hydra's sweep functions: a sweep meant as one
     whole = all(p.rstrip().endswith(_SENTENCE_END) for p in pieces[:-1]) and all(p[:1].isupper() for p in pieces[1:])
     if whole and ", " not in raw:
         return

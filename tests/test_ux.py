@@ -49,7 +49,7 @@ def test_a_principle_split_at_its_comma_is_refused_with_the_quoting_that_keeps_i
     assert _check(*multirun, "model=tiny", shlex.split(suggested)[0]) is None
 
 
-@pytest.mark.parametrize("value", ["'Reply in French.','Reply in German.'", "Reply in French.,Reply in German."])
+@pytest.mark.parametrize("value", ["'Reply in French.','Reply in German.'", "Reply in French.,Reply in German.", "choice(be brief,be kind)"])
 def test_a_sweep_over_whole_principles_is_left_to_hydra(value):
     assert _check("-m", f"guide.principle={value}") is None
 
