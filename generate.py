@@ -3,9 +3,10 @@ save_pretrained directory, or the model group's model; with a principle: the Pro
 
 Examples:
     python generate.py                                        # bundled SmolLM2, held-out prompts
-    python generate.py run_dir=outputs/2026-11-23/10-00-00    # a training run's final/ policy
+    python generate.py run_dir=outputs/2026-11-23/10-00-00    # a training run's final/ policy, sampled at temperature 0.7
+    python generate.py run_dir=outputs/2026-11-23/10-00-00 sampler.temperature=0   # greedy, as training's validation decodes
     python generate.py model_path=/path/to/hf_dir data=local data.path=prompts.jsonl
-    python generate.py 'principle="Always reply in French."'   # the Prompting baseline
+    python generate.py 'principle="Always reply in French, whatever language the user writes in."'   # the Prompting baseline, training's default principle
     python generate.py run_dir=outputs/2026-11-23/10-00-00 decoding.num_beams=4   # beam search over the policy's likelihood
 """
 
@@ -42,6 +43,11 @@ def main(cfg: DictConfig) -> None:
         name=plain["name"],
         decoding=build_spec(DecodingSpec, plain["decoding"], "decoding"),
     )
+    if not spec.decoding.beam_search and spec.sampler.temperature > 0:
+        logging.getLogger("generate").info(
+            "sampling at sampler.temperature=%g (top_p %g): training's validation decodes greedily; sampler.temperature=0 gives its answers",
+            spec.sampler.temperature, spec.sampler.top_p,
+        )
     out = generate_responses(spec)
     logging.getLogger("generate").info("wrote the responses to %s", out)
 

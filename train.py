@@ -9,8 +9,10 @@ Examples:
     python train.py model=zephyr alpha=1.2 strategy=deepspeed_zero3   # the paper's Zephyr-7B run (GPUs, hub)
 """
 
+import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -24,6 +26,8 @@ from iq_lightning.cli import (
     configure_environment,
     external_launch,
     own_log_overrides,
+    resume_hint,
+    run_name,
     single_log_stream,
     user_errors_as_one_line,
 )
@@ -38,12 +42,19 @@ def main(cfg: DictConfig) -> None:
         from iq_lightning.numerics import pin_portable
 
         pin_portable(os.environ)  # read when torch loads, below: it must come first
-    from iq_lightning.run import configure, train
+    from iq_lightning.run import FINGERPRINT_FILE, configure, train
 
     single_log_stream()  # after Lightning's import has attached its handlers
 
-    run = configure(cfg, HydraConfig.get().runtime.output_dir)
-    train(run)
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)  # one sweep job's own overrides
+    run = configure(cfg, hydra_cfg.runtime.output_dir)
+    if run.logger.name is None:  # W&B tells a sweep's runs apart by name
+        run = dataclasses.replace(run, logger=dataclasses.replace(run.logger, name=run_name(overrides) or run.run_dir.name))
+    begun = time.time()
+    fingerprint = run.run_dir / FINGERPRINT_FILE  # rewritten when training starts (run.RunStarted)
+    with resume_hint("train.py", overrides, run.run_dir, lambda: fingerprint.exists() and fingerprint.stat().st_mtime >= begun):
+        train(run)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,21 @@ command line checked before Hydra composes it, and every user mistake as one `er
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import itertools
 import logging
 import os
+import shlex
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from iq_lightning.errors import UserError, first_line
+from iq_lightning.quoting import shell_override
 
 # Mappings whose entries the user names (`+contestants.iq.run_dir=...`): new keys are welcome there.
 FREE_FORM = (
@@ -22,10 +27,29 @@ FREE_FORM = (
 _UNCHECKED_FLAGS = ("hydra_help", "shell_completion", "config_path", "config_name", "config_dir", "experimental_rerun")
 
 
+# Libraries' lines that tell a user of this project nothing they can act on.
+_NOISE_WARNINGS = (
+    # Lightning 2.6's own pytree helper asks torch >= 2.9 a deprecated question on every fit.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+_NOISE_LOG_LINES = (
+    "💡 Tip: For seamless cloud logging",  # Lightning's advertisement for its hosted logger
+    "Setting accelerator to CPU.",  # DeepSpeed, imported (by peft) on a CPU run that does not use it
+)
+_NOISY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "DeepSpeed")
+
+
 def configure_environment() -> None:
     """Entry-point defaults: quiet tokenizers fork warnings; W&B never blocks on a login prompt."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
+    for pattern in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NOISE_LOG_LINES)
 
 
 def single_log_stream() -> None:
@@ -37,6 +61,57 @@ def single_log_stream() -> None:
             if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
         logger.propagate = True
+    for name in _NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+
+
+def resume_command(script: str, overrides: Sequence[str], run_dir: str | Path) -> str:
+    """The command that continues the run in `run_dir`: the same overrides (one sweep job's own,
+    without -m) plus hydra.run.dir, so the restart finds the checkpoint instead of starting a new
+    timestamped directory."""
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")]
+    return " ".join(["python", script, *(shlex.quote(o) for o in kept), shell_override("hydra.run.dir", str(run_dir))])
+
+
+def run_name(overrides: Sequence[str], exclude: Sequence[str] = ("hydra.", "logger")) -> str | None:
+    """A W&B run name from a run's overrides (`alpha=1.2 model=tiny`), so the members of a sweep
+    are told apart; None without overrides."""
+    kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(tuple(exclude)))
+    return " ".join(kept)[:128] or None
+
+
+@contextlib.contextmanager
+def resume_hint(script: str, overrides: Sequence[str], run_dir: str | Path, started: Callable[[], bool]):
+    """On Ctrl-C or any failure of a run that had started training (`started()`), end with the
+    command that resumes it: a mistake found before (a refused restart, a missing file) is
+    answered by its own error line alone. Ctrl-C exits 130; a UserError prints its `error:` line
+    first and exits 2."""
+    def hint(what: str) -> None:
+        print(f"{what}; resume with:\n  {resume_command(script, overrides, run_dir)}", file=sys.stderr)
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        hint("\ninterrupted")
+        sys.exit(130)
+    except SystemExit as exc:
+        if exc.code not in (0, None) and started():
+            hint("\nstopped")  # Lightning ends its own Ctrl-C handling (a graceful shutdown) with exit 1
+        raise
+    except UserError as exc:
+        if not started():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        hint("after fixing that")
+        sys.exit(2)
+    except Exception:
+        if not started():
+            raise
+        traceback.print_exc()  # here, so that the way back is the last thing on the screen
+        hint("\nthe run failed; after fixing the cause")
+        sys.exit(1)
 
 
 def user_errors_as_one_line(func: Callable) -> Callable:
@@ -246,6 +321,9 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], co
                 f"cannot read {text!r} ({first_line(exc)}): write key=value, and quote a value with spaces, commas or '='"
             ) from None
 
+    for o in parsed:
+        _refuse_split_text(o)
+
     try:
         default = compose(config_dir, config_name, [])
     except Exception as exc:  # the shipped config itself is broken: not the user's mistake, but one line all the same
@@ -342,6 +420,68 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], co
         if source != "local" and (given or data.get("path") is not None):
             shown = path.input_line if given else f"data.path={data.get('path')}"
             raise CommandLineError(f"{shown} is read only with data=local, and the prompts come from data={source}: add data=local")
+
+    # The values config.validate would refuse only after torch and transformers have loaded (15-20 s),
+    # refused here in its words.
+    for o in key_overrides:
+        check = EARLY_CHECKS.get(o.key_or_group)
+        for value in _options(o) if check else []:
+            problem = check(o.key_or_group, value)
+            if problem:
+                raise CommandLineError(problem)
+
+
+def _at_least(minimum: int, integer: bool = False, note: str = "") -> Callable[[str, Any], str | None]:
+    def check(key: str, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            return f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}"
+        return None if value >= minimum else f"{key} must be >= {minimum}{note}, got {value}"
+
+    return check
+
+
+def _existing_file(key: str, value: Any) -> str | None:
+    return None if value is None or Path(str(value)).is_file() else f"{key}={value}: no such file"
+
+
+# Simple keys checked on the command line itself; config.validate checks them all again.
+EARLY_CHECKS: dict[str, Callable[[str, Any], str | None]] = {
+    "alpha": _at_least(0, note=" (the paper uses 1.0-1.5)"),
+    "epochs": _at_least(1, integer=True),
+    "samples_per_epoch": _at_least(1, integer=True),
+    "micro_batch_size": _at_least(1, integer=True),
+    "data.path": _existing_file,
+    "guide.principle_file": _existing_file,
+}
+
+_SENTENCE_END = (".", "!", "?", ":", ";", ")", '"', "'")
+
+
+def _prose_key(key: str) -> bool:
+    """Keys whose values are prose, where a comma is punctuation far more often than a sweep."""
+    return key.rsplit(".", 1)[-1] == "principle"
+
+
+def _refuse_split_text(o) -> None:
+    """Hydra reads every unquoted comma as a sweep: `guide.principle=Always reply in German,
+    whatever the language.` is two runs, one per piece. Pieces that do not each read as a whole
+    sentence are refused with the quoting that keeps the text whole; pieces quoted one by one
+    ('A.','B.') are a sweep meant as one."""
+    if not _prose_key(o.key_or_group) or not o.is_sweep_override():
+        return
+    raw = o.input_line.split("=", 1)[1]
+    pieces = [str(p) for p in _options(o)]
+    if "'" in raw or '"' in raw or not pieces or raw.lstrip().startswith(("choice(", "glob(")):
+        return  # quoted pieces, or Hydra's sweep functions: a sweep meant as one
+    whole = all(p.rstrip().endswith(_SENTENCE_END) for p in pieces[:-1]) and all(p[:1].isupper() for p in pieces[1:])
+    if whole and ", " not in raw:
+        return
+    key = o.input_line.split("=", 1)[0]
+    from_file = " (or put the text in a file: guide.principle_file=FILE)" if o.key_or_group == "guide.principle" else ""
+    raise CommandLineError(
+        f"{key}: Hydra would split this text at its comma into {len(pieces)} runs; keep it whole with quotes "
+        f"inside the shell's: {shell_override(key, raw)}{from_file}; a sweep over whole texts quotes each one ({key}='\"A.\"','\"B.\"')"
+    )
 
 
 _ANY_SHARED_DIR = "/shared/outputs/my-run"

@@ -91,6 +91,9 @@ class GuideSpec:
 
     kind: str = "principle"
     principle: str | None = None
+    # A text file holding the principle (no shell or Hydra quoting); replaces `principle` when the
+    # RunConfig is built, so everything after (the restart check, W&B) sees the text itself.
+    principle_file: str | None = None
     placement: str = "system"
     model: ModelSpec | None = None
     batch_size: int = 16
@@ -150,6 +153,7 @@ class TrainSpec:
     nonfinite_skips: int = 0
     precision: str = "32-true"
     save_final: bool = True
+    keep_checkpoint: bool = True  # False: delete checkpoints/ once final/ is written (the run cannot be extended then)
     save_epoch_policies: bool = False  # policies/epoch_NNN after every epoch (reward curves, Fig. 6)
     credit_maps_per_epoch: int = 2  # credit/epoch_NNN/*.html heat maps of the first samples (Fig. 8)
     rollout_table_rows: int = 16  # rollouts per epoch in the W&B table `rollouts` (0: none)
@@ -318,8 +322,22 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config: {exc}") from None
+    run = resolve_principle_file(run)
     validate(run)
     return run
+
+
+def resolve_principle_file(run: RunConfig) -> RunConfig:
+    """`run` with guide.principle read from guide.principle_file (whitespace around it dropped)."""
+    path = run.guide.principle_file
+    if path is None:
+        return run
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"guide.principle_file={path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    _check(bool(text), f"guide.principle_file={path} is empty")
+    return dataclasses.replace(run, guide=dataclasses.replace(run.guide, principle=text, principle_file=None))
 
 
 def as_plain(spec: Any) -> dict:

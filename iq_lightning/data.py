@@ -48,13 +48,16 @@ class PromptStats:
     loaded: int = 0
     kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    limit: int | None = None  # data.limit, when it left prompts out
+    limited: int = 0  # prompts left out by data.limit
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def describe(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
-        return f"{self.kept} prompts kept of {self.loaded} (skipped: {skipped})"
+        limited = f"data.limit={self.limit} left {self.limited} out; " if self.limited else ""
+        return f"{self.kept} prompts kept of {self.loaded} ({limited}skipped: {skipped})"
 
 
 # --- HH-RLHF -----------------------------------------------------------------------------------
@@ -296,7 +299,8 @@ def load_prompts(spec: DataSpec) -> tuple[list[Prompt], PromptStats]:
         prompts = _load_rows(Path(spec.path), spec.split if spec.split else None, stats)
     else:
         prompts = _load_rows(bundled_prompts_path(), spec.split, stats)
-    if spec.limit is not None:
+    if spec.limit is not None and len(prompts) > spec.limit:
+        stats.limit, stats.limited = spec.limit, len(prompts) - spec.limit
         prompts = prompts[: spec.limit]
     return prompts, stats
 

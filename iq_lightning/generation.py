@@ -16,6 +16,7 @@ from iq_lightning.errors import ConfigError
 from iq_lightning.guides import with_principle
 from iq_lightning.models import FINAL_DIR, load_model
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
+from iq_lightning.text_quality import decode_whole
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def generate_responses(spec: GenerateSpec, show_progress: bool = True) -> Path:
                 "messages": list(p.prompt.messages),
                 "model": name,
                 "principle": spec.principle,
-                "response": tokenizer.decode(g.response_ids, skip_special_tokens=True),
+                "response": decode_whole(tokenizer, g.response_ids),
                 "finished": g.finished,
                 "num_tokens": len(g.response_ids),
             }

@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from iq_lightning.quoting import shell_override
+
 # The keys each script's help lists beyond the primary file's own top-level ones (in this order).
 # Descriptions come from the comments of the YAML files that set them, never from here.
 MOST_USED_GROUP_KEYS = {
@@ -43,8 +45,8 @@ USAGE_LINES = {
 NOTES = {
     "train": [
         "hydra.run.dir=DIR names the run directory; the same command with the same DIR resumes an interrupted run.",
-        "-m runs a sweep over comma-separated values (-m alpha=1.0,1.2), one directory per run under multirun/; "
-        "quote values that contain commas, spaces or '='.",
+        "-m sweeps comma-separated values (-m alpha=1.0,1.2), a run directory each; quote "
+        "values with commas, spaces or '=', or use guide.principle_file=FILE.",
         "The method, its equations and the paper's settings: docs/method.md.",
     ],
     "generate": ["hydra.run.dir=DIR names the output directory (output=FILE the responses file)."],
@@ -234,7 +236,12 @@ def help_text(config_dir: Path, config_name: str, doc: str, cfg: DictConfig | No
     rows = []
     for key in keys:
         try:
-            rows.append((f"{key}={_shown(_value(cfg, key))}", comments.get(key, "")))
+            value = _value(cfg, key)
+            if key.rsplit(".", 1)[-1] == "principle" and isinstance(value, str):
+                # Prose is shown whole (a cut principle reads as another), quoted as the shell needs it.
+                rows.append((shell_override(key, value), comments.get(key, "")))
+            else:
+                rows.append((f"{key}={_shown(value)}", comments.get(key, "")))
         except KeyError:  # a key of another option of its group: say which
             group, _, rest = key.partition(".")
             for option in group_options(config_dir, group) if group in groups else []:

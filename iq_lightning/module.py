@@ -97,6 +97,10 @@ class InverseQModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = self.models.policy()
+            # from_pretrained returns a model in eval mode; training runs in train mode (dropout as
+            # configured, and HF's gradient checkpointing acts only in train mode). The samplers
+            # and validation switch to eval mode for generation and back.
+            self.policy.train()
             self._attach_heads()
 
     def _attach_heads(self) -> None:
@@ -126,13 +130,15 @@ class InverseQModule(L.LightningModule):
             tokens = mask.sum().clamp(min=1.0)
             log_ratio = (targets - policy_logprobs) * mask  # log pi_hat - log pi_theta
             # k3 estimator of KL(pi_theta || pi_hat) on tokens sampled from pi_theta: unbiased, >= 0.
+            # On the epoch's own rollouts, which the step is fitting: it falls as they are fitted,
+            # while validation's exact KL on held-out greedy answers (val/kl_pi_hat_exact_heldout) need not.
             kl = ((torch.exp(log_ratio) - 1.0 - log_ratio) * mask).sum() / tokens
             credit = token_credit(targets, batch["ref_logprobs"], self.beta) * mask
             metrics = {
                 # Inverse-Q*'s regression error, whatever the objective: one scale for all of them.
                 "loss_token_mean": inverse_q_loss(policy_logprobs, targets, mask, "token_mean"),
                 "log_ratio_mean": log_ratio.sum() / tokens,
-                "kl_policy_pi_hat": kl,
+                "kl_pi_hat_est_rollouts": kl,
                 "credit_mean": credit.sum() / tokens,
                 "response_length": mask.sum(-1).mean(),
                 **step.figures,
@@ -156,7 +162,7 @@ class InverseQModule(L.LightningModule):
         size = batch["response_ids"].shape[0]
         # sync_dist: with DDP the epoch figures average every rank's share, not rank 0's alone.
         self.log("train/loss", metrics["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
-        per_token = {"loss_token_mean", "log_ratio_mean", "kl_policy_pi_hat", "credit_mean"}
+        per_token = {"loss_token_mean", "log_ratio_mean", "kl_pi_hat_est_rollouts", "credit_mean"}
         tokens = int(batch["response_mask"].sum().item())
         # Token-level figures are averaged over the epoch's tokens, not its micro-batches.
         self.log_dict(

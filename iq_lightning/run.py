@@ -25,6 +25,7 @@ from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
 from iq_lightning.config import LoggerSpec, RunConfig, as_plain, build_run_config
 from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
+from iq_lightning.epoch_summary import EpochSummary
 from iq_lightning.errors import ConfigError, UserError
 from iq_lightning.guides import build_guide, with_principle
 from iq_lightning.memory_plan import MemoryPlan, architecture_of, device_capacity, plan_memory, world_size_of
@@ -128,6 +129,17 @@ def build_loggers(spec: LoggerSpec, run_dir: Path, wandb_init: dict | None = Non
     return loggers
 
 
+def drop_checkpoints(run_dir: Path) -> None:
+    """keep_checkpoint=false: once final/ is written the checkpoint (weights plus optimizer state,
+    about 3x final/) is only needed to extend the run, so it goes."""
+    import shutil
+
+    directory = run_dir / CHECKPOINT_DIR
+    if directory.is_dir():
+        shutil.rmtree(directory)
+        log.info("deleted %s (keep_checkpoint=false): this run can no longer be extended", directory)
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of the run (a file, or a directory for the sharded strategies)."""
     return last_checkpoint_in(run_dir / CHECKPOINT_DIR)
@@ -143,6 +155,7 @@ RESTART_MAY_CHANGE = (
     "epochs",  # continue a finished run for more epochs
     "dry_run",
     "save_final",  # what is written, not what is trained
+    "keep_checkpoint",
     "save_epoch_policies",
     "credit_maps_per_epoch",
     "rollout_table_rows",
@@ -312,17 +325,22 @@ def held_out_prompts(run: RunConfig, tokenizer: PreTrainedTokenizerBase, trainin
     random.Random(run.train.seed).shuffle(prompts)
     if not overlap:
         return prompts[: run.val.prompts], training
-    if overlap != trained or len(training) < 2 * run.val.prompts:
+    # A small file gives up at most half its prompts: 2 rows train on one and validate on the other.
+    count = min(run.val.prompts, len(training) // 2)
+    if overlap != trained or count < 1:
         raise ConfigError(
             f"val: {len(overlap)} of the prompts in split {run.val.split!r} are also training prompts; give the "
             "data a split column (train/test), set val.split, or val.every_n_epochs=0"
         )
-    held = {p.prompt.id for p in prompts[: run.val.prompts]}
-    log.warning("data has no %r split apart from training: %d prompts held out of training for validation", run.val.split, len(held))
+    held = {p.prompt.id for p in prompts[:count]}
+    fewer = f" (val.prompts={run.val.prompts}: at most half the prompts are held out)" if count < run.val.prompts else ""
+    log.warning("data has no %r split apart from training: %d of its %d prompts held out of training for validation%s", run.val.split, len(held), len(training), fewer)
     return [p for p in prompts if p.prompt.id in held], [p for p in training if p.prompt.id not in held]
 
 
-def build_validation(run: RunConfig, tokenizer, held_out: list, eos: list[int], sharded: bool, gather_whole_up_to: int = 0) -> Validation:
+def build_validation(
+    run: RunConfig, tokenizer, held_out: list, eos: list[int], sharded: bool, gather_whole_up_to: int = 0, show_progress: bool = False
+) -> Validation:
     v = run.val
     return Validation(
         run.run_dir,
@@ -339,6 +357,7 @@ def build_validation(run: RunConfig, tokenizer, held_out: list, eos: list[int], 
         sharded=sharded,
         table_rows=v.table_rows,
         gather_whole_up_to=gather_whole_up_to,
+        show_progress=show_progress,
     )
 
 
@@ -448,7 +467,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)
     callbacks = [RunStarted(run), checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
     if run.val.every_n_epochs:
-        callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded, whole_gather_budget(plan, "validation")))
+        callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded, whole_gather_budget(plan, "validation"), show_progress))
     if t.credit_maps_per_epoch:
         callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha))
     if t.save_epoch_policies:
@@ -459,7 +478,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         **trainer_args,
         precision=t.precision,
         max_epochs=t.epochs,
-        logger=loggers or False,
+        logger=[*loggers, EpochSummary(t.epochs)],  # one log line per epoch, whatever else logs
         callbacks=callbacks,
         reload_dataloaders_every_n_epochs=1,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -473,16 +492,21 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         enable_progress_bar=show_progress,
     )
     resume = last_checkpoint(run_dir)
+    if resume is None and (run_dir / FINAL_DIR).exists():
+        raise ConfigError(
+            f"{run_dir} holds a finished run whose checkpoint was deleted (keep_checkpoint=false): it cannot be extended; "
+            "start a new run directory (hydra.run.dir=...), or train from its final/ policy"
+        )
     if resume is not None:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
-    if run.val.every_n_epochs and trainer.is_global_zero:
-        from iq_lightning.validation_plots import plot_validation
+    if trainer.is_global_zero:
+        from iq_lightning.validation_plots import plot_training, plot_validation
 
-        plot = plot_validation(run_dir)
-        if plot is not None:
-            log.info("validation curves: %s", plot)
+        for what, plot in (("training", plot_training(run_dir)), ("validation", plot_validation(run_dir) if run.val.every_n_epochs else None)):
+            if plot is not None:
+                log.info("%s curves: %s", what, plot)
     final_dir = None
     if t.save_final:
         # Every rank takes part: a sharded policy is gathered collectively; rank zero writes.
@@ -492,6 +516,8 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         if trainer.is_global_zero:
             final_dir = out
             log.info("exported the trained policy to %s", final_dir)
+            if not t.keep_checkpoint:
+                drop_checkpoints(run_dir)
     for logger in loggers:
         if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
             logger.experiment.finish()

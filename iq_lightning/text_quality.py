@@ -21,6 +21,21 @@ from iq_lightning.forward import pack, response_logprobs, to_device
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 
 
+def decode_whole(tokenizer, ids: Sequence[int], max_trim: int = 3) -> str:
+    """The text of token `ids` without a character cut in half at its end. Byte-level BPE spreads
+    a multi-byte character (é, an emoji) over up to 4 tokens, so an answer cut off at
+    max_new_tokens can stop inside one, which decoding writes as U+FFFD ("�"): the trailing
+    tokens that make no whole character (at most `max_trim`) are left out. A U+FFFD inside the
+    text, the model's own, stays."""
+    ids = list(ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for cut in range(1, min(max_trim, len(ids)) + 1):
+        if not text.endswith("\ufffd"):
+            break
+        text = tokenizer.decode(ids[:-cut], skip_special_tokens=True)
+    return text
+
+
 def words(text: str) -> list[str]:
     """The lower-cased words of `text` (see the module docstring)."""
     return _WORD.findall((text or "").lower())

@@ -357,6 +357,7 @@ class OfflineRun:
     """What an offline W&B run recorded (its run-<id>.wandb file)."""
 
     id: str = ""
+    name: str = ""  # the display name (train.py: the run's overrides)
     tags: list[str] = field(default_factory=list)
     group: str = ""
     job_type: str = ""
@@ -434,7 +435,7 @@ def read_offline_run(directory: str | Path, wait_s: float = 10.0) -> OfflineRun:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
-            run.id, run.tags, run.group, run.job_type = r.run_id, list(r.tags), r.run_group, r.job_type
+            run.id, run.name, run.tags, run.group, run.job_type = r.run_id, r.display_name, list(r.tags), r.run_group, r.job_type
             for item in r.config.update:
                 _set(run.config, item)
         elif kind == "config":

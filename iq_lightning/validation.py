@@ -4,12 +4,17 @@ without the principle in its prompt, and is it still fluent?
 Before training (epoch -1: the base policy) and after every `val.every_n_epochs` epochs, the
 policy answers the held-out prompts x (greedy by default), and each answer y is measured:
 
-- `kl_pi_hat`: the exact per-token KL(pi_theta || pi_hat) over the whole vocabulary along y,
-  with pi_hat = softmax(alpha log pi_w + (1 - alpha) log pi_l): what the objective drives to 0;
+- `kl_pi_hat_exact_heldout`: the exact per-token KL(pi_theta || pi_hat) over the whole
+  vocabulary along y, with pi_hat = softmax(alpha log pi_w + (1 - alpha) log pi_l). Training's
+  `train/kl_pi_hat_est_rollouts` estimates the same KL on the epoch's own samples, the very
+  rollouts each step fits; on held-out prompts, along greedy answers that change as the policy
+  moves, the two need not fall together;
 - `kl_pi_w`: KL(pi_theta || pi_w), the distance to the principle-prompted teacher itself;
 - `nll_w`: mean NLL per token of y under pi_w (how plausible the answer is to the teacher);
-- `repetition` (share of repeated word 3-grams), `length` (tokens), and `principle_rate`: the
-  share of answers that pass the principle check (principle_check.py).
+- `repetition` (share of repeated word 3-grams), `length` (tokens), `truncated` (share of
+  answers cut off at max_new_tokens: a length or format principle cannot be judged on them), and
+  `principle_rate`: the share of answers that pass the principle check (principle_check.py),
+  absent, as the log and the plot say, when no check applies to the principle.
 
 The teacher (pi_w: the base given the principle, or the aligned model) answers the same prompts
 once, and its figures are the reference lines (`val_teacher/*`); epoch -1 is the base line.
@@ -51,12 +56,14 @@ from iq_lightning.out_of_memory import phase as oom_phase
 from iq_lightning.principle_check import PrincipleCheck
 from iq_lightning.samplers.base import SamplingParams
 from iq_lightning.samplers.hf import HFSampler
-from iq_lightning.text_quality import per_token_kl, repetition
+from iq_lightning.text_quality import decode_whole, per_token_kl, repetition
 
 log = logging.getLogger(__name__)
 
+NO_CHECK_NOTE = "no check applies to this principle (set one: val.check={kind: regex, pattern: ...}; README, Principle checks)"
 VALIDATION_DIR = "validation"
-FIGURES = ("kl_pi_hat", "kl_pi_w", "nll_w", "repetition", "length", "principle_rate")
+FIGURES = ("kl_pi_hat_exact_heldout", "kl_pi_w", "nll_w", "repetition", "length", "truncated", "principle_rate")
+LEGACY_NAMES = {"kl_pi_hat": "kl_pi_hat_exact_heldout"}  # summary.jsonl of runs before the rename
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class AnswerFigures:
     nll_w: float
     repetition: float
     passes: bool | None
+    truncated: bool = False  # cut off at max_new_tokens, without an end-of-sequence token
 
 
 def summarize(rows: Sequence[AnswerFigures]) -> dict[str, float]:
@@ -81,11 +89,12 @@ def summarize(rows: Sequence[AnswerFigures]) -> dict[str, float]:
     per_token = lambda key: sum(getattr(r, key) * r.tokens for r in rows if r.tokens) / tokens if tokens else math.nan  # noqa: E731
     checked = [r.passes for r in rows if r.passes is not None]
     figures = {
-        "kl_pi_hat": per_token("kl_pi_hat"),
+        "kl_pi_hat_exact_heldout": per_token("kl_pi_hat"),
         "kl_pi_w": per_token("kl_pi_w"),
         "nll_w": per_token("nll_w"),
         "repetition": sum(r.repetition for r in rows) / len(rows),
         "length": tokens / len(rows),
+        "truncated": sum(r.truncated for r in rows) / len(rows),
         "answers": len(rows),  # n of the principle rate's interval
     }
     if checked and len(checked) == len(rows):
@@ -125,6 +134,7 @@ class Validation(Callback):
         sharded: bool,
         table_rows: int = 16,
         gather_whole_up_to: int = 0,
+        show_progress: bool = False,
     ):
         self.out = Path(run_dir) / VALIDATION_DIR
         self.prompts = list(prompts)
@@ -137,7 +147,7 @@ class Validation(Callback):
         self.sharded = sharded
         self.table_rows = table_rows
         self.sampler = HFSampler(
-            batch_size, eos_ids, tokenizer.pad_token_id, show_progress=False, synced_gpus=sharded, gather_whole_up_to=gather_whole_up_to
+            batch_size, eos_ids, tokenizer.pad_token_id, show_progress=show_progress, synced_gpus=sharded, gather_whole_up_to=gather_whole_up_to
         )
 
     # --- when ------------------------------------------------------------------------------
@@ -173,12 +183,13 @@ class Validation(Callback):
         `is_guide` "w" or "l": the answerer, so prompted, computes exactly that guide's logits
         (the teacher; the untrained policy at epoch -1), so its own forward over the answers is
         not run again: a third of a validation's passes."""
-        generations = self.sampler.generate(answerer, answer_prompts, self.params, desc="validation")
+        generations = self.sampler.generate(answerer, answer_prompts, self.params, desc=f"validation: {'teacher' if is_guide == 'w' else 'policy'}")
         rows: list[AnswerFigures] = []
         device = guide.device
         for start in range(0, len(share), self.batch_size):
             chunk = share[start : start + self.batch_size]
-            responses = [g.response_ids for g in generations[start : start + self.batch_size]]
+            answers = generations[start : start + self.batch_size]
+            responses = [g.response_ids for g in answers]
             ids = answer_prompts[start : start + self.batch_size]
             logits_w, logits_l, response_ids = guide._guide_logits([p for p, _ in chunk], responses)
             batch = to_device(pack(ids, responses, guide.pad_id, guide.share_prefix), device)
@@ -190,7 +201,7 @@ class Validation(Callback):
             for i, ((prompt, counted), response) in enumerate(zip(chunk, responses)):
                 if not counted:
                     continue
-                text = self.tokenizer.decode(response, skip_special_tokens=True)
+                text = decode_whole(self.tokenizer, response)
                 rows.append(
                     AnswerFigures(
                         prompt_id=prompt.prompt.id,
@@ -202,6 +213,7 @@ class Validation(Callback):
                         nll_w=float(figures["nll_w"][i]) if response else 0.0,
                         repetition=repetition(text),
                         passes=self.check(text),
+                        truncated=not answers[i].finished,
                     )
                 )
         return rows
@@ -249,13 +261,16 @@ class Validation(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
             if type(logger).__name__ == "WandbLogger" and self.table_rows:
                 self._wandb_table(logger, epoch, rows)
-        log.info("validation after epoch %d: %s", epoch, ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.3f}" for k, v in figures.items()))
+        shown = ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.3f}" for k, v in figures.items())
+        if "principle_rate" not in figures:
+            shown += f", principle_rate: {NO_CHECK_NOTE}"
+        log.info("validation after epoch %d: %s", epoch, shown)
 
     def _wandb_table(self, logger, epoch: int, rows: list[AnswerFigures]) -> None:
         import wandb
 
-        columns = ["epoch", "prompt", "answer", "passes", "nll_w", "kl_pi_hat", "repetition", "tokens"]
-        data = [[epoch, r.prompt, r.answer, r.passes, r.nll_w, r.kl_pi_hat, r.repetition, r.tokens] for r in rows[: self.table_rows]]
+        columns = ["epoch", "prompt", "answer", "passes", "nll_w", "kl_pi_hat_exact", "repetition", "tokens", "truncated"]
+        data = [[epoch, r.prompt, r.answer, r.passes, r.nll_w, r.kl_pi_hat, r.repetition, r.tokens, r.truncated] for r in rows[: self.table_rows]]
         logger.experiment.log({"validation/answers": wandb.Table(columns=columns, data=data)})
 
 
@@ -311,6 +326,9 @@ def read_summary(run_dir: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line of a killed run
+        for old, new in LEGACY_NAMES.items():
+            if old in row:
+                row.setdefault(new, row.pop(old))
         rows[(row["epoch"], row["who"])] = row
     for row in rows.values():
         if "answers" not in row:  # runs from before the count was written: count the answer files

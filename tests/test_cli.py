@@ -70,7 +70,9 @@ def test_multirun_alpha_sweep_gets_one_directory_per_run(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
-    assert len(runs) == 3
+    # Named by job number (paths the tools take unquoted), each with its own overrides inside.
+    assert [run.name for run in runs] == ["0", "1", "2"]
+    assert [(run / ".hydra" / "overrides.yaml").read_text().count(f"alpha={a}") for run, a in zip(runs, ("1.0", "1.2", "1.4"))] == [1, 1, 1]
     alphas = []
     for run in runs:
         assert (run / "final" / "model.safetensors").exists()
@@ -97,11 +99,18 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "KeyboardInterrupt" in out, out[-2000:]
+    # It ends by printing the command that resumes: the same overrides, the run directory named.
+    said = out.rstrip().splitlines()
+    assert said[-2].endswith("resume with:"), out[-2000:]
+    assert said[-1].strip() == " ".join(["python", "train.py", *args[2:-1], f"hydra.run.dir={tmp_path}"])
     done = sorted(p.name for p in (tmp_path / "rollouts").glob("epoch_*.jsonl"))
     assert 1 <= len(done) < 30
     kept = {name: (tmp_path / "rollouts" / name).read_bytes() for name in done}
 
-    resumed = _train(tmp_path, *args[2:-1])
+    import shlex
+
+    printed = shlex.split(said[-1])
+    resumed = subprocess.run([sys.executable, str(REPO / "train.py"), *printed[2:]], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr + resumed.stdout
     after = sorted(p.name for p in (tmp_path / "rollouts").glob("epoch_*.jsonl"))
@@ -163,7 +172,7 @@ def test_command_line_mistakes_are_one_clear_line(script, overrides, expected):
 @pytest.mark.parametrize(
     ("script", "overrides"),
     [
-        ("train", ["model=tiny", "alpha=1.2", "sampler.temperature=0.7", "data=local", "data.path=p.jsonl"]),
+        ("train", ["model=tiny", "alpha=1.2", "sampler.temperature=0.7", "data=local", f"data.path={REPO / 'iq_lightning' / 'resources' / 'prompts.jsonl'}"]),
         ("train", ["-m", "alpha=1.0,1.2", "model=tiny,smollm2", "+sampler.options.dtype=float32"]),
         ("train", ["model=tiny", "model.tiny.hidden_size=64", "+model.architecture.hidden_size=64", "hydra.run.dir=x"]),
         ("train", ["experiment=paper_hh", "guide.principle='Be kind, always.'", "~model.chat_template"]),

@@ -53,7 +53,7 @@ def test_every_objective_trains_end_to_end_and_moves_the_weights(tmp_path, objec
     assert all(torch.isfinite(p).all() for p in trained.parameters())
     assert (tmp_path / "final" / "config.json").exists()
     header = (tmp_path / "metrics" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert "train/loss_epoch" in header and "train/kl_policy_pi_hat" in header
+    assert "train/loss_epoch" in header and "train/kl_pi_hat_est_rollouts" in header
 
 
 def test_the_objective_group_is_typed_and_its_mistakes_are_one_line(tmp_path):

@@ -48,7 +48,7 @@ def test_ppo_trains_the_policy_and_its_value_head_end_to_end(ppo_run):
     assert (ppo_run.run_dir / "final" / "config.json").exists()
     assert ppo_run.trainer.global_step == 2 * 4 * 2  # 2 epochs x 4 PPO passes (ppo.yaml) x 2 micro-batches
     header = (ppo_run.run_dir / "metrics" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("train/ppo_policy_loss", "train/ppo_value_loss", "train/ppo_clip_fraction", "ppo/contrastive_reward", "train/kl_policy_pi_hat"):
+    for key in ("train/ppo_policy_loss", "train/ppo_value_loss", "train/ppo_clip_fraction", "ppo/contrastive_reward", "train/kl_pi_hat_est_rollouts"):
         assert key in header, key
     # The policy that drew the samples is the one the old log-probs come from (temperature 1).
     assert max(_epoch_figures(ppo_run.run_dir, "ppo/sampler_logprob_gap")) < 1e-4

@@ -58,7 +58,7 @@ def test_run_directory_layout(two_epochs):
             assert row["messages"][-1]["role"] == "user" and row["prompt_ids"]
     metrics = (run_dir / "metrics" / "metrics.csv").read_text()
     header = metrics.splitlines()[0].split(",")
-    for name in ("train/loss_epoch", "train/loss_token_mean", "train/kl_policy_pi_hat", "train/log_ratio_mean",
+    for name in ("train/loss_epoch", "train/loss_token_mean", "train/kl_pi_hat_est_rollouts", "train/log_ratio_mean",
                  "train/credit_mean", "train/response_length", "time/weight_sync_s", "time/sample_s",
                  "time/score_s", "time/train_s", "time/checkpoint_s"):
         assert name in header, name

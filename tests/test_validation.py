@@ -48,7 +48,7 @@ def test_summaries_weight_token_figures_by_tokens_and_answers_equally():
         AnswerFigures("b", "p", "y", 3, kl_pi_hat=3.0, kl_pi_w=1.0, nll_w=4.0, repetition=0.0, passes=False),
     ]
     s = summarize(rows)
-    assert s["kl_pi_hat"] == pytest.approx((1 * 1 + 3 * 3) / 4)
+    assert s["kl_pi_hat_exact_heldout"] == pytest.approx((1 * 1 + 3 * 3) / 4)
     assert s["nll_w"] == pytest.approx((2 + 12) / 4)
     assert s["repetition"] == 0.25 and s["length"] == 2.0 and s["principle_rate"] == 0.5 and s["answers"] == 2
     unchecked = [AnswerFigures("a", "p", "x", 1, 1.0, 0.0, 2.0, 0.0, None)]
@@ -74,9 +74,9 @@ def test_validation_runs_before_training_every_n_epochs_and_after_the_last(valid
     assert [(r["epoch"], r["who"]) for r in summary] == [(-1, "policy"), (-1, "teacher"), (1, "policy"), (2, "policy")]
     assert [r["answers"] for r in summary] == [6, 6, 6, 6]  # n of the principle rate's interval
     metrics = list(csv.DictReader(open(run_dir / "metrics" / "metrics.csv")))
-    val_rows = [r for r in metrics if r.get("val/kl_pi_hat")]
+    val_rows = [r for r in metrics if r.get("val/kl_pi_hat_exact_heldout")]
     assert [int(r["epoch"]) for r in val_rows] == [-1, 1, 2]
-    for key in ("val/kl_pi_w", "val/nll_w", "val/repetition", "val/length", "val/principle_rate"):
+    for key in ("val/kl_pi_w", "val/nll_w", "val/repetition", "val/length", "val/truncated", "val/principle_rate"):
         assert all(r[key] != "" for r in val_rows), key
     assert [r["val_teacher/nll_w"] != "" for r in val_rows] == [True, False, False]
     assert (run_dir / "plots" / "validation.png").stat().st_size > 10_000
@@ -108,11 +108,11 @@ def test_epoch_minus_one_equals_a_direct_computation_on_the_untrained_policy(val
     kl_hat = float((per_token_kl(mine, estimated_optimal_logprobs(logits_w, logits_l, run.train.alpha)) * mask).sum() / tokens)
     nll = float((mean_nll(token_logprobs(logits_w, ids), mask) * mask.sum(-1)).sum() / tokens)
     logged = next(r for r in read_summary(validated_run.run_dir) if r["epoch"] == -1 and r["who"] == "policy")
-    assert logged["kl_pi_hat"] == pytest.approx(kl_hat, abs=1e-5)
+    assert logged["kl_pi_hat_exact_heldout"] == pytest.approx(kl_hat, abs=1e-5)
     assert logged["nll_w"] == pytest.approx(nll, abs=1e-5)
     assert logged["length"] == pytest.approx(float(tokens) / len(prompts))
     trained = next(r for r in read_summary(validated_run.run_dir) if r["epoch"] == 2)
-    assert trained["kl_pi_hat"] != logged["kl_pi_hat"]  # the policy moved
+    assert trained["kl_pi_hat_exact_heldout"] != logged["kl_pi_hat_exact_heldout"]  # the policy moved
 
 
 def test_summaries_without_a_count_get_it_from_their_answer_files(tmp_path):

@@ -242,28 +242,30 @@ class JudgeQuality:
             low, high = wilson_interval(k, n)
             return "" if n == 0 else f"{low:.0%}-{high:.0%}"
 
-        def verdict(ok: bool) -> str:
+        def verdict(ok: bool, counted: int | None = None) -> str:
+            if counted is not None and counted < s.min_checked:  # the value may look fine: the count is what fails
+                return f"**FAIL**: too few to measure ({counted} < {s.min_checked})"
             return "pass" if ok else "**FAIL**"
 
         lines += ["| check | value | 95% CI | n | bar | |", "|---|---|---|---|---|---|"]
         control_ok = self.controls >= s.min_checked and self.control_accuracy >= s.min_control_accuracy
         lines.append(
             f"| control: prefers the intact answer to a corrupted copy | {pct(self.control_accuracy)} | {ci(self.control_correct, self.controls)} "
-            f"| {self.controls} | >= {s.min_control_accuracy:.0%} | {verdict(control_ok)} |"
+            f"| {self.controls} | >= {s.min_control_accuracy:.0%} | {verdict(control_ok, self.controls)} |"
         )
         for kind, (correct, n) in self.control_by_kind.items():
             lines.append(f"| - {CORRUPTION_LABELS.get(kind, kind)} | {pct(_share(correct, n))} | {ci(correct, n)} | {n} | | |")
         measured = self.matches >= s.min_checked
         lines.append(
             f"| swap consistency: same answer in both orders | {pct(self.consistency)} | {ci(round(self.consistency * self.matches) if self.matches else 0, self.matches)} "
-            f"| {self.matches} | >= {s.min_consistency:.0%} | {verdict(measured and self.consistency >= s.min_consistency)} |"
+            f"| {self.matches} | >= {s.min_consistency:.0%} | {verdict(measured and self.consistency >= s.min_consistency, self.matches)} |"
         )
         lines.append(f"| position A chosen, first contestant shown first | {pct(self.position_a_first)} | | | | |")
         lines.append(f"| position A chosen, second contestant shown first | {pct(self.position_a_second)} | | | | |")
         band_ok = measured and self.decided >= s.min_checked and abs(self.position_a - 0.5) <= s.max_position_bias
         lines.append(
             f"| position A chosen, both orders | {pct(self.position_a)} | | {self.decided} "
-            f"| {0.5 - s.max_position_bias:.0%}-{0.5 + s.max_position_bias:.0%} | {verdict(band_ok)} |"
+            f"| {0.5 - s.max_position_bias:.0%}-{0.5 + s.max_position_bias:.0%} | {verdict(band_ok, min(self.matches, self.decided))} |"
         )
         if self.position_log_odds is not None:
             lines.append(f"| mean log p(A) - log p(B), single order: preference for position A | {self.position_log_odds:+.2f} nats | | {2 * self.matches} | | |")

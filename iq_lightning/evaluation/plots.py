@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: evaluation runs on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from iq_lightning.files import atomic_path  # noqa: E402
 from iq_lightning.evaluation.ratings import EloIntervals, EloResult, WinRate, gaussian_smooth  # noqa: E402
@@ -140,14 +141,42 @@ def elo_curve(result: EloResult, sigma: float, path: Path, intervals: EloInterva
     return _save(fig, path)
 
 
-def alpha_sweep(points: Sequence[tuple[float, float]], reference: str, path: Path, note: str | None = None, warn: bool = False) -> Path:
-    """Fig. 7: win rate minus lose rate against the reference, per alpha."""
-    alphas, values = zip(*sorted(points))
+def win_minus_lose_interval(rate: WinRate, z: float = 1.96) -> tuple[float, float]:
+    """A 95% normal interval of win rate - lose rate over n valid verdicts: each verdict scores
+    +1, 0 or -1, so Var = (p_win + p_lose - (p_win - p_lose)^2) / n; clipped to [-1, 1]."""
+    n = rate.valid
+    if n == 0:
+        return float("nan"), float("nan")
+    d = rate.win_minus_lose
+    half = z * np.sqrt(max(rate.win_rate + rate.lose_rate - d * d, 0.0) / n)
+    return max(-1.0, d - half), min(1.0, d + half)
+
+
+def alpha_sweep(points: Sequence[tuple[float, WinRate | float]], reference: str, path: Path, note: str | None = None, warn: bool = False) -> Path:
+    """Fig. 7: win rate minus lose rate against the reference, in percentage points, per alpha,
+    with 95% whiskers where the verdict counts are given (a WinRate rather than a number). The
+    axis is symmetric about 0 and at least +-10 points wide, so no difference is drawn larger
+    than it is (a flat 0 once read as a +-0.04 swing)."""
+    points = sorted(points, key=lambda p: p[0])
+    alphas = [a for a, _ in points]
+    values = np.array([r.win_minus_lose if isinstance(r, WinRate) else float(r) for _, r in points]) * 100
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot(alphas, np.array(values) * 100, marker="o")
+    ax.plot(alphas, values, marker="o", clip_on=False)
+    reach = np.abs(values[np.isfinite(values)]).tolist()
+    counted = [(a, r) for a, r in points if isinstance(r, WinRate) and r.valid]
+    if counted:
+        bounds = np.array([win_minus_lose_interval(r) for _, r in counted]) * 100
+        centre = np.array([r.win_minus_lose for _, r in counted]) * 100
+        ax.errorbar([a for a, _ in counted], centre, yerr=[centre - bounds[:, 0], bounds[:, 1] - centre], fmt="none", ecolor="black", capsize=3,
+                    linewidth=1, label=f"95% interval (n={'/'.join(str(r.valid) for _, r in counted)})")
+        reach += np.abs(bounds).ravel().tolist()
+        ax.legend(fontsize=8)
+    limit = min(100.0, max(10.0, 10 * np.ceil(max(reach, default=0.0) * 1.1 / 10)))
+    ax.set_ylim(-limit, limit)
     ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(alphas)
     ax.set_xlabel("alpha")
-    ax.set_ylabel(f"win - lose rate vs {reference} (%)")
+    ax.set_ylabel(f"win - lose rate vs {reference} (percentage points)")
     _judge_title(ax, "", note, warn)
     return _save(fig, path)
 
@@ -221,6 +250,7 @@ def reward_curve_plot(curve: RewardCurve, path: Path, baseline: float | None = N
     if baseline is not None:
         ax.axhline(baseline, color=LOSE, linestyle="--", label=baseline_label)
     ax.axhline(0, color="grey", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 0.2 ticks on a 1-epoch curve
     ax.set_xlabel("epoch (0 = initial model)")
     ax.set_ylabel("reward increment / std")
     ax.legend(fontsize=8)

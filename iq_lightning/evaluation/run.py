@@ -268,7 +268,7 @@ def _evaluate(spec: EvalSpec, show_progress: bool) -> EvalResult:
                 intervals = bootstrap_elo(by_prompt, e.k, e.initial, e.bootstrap, e.bootstrap_orderings, spec.seed)
             files.append(write_csv(out / "results" / "elo.csv", ELO_FIELDS, elo_rows(elo, intervals)))
             files.append(plots.elo_curve(elo, e.smoothing_sigma, out / "plots" / "elo_curve.png", intervals, note, warn))
-        sweep = [(c.alpha, r.win_minus_lose) for c in contestants if c.alpha is not None and (r := versus.get(c.name)) is not None]
+        sweep = [(c.alpha, r) for c in contestants if c.alpha is not None and (r := versus.get(c.name)) is not None]
         if sweep:
             files.append(plots.alpha_sweep(sweep, spec.reference, out / "plots" / "alpha_sweep.png", note, warn))
         # r-to-Q*: one policy's win rate against the number of beams it searches its likelihood with
