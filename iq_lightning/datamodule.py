@@ -19,6 +19,7 @@ from iq_lightning.data import EncodedPrompt
 from iq_lightning.device_memory import PhasePeaks
 from iq_lightning.errors import UserError
 from iq_lightning.guides import GuideScorer
+from iq_lightning.objective import scheduled_alphas
 from iq_lightning.objectives import SamplePlan, sampling_prompt_ids
 from iq_lightning.rollouts import LengthGroupedBatches, Rollout, TornRolloutsError, collate, read_rollouts, write_rollouts
 from iq_lightning.samplers import Sampler, SamplingParams
@@ -70,6 +71,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         passes_per_epoch: int = 1,
         seed: int = 0,
         plan: SamplePlan = SamplePlan(),
+        alpha_warmup_epochs: int = 0,
     ):
         super().__init__()
         self.prompts = list(prompts)
@@ -82,6 +84,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.passes_per_epoch = passes_per_epoch
         self.seed = seed
         self.plan = plan
+        self.alpha_warmup_epochs = alpha_warmup_epochs  # objective.scheduled_alpha: each epoch's alpha
         self.epoch_stats: dict[str, float] = {}
 
     def rollout_path(self, epoch: int) -> Path:
@@ -122,7 +125,8 @@ class OnPolicyDataModule(L.LightningDataModule):
         roles = [role for _ in range(len(generations) // k) for role, _ in draws]
         sampled = time.perf_counter()
         peaks.mark("sample")
-        scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring", winner=self.plan.winner_logprobs)
+        alpha = scheduled_alphas(guide.alpha, epoch, self.alpha_warmup_epochs)
+        scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring", winner=self.plan.winner_logprobs, alpha=alpha)
         scored = time.perf_counter()
         peaks.mark("score")
         tokens = sum(len(g.response_ids) for g in generations)
@@ -133,6 +137,8 @@ class OnPolicyDataModule(L.LightningDataModule):
             "throughput/sample_tokens_per_s": tokens / max(sampled - synced, 1e-9),
             **peaks.figures,
         }
+        if self.alpha_warmup_epochs:
+            self.epoch_stats["train/alpha"] = alpha if isinstance(alpha, float) else sum(alpha)
         return [
             Rollout(
                 epoch=epoch,

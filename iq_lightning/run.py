@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
-from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain
+from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain, principle_weights
 from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError, UserError
@@ -62,7 +62,8 @@ def build_guide(
     pi_w per guide.kind."""
     lesser = frozen_reference(policy)
     if g.kind == "principle":
-        return PrincipleGuide(lesser, tokenizer, g.principle, g.placement, alpha, g.batch_size, show_progress)
+        texts, alphas = principle_weights(g, alpha)
+        return PrincipleGuide(lesser, tokenizer, texts, g.placement, alphas, g.batch_size, show_progress)
     winner, winner_tokenizer = load_model(g.model)
     if not same_tokenizer(tokenizer, winner_tokenizer) or output_vocab_size(winner) != output_vocab_size(policy):
         raise ConfigError(
@@ -102,11 +103,13 @@ def context_limits(run: RunConfig, sampler: bool = True) -> dict[str, int]:
 
 
 def principle_prompt_length(run: RunConfig, tokenizer: PreTrainedTokenizerBase):
-    """len(x_w) of a prompt, as PrincipleGuide encodes it; None where the guide reads the plain prompt."""
+    """len(x_w) of a prompt, as PrincipleGuide encodes it (the longest of several principles');
+    None where the guide reads the plain prompt."""
     g = run.guide
     if g.kind != "principle":
         return None
-    return lambda p: len(encode_prompt(tokenizer, with_principle(p.prompt.messages, g.principle, g.placement)))
+    texts, _ = principle_weights(g, run.train.alpha)
+    return lambda p: max(len(encode_prompt(tokenizer, with_principle(p.prompt.messages, text, g.placement))) for text in texts)
 
 
 def build_loggers(spec: LoggerSpec, run_dir: Path, wandb_init: dict | None = None) -> list:
@@ -345,11 +348,12 @@ def build_validation(run: RunConfig, tokenizer, held_out: list, eos: list[int], 
         run.run_dir,
         held_out,
         tokenizer,
-        build_check(v.check, run.guide.principle),
-        alpha=run.train.alpha,
+        build_check(v.check, principle_weights(run.guide, run.train.alpha)[0][0]),
+        alpha=principle_weights(run.guide, run.train.alpha)[1],
         every_n_epochs=v.every_n_epochs,
         max_new_tokens=v.max_new_tokens or run.sampler.max_new_tokens,
         temperature=v.temperature,
+        top_p=v.top_p,
         batch_size=v.batch_size,
         eos_ids=eos,
         seed=run.train.seed,
@@ -402,7 +406,8 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     if objective.plan.given_pairs:
         prompts = keep_pairs(prompts, stats, run.data.source)  # DPO on the data's pairs: only prompts that have one
     if run.guide.kind == "principle":
-        check_principle_prompt(tokenizer, run.guide.principle, run.guide.placement, prompts[0])
+        for text in principle_weights(run.guide, t.alpha)[0]:
+            check_principle_prompt(tokenizer, text, run.guide.placement, prompts[0])
     winner_length = principle_prompt_length(run, tokenizer)
     prompts = fit_context(prompts, context_limits(run), run.sampler.max_new_tokens, stats, winner_length)
     log.info("prompts (%s): %s", run.data.source, stats.describe())
@@ -440,6 +445,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         passes_per_epoch=t.passes_per_epoch,
         seed=t.seed,
         plan=objective.plan,
+        alpha_warmup_epochs=t.alpha_warmup_epochs,
     )
     # After every completed epoch (only the newest is kept): what a restart resumes from.
     checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)

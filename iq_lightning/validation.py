@@ -8,6 +8,8 @@ policy answers the held-out prompts x (greedy by default), and each answer y is 
   with pi_hat = softmax(alpha log pi_w + (1 - alpha) log pi_l): what the objective drives to 0;
 - `kl_pi_w`: KL(pi_theta || pi_w), the distance to the principle-prompted teacher itself;
 - `nll_w`: mean NLL per token of y under pi_w (how plausible the answer is to the teacher);
+  with several principles (guide.principles) pi_hat is their product and pi_w, the teacher and
+  the check are the first principle's;
 - `repetition` (share of repeated word 3-grams), `length` (tokens), and `principle_rate`: the
   share of answers that pass the principle check (principle_check.py).
 
@@ -92,11 +94,13 @@ def summarize(rows: Sequence[AnswerFigures]) -> dict[str, float]:
 
 
 def answer_figures(
-    answer_logits: torch.Tensor, logits_w: torch.Tensor, logits_l: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor, alpha: float
+    answer_logits: torch.Tensor, logits_w, logits_l: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor, alpha
 ) -> dict[str, torch.Tensor]:
     """Per-answer token means (B,) of KL(answerer || pi_hat), KL(answerer || pi_w) and the NLL
-    under pi_w, from response-aligned logits (B, T, V) of the answering model and both guides."""
+    under pi_w, from response-aligned logits (B, T, V) of the answering model and both guides
+    (logits_w and alpha: K of each for several principles, pi_w then the first's)."""
     log_pi_hat = estimated_optimal_logprobs(logits_w, logits_l, alpha)
+    logits_w = first_winner(logits_w)
     count = mask.sum(-1).clamp(min=1.0)
     mean = lambda values: (values * mask).sum(-1) / count  # noqa: E731
     return {
@@ -104,6 +108,11 @@ def answer_figures(
         "kl_pi_w": mean(per_token_kl(answer_logits, logits_w)),
         "nll_w": mean(-token_logprobs(logits_w, response_ids)),
     }
+
+
+def first_winner(logits_w):
+    """pi_w's logits: the one winner's, or the first principle's of several."""
+    return logits_w if isinstance(logits_w, torch.Tensor) else logits_w[0]
 
 
 class Validation(Callback):
@@ -122,6 +131,7 @@ class Validation(Callback):
         seed: int,
         sharded: bool,
         table_rows: int = 16,
+        top_p: float = 1.0,
     ):
         self.out = Path(run_dir) / VALIDATION_DIR
         self.prompts = list(prompts)
@@ -129,7 +139,7 @@ class Validation(Callback):
         self.check = check
         self.alpha = alpha
         self.every_n_epochs = every_n_epochs
-        self.params = SamplingParams(max_new_tokens, temperature, 1.0, seed)
+        self.params = SamplingParams(max_new_tokens, temperature, top_p, seed)
         self.batch_size = batch_size
         self.sharded = sharded
         self.table_rows = table_rows
@@ -180,7 +190,7 @@ class Validation(Callback):
             if is_guide is None:
                 answer_logits = response_logits(answerer, batch, guide.share_prefix)
             else:
-                answer_logits = logits_w if is_guide == "w" else logits_l
+                answer_logits = first_winner(logits_w) if is_guide == "w" else logits_l
             figures = answer_figures(answer_logits, logits_w, logits_l, response_ids, batch["response_mask"], self.alpha)
             for i, ((prompt, counted), response) in enumerate(zip(chunk, responses)):
                 if not counted:
