@@ -128,3 +128,22 @@ def test_runs_started_before_the_new_keys_resume(tmp_path):
     for override in ("alpha_warmup_epochs=2", "objective.penalty=huber", "objective.target_clip=1"):
         with pytest.raises(ConfigError, match="other settings"):
             check_resumable(build_run_config(compose(["model=tiny", override]), tmp_path))
+
+
+def test_validation_figures_with_several_principles():
+    """kl_pi_hat against the product of the winners; kl_pi_w and nll_w under the first winner."""
+    from iq_lightning.text_quality import per_token_kl
+    from iq_lightning.validation import answer_figures
+
+    g = torch.Generator().manual_seed(3)
+    answer, w1, w2, lesser = (torch.randn(2, 4, 9, generator=g, dtype=torch.float64) for _ in range(4))
+    ids = torch.randint(0, 9, (2, 4), generator=g)
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    got = answer_figures(answer, (w1, w2), lesser, ids, mask, (0.8, 0.6))
+    z = 0.8 * torch.log_softmax(w1, -1) + 0.6 * torch.log_softmax(w2, -1) - 0.4 * torch.log_softmax(lesser, -1)
+    log_pi_hat = z - torch.logsumexp(z, -1, keepdim=True)
+    mean = lambda v: (v * mask).sum(-1) / mask.sum(-1)  # noqa: E731
+    torch.testing.assert_close(got["kl_pi_hat"], mean(per_token_kl(answer, log_pi_hat)))
+    torch.testing.assert_close(got["nll_w"], mean(-torch.log_softmax(w1, -1).gather(-1, ids[..., None]).squeeze(-1)))
+    first = answer_figures(answer, w1, lesser, ids, mask, 1.4)
+    torch.testing.assert_close(got["kl_pi_w"], first["kl_pi_w"])

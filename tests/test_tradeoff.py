@@ -69,8 +69,8 @@ def test_table_pools_seeds_and_marks_the_front(sweep):
     assert rows["looped"][3:5] == ["1.00 (0.51-1.00, n=4)", "0.00 (0.00-0.49)"] and rows["looped"][7] == ""  # dominated by shy
     assert rows["shy"][7] == "yes" and rows["worse"][7] == ""
     # the base and the teacher, one run per seed (seed0 from the first setting, seed1 from fluent)
-    assert rows["base (epoch -1)"][2:7] == ["2", "0.00 (0.00-0.32, n=8)", "0.00 (0.00-0.32)", "0.850 (0.800-0.900)", "0.050 (0.050-0.050)"]
-    assert rows["teacher (principle in the prompt)"][3:5] == ["0.50 (0.22-0.78, n=8)", "0.50 (0.22-0.78)"]
+    assert rows["base"][2:7] == ["2", "0.00 (0.00-0.32, n=8)", "0.00 (0.00-0.32)", "0.850 (0.800-0.900)", "0.050 (0.050-0.050)"]
+    assert rows["teacher"][3:5] == ["0.50 (0.22-0.78, n=8)", "0.50 (0.22-0.78)"]
     order = list(rows)[3:]  # after the header, the base and the teacher
     assert order == ["fluent", "worse", "shy", "looped"]  # by clean passes
     assert "Above the teacher's principle rate at or below its NLL under pi_w and repetition: shy." not in table

@@ -77,7 +77,7 @@ def settings(out: Path) -> list[tuple[str, str]]:
 
 def collect(out: Path) -> tuple[list[Point], Point, Point]:
     """The settings' points (those with a finished validation), the base's and the teacher's."""
-    points, base, teacher = [], Point("base (epoch -1)"), Point("teacher (principle in the prompt)")
+    points, base, teacher = [], Point("base"), Point("teacher")
     reference_seeds: set[str] = set()
     for name, overrides in settings(out):
         point = Point(name, overrides)
@@ -141,7 +141,7 @@ def table(points: list[Point], base: Point, teacher: Point, which: str) -> str:
     for p in sorted(points, key=lambda p: (-p.rate(which), p.mean_nll)):
         lines.append(row(p, "yes" if p.name in on_front else ""))
     lines.append("")
-    lines.append(f"Sorted by {label}, then NLL under pi_w. The front: {label} against NLL under pi_w.")
+    lines.append(f"base: the untrained policy (epoch -1); teacher: the base with the principle in its prompt. Sorted by {label}, then NLL under pi_w; front: {label} against NLL under pi_w.")
     if teacher.seeds:
         beat = [
             p.name
