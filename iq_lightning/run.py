@@ -453,7 +453,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     if run.val.every_n_epochs:
         callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded))
     if t.credit_maps_per_epoch:
-        callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha))
+        callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha if run.guide.principles is None else None))
     if t.save_epoch_policies:
         callbacks.append(EpochPolicyExport(run_dir, tokenizer))
     trainer = L.Trainer(
