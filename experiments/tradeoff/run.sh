@@ -6,7 +6,7 @@
 # --front) then run again with seeds 1 and 2; then the table and the two figures (clean passes
 # against NLL under pi_w, and against repetition; base and teacher as points, front drawn).
 #   bash experiments/tradeoff/run.sh [out_dir] [extra train.py overrides]
-#   bash experiments/tradeoff/run.sh outputs/tradeoff_sentence guide.principle="Answer in one sentence."
+#   bash experiments/tradeoff/run.sh outputs/tradeoff_sentence guide=one_sentence   # the second bundled principle
 #   SETTINGS=my.tsv SEEDS="0" FRONT_SEEDS="1 2" RECOMMENDED="a1.2_lr1e-4" bash experiments/tradeoff/run.sh
 # SETTINGS: name<TAB>overrides lines; RECOMMENDED: names to rerun with FRONT_SEEDS instead of the
 # front's. A finished run (final/ written) is skipped, so a rerun continues where it stopped.
