@@ -90,6 +90,7 @@ class PrincipleSpec:
 
     text: str = ""
     alpha: float = 1.0
+    placement: str | None = None  # system | user; None: guide.placement
 
 
 @dataclass(frozen=True)
@@ -450,6 +451,15 @@ def principle_weights(guide: GuideSpec, alpha: float) -> tuple[tuple[str, ...], 
     return (guide.principle,), (alpha,)
 
 
+def principle_placements(guide: GuideSpec) -> tuple[str, ...]:
+    """Where each principle goes in x_w (principle_weights' order): its own placement, else
+    guide.placement. Small models follow some principles from the system message, others only
+    prepended to the user turn."""
+    if guide.principles is None:
+        return (guide.placement,)
+    return tuple(p.placement or guide.placement for p in guide.principles)
+
+
 def validate_principles(run: RunConfig) -> None:
     g = run.guide
     _check(g.kind == "principle", f"guide.principles needs guide.kind=principle, got {g.kind!r}")
@@ -461,6 +471,7 @@ def validate_principles(run: RunConfig) -> None:
     for i, p in enumerate(g.principles):
         _check(isinstance(p.text, str) and bool(p.text.strip()), f"guide.principles[{i}].text is empty")
         _check(_number(p.alpha, f"guide.principles[{i}].alpha") >= 0, f"guide.principles[{i}].alpha must be >= 0, got {p.alpha}")
+        _check(p.placement in (None, *PLACEMENTS), f"guide.principles[{i}].placement must be system or user, got {p.placement!r}")
     _check(
         len(g.principles) == 1 or run.objective.name == "inverse_q",
         f"several guide.principles train objective=inverse_q only (objective={run.objective.name} reads one teacher)",

@@ -160,8 +160,8 @@ class PrincipleGuide(GuideScorer):
     differ in length and in their common prefix (the principle replaces SmolLM2's default system
     prompt), so apart each pass shares its own prefix and pads no row to the other's length.
 
-    `principle` and `alpha` may be K principles and their K weights (module docstring): one pass
-    per principle. `principle` (and winner_prompt_ids, validation's teacher, the prompt that
+    `principle` and `alpha` may be K principles and their K weights (module docstring), and
+    `placement` one for all or one each: one pass per principle. `principle` (and winner_prompt_ids, validation's teacher, the prompt that
     objectives sampling from x_w use) is then the first."""
 
     def __init__(
@@ -169,7 +169,7 @@ class PrincipleGuide(GuideScorer):
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         principle: str | Sequence[str],
-        placement: str,
+        placement: str | Sequence[str],
         alpha: Alphas,
         batch_size: int = 16,
         show_progress: bool = True,
@@ -182,8 +182,11 @@ class PrincipleGuide(GuideScorer):
         alphas = (alpha,) if isinstance(alpha, (int, float)) else tuple(alpha)
         if not self.principles or len(alphas) != len(self.principles):
             raise ValueError(f"{len(self.principles)} principles need as many alphas, got {alpha!r}")
+        self.placements = (placement,) * len(self.principles) if isinstance(placement, str) else tuple(placement)
+        if len(self.placements) != len(self.principles):
+            raise ValueError(f"{len(self.principles)} principles need as many placements, got {placement!r}")
         self.principle = self.principles[0]
-        self.placement = placement
+        self.placement = self.placements[0]
         self._winner_ids: dict[tuple, tuple[int, ...]] = {}
         self._one_head: bool | None = None
 
@@ -203,7 +206,7 @@ class PrincipleGuide(GuideScorer):
         """x_w of principle k (the first by default)."""
         key = (k, tuple(tuple(sorted(m.items())) for m in prompt.prompt.messages))
         if key not in self._winner_ids:
-            messages = with_principle(prompt.prompt.messages, self.principles[k], self.placement)
+            messages = with_principle(prompt.prompt.messages, self.principles[k], self.placements[k])
             self._winner_ids[key] = tuple(encode_prompt(self.tokenizer, messages))
         return self._winner_ids[key]
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
-from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain, principle_weights
+from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain, principle_placements, principle_weights
 from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError, UserError
@@ -63,7 +63,7 @@ def build_guide(
     lesser = frozen_reference(policy)
     if g.kind == "principle":
         texts, alphas = principle_weights(g, alpha)
-        return PrincipleGuide(lesser, tokenizer, texts, g.placement, alphas, g.batch_size, show_progress)
+        return PrincipleGuide(lesser, tokenizer, texts, principle_placements(g), alphas, g.batch_size, show_progress)
     winner, winner_tokenizer = load_model(g.model)
     if not same_tokenizer(tokenizer, winner_tokenizer) or output_vocab_size(winner) != output_vocab_size(policy):
         raise ConfigError(
@@ -108,8 +108,8 @@ def principle_prompt_length(run: RunConfig, tokenizer: PreTrainedTokenizerBase):
     g = run.guide
     if g.kind != "principle":
         return None
-    texts, _ = principle_weights(g, run.train.alpha)
-    return lambda p: max(len(encode_prompt(tokenizer, with_principle(p.prompt.messages, text, g.placement))) for text in texts)
+    placed = list(zip(principle_weights(g, run.train.alpha)[0], principle_placements(g)))
+    return lambda p: max(len(encode_prompt(tokenizer, with_principle(p.prompt.messages, text, where))) for text, where in placed)
 
 
 def build_loggers(spec: LoggerSpec, run_dir: Path, wandb_init: dict | None = None) -> list:
@@ -406,8 +406,8 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     if objective.plan.given_pairs:
         prompts = keep_pairs(prompts, stats, run.data.source)  # DPO on the data's pairs: only prompts that have one
     if run.guide.kind == "principle":
-        for text in principle_weights(run.guide, t.alpha)[0]:
-            check_principle_prompt(tokenizer, text, run.guide.placement, prompts[0])
+        for text, where in zip(principle_weights(run.guide, t.alpha)[0], principle_placements(run.guide)):
+            check_principle_prompt(tokenizer, text, where, prompts[0])
     winner_length = principle_prompt_length(run, tokenizer)
     prompts = fit_context(prompts, context_limits(run), run.sampler.max_new_tokens, stats, winner_length)
     log.info("prompts (%s): %s", run.data.source, stats.describe())

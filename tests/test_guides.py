@@ -248,15 +248,15 @@ def test_several_principles_match_an_independent_float64_product_of_experts(tiny
     model, tokenizer = tiny
     model = frozen_copy(model)
     prompts, responses = _prompts(tokenizer), _responses(tokenizer)
-    guide = PrincipleGuide(model, tokenizer, [PRINCIPLE, SECOND], "system", [0.8, 0.6], show_progress=False)
+    guide = PrincipleGuide(model, tokenizer, [PRINCIPLE, SECOND], ["system", "user"], [0.8, 0.6], show_progress=False)
     guide._one_head = one_head
     passes = _hidden_passes(monkeypatch)
     got = guide.score(prompts, responses)
     assert len(passes) == (3 if one_head else 0)  # pi_w,1, pi_w,2 and pi_l, one batch
     for prompt, response, scores in zip(prompts, responses, got):
         rows = [
-            torch.log_softmax(_unpadded_logprobs(model, encode_prompt(tokenizer, with_principle(prompt.prompt.messages, p, "system")), response).double(), -1)
-            for p in (PRINCIPLE, SECOND)
+            torch.log_softmax(_unpadded_logprobs(model, encode_prompt(tokenizer, with_principle(prompt.prompt.messages, p, where)), response).double(), -1)
+            for p, where in ((PRINCIPLE, "system"), (SECOND, "user"))  # each principle where it is placed
         ]
         log_l = torch.log_softmax(_unpadded_logprobs(model, prompt.input_ids, response).double(), -1)
         z = 0.8 * rows[0] + 0.6 * rows[1] + (1 - 1.4) * log_l
@@ -266,6 +266,8 @@ def test_several_principles_match_an_independent_float64_product_of_experts(tiny
     assert guide.principle == PRINCIPLE and guide.winner_prompt_ids(prompts[0], 1) != guide.winner_prompt_ids(prompts[0])
     with pytest.raises(ValueError, match="as many alphas"):
         PrincipleGuide(model, tokenizer, [PRINCIPLE, SECOND], "system", 1.5)
+    with pytest.raises(ValueError, match="as many placements"):
+        PrincipleGuide(model, tokenizer, [PRINCIPLE, SECOND], ["user"], [1.0, 0.5])
 
 
 def test_score_takes_the_epochs_alpha(tiny):

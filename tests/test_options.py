@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import compose
-from iq_lightning.config import build_run_config, principle_weights
+from iq_lightning.config import build_run_config, principle_placements, principle_weights
 from iq_lightning.data import EncodedPrompt, Prompt
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.errors import ConfigError
@@ -32,6 +32,7 @@ TWO = 'guide.principles=[{text: "Always reply in German.", alpha: 0.8}, {text: "
         (["guide=principles", 'guide.principles=[{text: " ", alpha: 0.8}]'], r"guide.principles\[0\].text is empty"),
         (["guide=principles", 'guide.principles=[{text: "a", alpha: -0.5}]'], r"guide.principles\[0\].alpha must be >= 0"),
         (["guide=principles", "guide.principles=[]"], "guide.principles is empty"),
+        (["guide=principles", 'guide.principles=[{text: a, placement: assistant}]'], r"guide.principles\[0\].placement must be system or user"),
         (["guide=principles", "guide.principles=[5]"], r"guide.principles\[0\] must be a mapping"),
         (["guide=principles", 'guide.principles=[{text: a, weight: 2}]'], r"unknown key guide.principles\[0\].weight"),
         (["guide=principles", "objective=distill"], "several guide.principles train objective=inverse_q only"),
@@ -53,6 +54,9 @@ def test_defaults_are_off_and_the_options_reach_the_objective(tmp_path):
     assert isinstance(objective, InverseQ) and (objective.penalty, objective.huber_delta, objective.target_clip) == ("huber", 0.5, 2.0)
     run = build_run_config(compose(["model=tiny", "guide=principles", TWO]), tmp_path)
     assert principle_weights(run.guide, run.train.alpha) == (("Always reply in German.", "Answer in one sentence."), (0.8, 0.6))
+    assert principle_placements(run.guide) == ("system", "system")
+    run = build_run_config(compose(["model=tiny", "guide=principles"]), tmp_path)  # the bundled pair
+    assert principle_placements(run.guide) == ("system", "user")
 
 
 def test_inverse_q_step_clips_targets_and_takes_the_huber_penalty(tiny):
