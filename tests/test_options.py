@@ -54,8 +54,10 @@ def test_defaults_are_off_and_the_options_reach_the_objective(tmp_path):
     assert isinstance(objective, InverseQ) and (objective.penalty, objective.huber_delta, objective.target_clip) == ("huber", 0.5, 2.0)
     run = build_run_config(compose(["model=tiny", "guide=principles", TWO]), tmp_path)
     assert principle_weights(run.guide, run.train.alpha) == (("Always reply in German.", "Answer in one sentence."), (0.8, 0.6))
-    assert principle_placements(run.guide) == ("system", "system")
-    run = build_run_config(compose(["model=tiny", "guide=principles"]), tmp_path)  # the bundled pair
+    assert principle_placements(run.guide) == ("user", "user")  # guide=principles sets guide.placement=user
+    run = build_run_config(compose(["model=tiny", "guide=principles", 'guide.principles=[{text: a}, {text: b, placement: user}]']), tmp_path)
+    assert principle_placements(run.guide) == ("user", "user")  # the bundled pair's guide.placement
+    run = build_run_config(compose(["model=tiny", "guide=principles", "guide.placement=system", 'guide.principles=[{text: a}, {text: b, placement: user}]']), tmp_path)
     assert principle_placements(run.guide) == ("system", "user")
 
 

@@ -85,3 +85,18 @@ def test_figures_are_written(sweep, tmp_path):
         path = tmp_path / "figs" / name
         assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
         assert f"]({name})" in out
+
+
+def test_every_setting_of_the_recipe_is_a_valid_config(tmp_path):
+    """run.sh passes each line's overrides to train.py: each must build (a typo would cost the
+    sweep an hour before it stopped)."""
+    from conftest import compose
+    from iq_lightning.config import build_run_config
+
+    lines = [line.split("\t") for line in (SCRIPT.parent / "settings.tsv").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert len(lines) >= 20 and len({name for name, _ in lines}) == len(lines)
+    alphas = set()
+    for name, overrides in lines:
+        run = build_run_config(compose(overrides.split() + ["val.every_n_epochs=1", "logger=csv"]), tmp_path)
+        alphas.add(run.train.alpha)
+    assert alphas == {1.0, 1.2, 1.5}
