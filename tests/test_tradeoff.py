@@ -100,3 +100,19 @@ def test_every_setting_of_the_recipe_is_a_valid_config(tmp_path):
         run = build_run_config(compose(overrides.split() + ["val.every_n_epochs=1", "logger=csv"]), tmp_path)
         alphas.add(run.train.alpha)
     assert alphas == {1.0, 1.2, 1.5}
+
+
+def test_recheck_applies_each_principles_check_to_the_stored_answers(tmp_path):
+    run = tmp_path / "run"
+    (run / "validation").mkdir(parents=True)
+    write = lambda name, texts: (run / "validation" / name).write_text("".join(json.dumps({"answer": t}) + "\n" for t in texts))  # noqa: E731
+    write("teacher.jsonl", ["Je prends une veste de pluie.", "Il fait beau aujourd'hui à Paris. Sortez !"])
+    write("epoch_-01.jsonl", [ENGLISH, ENGLISH + ". And boots."])
+    write("epoch_003.jsonl", ["Je vous conseille de prendre des chaussures solides.", FLUENT + ". Et un parapluie, bien sûr."])
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "recheck.py"), str(run), "Always reply in French.", "Answer in one sentence."],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "answers" not in line]
+    assert rows == ["| teacher | 1.00 | 0.50 |", "| epoch -01 | 0.00 | 0.50 |", "| epoch 003 | 1.00 | 0.50 |"]
