@@ -84,16 +84,29 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class PrincipleSpec:
+    """One of several principles (guide.principles): its text and its weight alpha_k in
+    pi_hat ∝ prod_k pi_w,k^alpha_k * pi_l^(1 - sum_k alpha_k)."""
+
+    text: str = ""
+    alpha: float = 1.0
+    placement: str | None = None  # system | user; None: guide.placement
+
+
+@dataclass(frozen=True)
 class GuideSpec:
     """The winner guide pi_w. kind 'principle': the SFT model with `principle` inserted at
-    `placement` (system|user). kind 'aligned_model': a separate aligned `model` given the plain
-    prompt. pi_l is always the frozen initial policy given the plain prompt."""
+    `placement` (system|user), weighted by the top-level alpha; or `principles`, several, each
+    with its own alpha (one guide pass each; `principle` then null). kind 'aligned_model': a
+    separate aligned `model` given the plain prompt. pi_l is always the frozen initial policy
+    given the plain prompt."""
 
     kind: str = "principle"
     principle: str | None = None
     # A text file holding the principle (no shell or Hydra quoting); replaces `principle` when the
     # RunConfig is built, so everything after (the restart check, W&B) sees the text itself.
     principle_file: str | None = None
+    principles: tuple[PrincipleSpec, ...] | None = None
     placement: str = "system"
     model: ModelSpec | None = None
     batch_size: int = 16
@@ -137,6 +150,8 @@ class DecodingSpec:
 @dataclass(frozen=True)
 class TrainSpec:
     alpha: float = 1.5
+    # Epochs over which alpha rises linearly from 1.0 (pi_hat = pi_w) to `alpha` (objective.scheduled_alpha); 0: off.
+    alpha_warmup_epochs: int = 0
     beta: float = 0.1
     seed: int = 0
     epochs: int = 3
@@ -172,7 +187,8 @@ class ValSpec:
     prompts: int = 16
     split: str = "test"  # the prompt source's held-out split
     max_new_tokens: int | None = None  # None: sampler.max_new_tokens
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # 0: greedy; apart from sampler.temperature, which draws training's rollouts
+    top_p: float = 1.0  # apart from sampler.top_p likewise
     batch_size: int = 16
     table_rows: int = 16  # rows of the per-epoch W&B validation table
     check: Mapping[str, Any] | None = None  # principle check {kind: auto|language|regex|none, language, pattern, flags}
@@ -205,6 +221,13 @@ class ObjectiveSpec:
     # rejected, sampled once. None: dataset for sources whose rows all carry pairs
     # (PAIRED_SOURCES: the paper's DPO on HH-RLHF), principle otherwise; resolved at build.
     pairs: str | None = None
+    # inverse_q, open choices of METHOD.md (conf/objective/inverse_q.yaml; objective.py):
+    # penalty on the residuals log pi_hat(y_t) - log pi_theta(y_t), squared (the paper's) or huber
+    # (quadratic within huber_delta nats, linear beyond); target_clip: None, or each target at
+    # most that many nats from log pi_ref(y_t).
+    penalty: str = "squared"
+    huber_delta: float = 1.0
+    target_clip: float | None = None
 
 
 @dataclass(frozen=True)
@@ -276,6 +299,10 @@ def build_spec(cls: type, node: Any, where: str) -> Any:
             value = None if value is None else build_spec(ModelSpec, value, f"{where}.model")
         elif name == "hh_subsets":
             value = tuple(value)
+        elif name == "principles":
+            if value is not None and (isinstance(value, (str, Mapping)) or not hasattr(value, "__iter__")):
+                raise ConfigError(f"{where}.principles must be a list of {{text: ..., alpha: ...}}, got {value!r}")
+            value = None if value is None else tuple(build_spec(PrincipleSpec, item, f"{where}.principles[{i}]") for i, item in enumerate(value))
         elif name == "decoding":
             value = build_spec(DecodingSpec, value, f"{where}.decoding")
         elif name == "options":
@@ -375,6 +402,7 @@ def validate(run: RunConfig) -> None:
     _integer(t.micro_batch_size, "micro_batch_size", 1)
     _integer(t.accumulate_grad_batches, "accumulate_grad_batches", 1)
     _integer(t.passes_per_epoch, "passes_per_epoch", 1)
+    _integer(t.alpha_warmup_epochs, "alpha_warmup_epochs", 0)
     _integer(t.seed, "seed", 0)
     _integer(t.nonfinite_skips, "nonfinite_skips", 0)
     _integer(t.credit_maps_per_epoch, "credit_maps_per_epoch", 0)
@@ -403,7 +431,9 @@ def validate(run: RunConfig) -> None:
     g = run.guide
     _check(g.kind in GUIDE_KINDS, f"guide.kind must be one of {', '.join(GUIDE_KINDS)}, got {g.kind!r}")
     _check(g.placement in PLACEMENTS, f"guide.placement must be system or user, got {g.placement!r}")
-    if g.kind == "principle":
+    if g.principles is not None:
+        validate_principles(run)
+    elif g.kind == "principle":
         _check(bool(g.principle and str(g.principle).strip()), "guide=principle needs a non-empty guide.principle")
     else:
         _check(g.model is not None, "guide=aligned_model needs guide.model (the aligned model pi_w)")
@@ -420,8 +450,44 @@ def validate(run: RunConfig) -> None:
         _integer(v.batch_size, "val.batch_size", 1)
         _integer(v.table_rows, "val.table_rows", 0)
         _check(_number(v.temperature, "val.temperature") >= 0, f"val.temperature must be >= 0, got {v.temperature}")
+        _check(0 < _number(v.top_p, "val.top_p") <= 1, f"val.top_p must be in (0, 1], got {v.top_p}")
         if v.max_new_tokens is not None:
             _integer(v.max_new_tokens, "val.max_new_tokens", 1)
+
+
+def principle_weights(guide: GuideSpec, alpha: float) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The texts and weights alpha_k of a guide=principle run's principles: guide.principles, or
+    the one guide.principle with the top-level `alpha`."""
+    if guide.principles is not None:
+        return tuple(p.text for p in guide.principles), tuple(p.alpha for p in guide.principles)
+    return (guide.principle,), (alpha,)
+
+
+def principle_placements(guide: GuideSpec) -> tuple[str, ...]:
+    """Where each principle goes in x_w (principle_weights' order): its own placement, else
+    guide.placement. Small models follow some principles from the system message, others only
+    prepended to the user turn."""
+    if guide.principles is None:
+        return (guide.placement,)
+    return tuple(p.placement or guide.placement for p in guide.principles)
+
+
+def validate_principles(run: RunConfig) -> None:
+    g = run.guide
+    _check(g.kind == "principle", f"guide.principles needs guide.kind=principle, got {g.kind!r}")
+    _check(
+        g.principle is None,
+        "guide.principle and guide.principles are both set: use guide=principles (or guide.principle=null) with guide.principles",
+    )
+    _check(len(g.principles) > 0, "guide.principles is empty: give at least one {text: ..., alpha: ...}")
+    for i, p in enumerate(g.principles):
+        _check(isinstance(p.text, str) and bool(p.text.strip()), f"guide.principles[{i}].text is empty")
+        _check(_number(p.alpha, f"guide.principles[{i}].alpha") >= 0, f"guide.principles[{i}].alpha must be >= 0, got {p.alpha}")
+        _check(p.placement in (None, *PLACEMENTS), f"guide.principles[{i}].placement must be system or user, got {p.placement!r}")
+    _check(
+        len(g.principles) == 1 or run.objective.name == "inverse_q",
+        f"several guide.principles train objective=inverse_q only (objective={run.objective.name} reads one teacher)",
+    )
 
 
 def validate_objective(o: ObjectiveSpec) -> None:

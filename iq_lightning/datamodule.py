@@ -19,6 +19,7 @@ from iq_lightning.data import EncodedPrompt
 from iq_lightning.device_memory import PhasePeaks
 from iq_lightning.errors import UserError
 from iq_lightning.guides import GuideScorer
+from iq_lightning.objective import scheduled_alphas
 from iq_lightning.objectives import SamplePlan, sampling_prompt_ids
 from iq_lightning.out_of_memory import SAMPLING, SCORING
 from iq_lightning.out_of_memory import phase as oom_phase
@@ -72,6 +73,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         passes_per_epoch: int = 1,
         seed: int = 0,
         plan: SamplePlan = SamplePlan(),
+        alpha_warmup_epochs: int = 0,
     ):
         super().__init__()
         self.prompts = list(prompts)
@@ -84,6 +86,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.passes_per_epoch = passes_per_epoch
         self.seed = seed
         self.plan = plan
+        self.alpha_warmup_epochs = alpha_warmup_epochs  # objective.scheduled_alpha: each epoch's alpha
         self.epoch_stats: dict[str, float] = {}
 
     def rollout_path(self, epoch: int) -> Path:
@@ -125,8 +128,11 @@ class OnPolicyDataModule(L.LightningDataModule):
         roles = [role for _ in range(len(generations) // k) for role, _ in draws]
         sampled = time.perf_counter()
         peaks.mark("sample")
+        alpha = scheduled_alphas(guide.alpha, epoch, self.alpha_warmup_epochs)
         with oom_phase(SCORING):
-            scores = guide.score(prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring", winner=self.plan.winner_logprobs)
+            scores = guide.score(
+                prompts, [g.response_ids for g in generations], desc=f"epoch {epoch} scoring", winner=self.plan.winner_logprobs, alpha=alpha
+            )
         scored = time.perf_counter()
         peaks.mark("score")
         tokens = sum(len(g.response_ids) for g in generations)
@@ -139,6 +145,8 @@ class OnPolicyDataModule(L.LightningDataModule):
             "throughput/score_tokens_per_s": scored_tokens / max(scored - sampled, 1e-9),
             **peaks.figures,
         }
+        if self.alpha_warmup_epochs:
+            self.epoch_stats["train/alpha"] = alpha if isinstance(alpha, float) else sum(alpha)
         return [
             Rollout(
                 epoch=epoch,

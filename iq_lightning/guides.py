@@ -5,6 +5,12 @@ pi_l is the frozen SFT model (the initial policy) given the plain prompt x; it i
 pi_w is either that same model with a principle in the prompt (`PrincipleGuide`, both guides in
 one forward pass) or a separate aligned model given x (`AlignedModelGuide`).
 
+Several principles (guide.principles, PrincipleGuide with K principles and K alphas): one winner
+pi_w,k per principle, the same model given x with principle k, and
+pi_hat ∝ prod_k pi_w,k^alpha_k * pi_l^(1 - sum_k alpha_k) (objective.estimated_optimal_logprobs),
+exact over the whole vocabulary: K + 1 guide forward passes per response instead of 2, and on
+the one-head path K + 1 final hidden states mixed into one before the same two head products.
+
 Cost per response token, beyond the two guides' forward passes (V: vocabulary, H: hidden size):
 
 - General path (any guides): both guides' logits z_w, z_l (two LM-head products, H x V each);
@@ -42,13 +48,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from iq_lightning.config import GuideSpec
+from iq_lightning.config import GuideSpec, principle_placements, principle_weights
 from iq_lightning.data import EncodedPrompt, Messages, encode_prompt
 from iq_lightning.errors import ConfigError
 from iq_lightning.forward import mixable_head, pack, response_hidden, response_logits, to_device
 from iq_lightning.logprobs import token_logprobs
 from iq_lightning.models import frozen_reference, load_model, output_vocab_size, same_tokenizer
-from iq_lightning.objective import mixed_logits, sampled_token_targets
+from iq_lightning.objective import Alphas, mixed_logits, sampled_token_targets
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,8 @@ class GuideScorer(ABC):
     """Scores sampled responses with the frozen guides. Not an nn.Module on purpose: training
     strategies (DDP, FSDP, ZeRO-3) must neither wrap, shard nor checkpoint the guides."""
 
-    def __init__(self, alpha: float, pad_id: int, batch_size: int, show_progress: bool = True, share_prefix: bool = True):
-        self.alpha = alpha
+    def __init__(self, alpha: Alphas, pad_id: int, batch_size: int, show_progress: bool = True, share_prefix: bool = True):
+        self.alpha = alpha  # one float, or one per principle (PrincipleGuide with several)
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.show_progress = show_progress
@@ -98,8 +104,9 @@ class GuideScorer(ABC):
     @abstractmethod
     def _guide_logits(
         self, prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits_w, logits_l, response_ids), each response-aligned (B, T, V) / (B, T)."""
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """(logits_w, logits_l, response_ids), each response-aligned (B, T, V) / (B, T); logits_w a
+        tuple of K tensors where there are K > 1 winners (several principles)."""
 
     def to(self, device: torch.device | str) -> "GuideScorer":
         for model in self.models:
@@ -114,28 +121,36 @@ class GuideScorer(ABC):
     # which inference tensors forbid.
     @torch.no_grad()
     def score(
-        self, prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], desc: str = "scoring", winner: bool = False
+        self,
+        prompts: Sequence[EncodedPrompt],
+        responses: Sequence[Sequence[int]],
+        desc: str = "scoring",
+        winner: bool = False,
+        alpha: Alphas | None = None,
     ) -> list[GuideScores]:
         """Per response token: log pi_hat(y_t), log pi_ref(y_t) and, with `winner` (PPO's
-        contrastive reward), log pi_w(y_t): one more log-softmax over the vocabulary per token."""
+        contrastive reward), log pi_w(y_t): one more log-softmax over the vocabulary per token.
+        `alpha`: this call's weights (the epoch's, under train.alpha_warmup_epochs) in place of
+        the guide's own, one per principle."""
+        alpha = self.alpha if alpha is None else alpha
         scores: list[GuideScores] = []
         starts = range(0, len(prompts), self.batch_size)
         for start in tqdm(starts, desc=desc, unit="batch", disable=not self.show_progress, leave=False):
             chunk_prompts = prompts[start : start + self.batch_size]
             chunk_responses = responses[start : start + self.batch_size]
-            targets, ref, won = self._score_batch(chunk_prompts, chunk_responses, winner)
+            targets, ref, won = self._score_batch(chunk_prompts, chunk_responses, winner, alpha)
             for row, response in enumerate(chunk_responses):
                 n = len(response)
                 scores.append(GuideScores(targets[row, :n].tolist(), ref[row, :n].tolist(), won[row, :n].tolist() if winner else []))
         return scores
 
     def _score_batch(
-        self, prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], winner: bool
+        self, prompts: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], winner: bool, alpha: Alphas
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(log pi_hat(y_t), log pi_ref(y_t), log pi_w(y_t) or None), each (B, T), from both
         guides' logits: the general path (module docstring)."""
         logits_w, logits_l, response_ids = self._guide_logits(prompts, responses)
-        targets = sampled_token_targets(logits_w, logits_l, response_ids, self.alpha)
+        targets = sampled_token_targets(logits_w, logits_l, response_ids, alpha)
         ref = token_logprobs(logits_l, response_ids)
         won = token_logprobs(logits_w, response_ids) if winner else None
         return targets, ref, won
@@ -146,15 +161,19 @@ class PrincipleGuide(GuideScorer):
 
     One forward pass per guide, not one over the stacked [x_w + y ; x + y] batch: x_w and x
     differ in length and in their common prefix (the principle replaces SmolLM2's default system
-    prompt), so apart each pass shares its own prefix and pads no row to the other's length."""
+    prompt), so apart each pass shares its own prefix and pads no row to the other's length.
+
+    `principle` and `alpha` may be K principles and their K weights (module docstring), and
+    `placement` one for all or one each: one pass per principle. `principle` (and winner_prompt_ids, validation's teacher, the prompt that
+    objectives sampling from x_w use) is then the first."""
 
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        principle: str,
-        placement: str,
-        alpha: float,
+        principle: str | Sequence[str],
+        placement: str | Sequence[str],
+        alpha: Alphas,
         batch_size: int = 16,
         show_progress: bool = True,
         share_prefix: bool = True,
@@ -162,8 +181,15 @@ class PrincipleGuide(GuideScorer):
         super().__init__(alpha, tokenizer.pad_token_id, batch_size, show_progress, share_prefix)
         self.model = model
         self.tokenizer = tokenizer
-        self.principle = principle
-        self.placement = placement
+        self.principles = (principle,) if isinstance(principle, str) else tuple(principle)
+        alphas = (alpha,) if isinstance(alpha, (int, float)) else tuple(alpha)
+        if not self.principles or len(alphas) != len(self.principles):
+            raise ValueError(f"{len(self.principles)} principles need as many alphas, got {alpha!r}")
+        self.placements = (placement,) * len(self.principles) if isinstance(placement, str) else tuple(placement)
+        if len(self.placements) != len(self.principles):
+            raise ValueError(f"{len(self.principles)} principles need as many placements, got {placement!r}")
+        self.principle = self.principles[0]
+        self.placement = self.placements[0]
         self._winner_ids: dict[tuple, tuple[int, ...]] = {}
         self._one_head: bool | None = None
 
@@ -179,33 +205,38 @@ class PrincipleGuide(GuideScorer):
             self._one_head = mixable_head(self.model)
         return self._one_head
 
-    def winner_prompt_ids(self, prompt: EncodedPrompt) -> tuple[int, ...]:
-        key = tuple(tuple(sorted(m.items())) for m in prompt.prompt.messages)
+    def winner_prompt_ids(self, prompt: EncodedPrompt, k: int = 0) -> tuple[int, ...]:
+        """x_w of principle k (the first by default)."""
+        key = (k, tuple(tuple(sorted(m.items())) for m in prompt.prompt.messages))
         if key not in self._winner_ids:
-            messages = with_principle(prompt.prompt.messages, self.principle, self.placement)
+            messages = with_principle(prompt.prompt.messages, self.principles[k], self.placements[k])
             self._winner_ids[key] = tuple(encode_prompt(self.tokenizer, messages))
         return self._winner_ids[key]
 
-    def _batches(self, prompts, responses) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """pi_w's inputs (x_w + y) and pi_l's (x + y), on the model's device."""
+    def _batches(self, prompts, responses) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Each pi_w,k's inputs (x_w,k + y) and pi_l's (x + y), on the model's device."""
         share = self.share_prefix
-        winner = to_device(pack([self.winner_prompt_ids(p) for p in prompts], responses, self.pad_id, share), self.device)
+        winners = [
+            to_device(pack([self.winner_prompt_ids(p, k) for p in prompts], responses, self.pad_id, share), self.device)
+            for k in range(len(self.principles))
+        ]
         lesser = to_device(pack([p.input_ids for p in prompts], responses, self.pad_id, share), self.device)
-        return winner, lesser
+        return winners, lesser
 
     def _guide_logits(self, prompts, responses):
-        winner, lesser = self._batches(prompts, responses)
-        return response_logits(self.model, winner), response_logits(self.model, lesser), lesser["response_ids"]
+        winners, lesser = self._batches(prompts, responses)
+        logits_w = tuple(response_logits(self.model, w) for w in winners)
+        return logits_w[0] if len(logits_w) == 1 else logits_w, response_logits(self.model, lesser), lesser["response_ids"]
 
-    def _score_batch(self, prompts, responses, winner):
+    def _score_batch(self, prompts, responses, winner, alpha):
         if winner or not self.one_head:
-            return super()._score_batch(prompts, responses, winner)
-        winner_batch, lesser = self._batches(prompts, responses)
-        hidden_w = response_hidden(self.model, winner_batch)
+            return super()._score_batch(prompts, responses, winner, alpha)
+        winner_batches, lesser = self._batches(prompts, responses)
+        hidden_w = tuple(response_hidden(self.model, w).float() for w in winner_batches)
         hidden_l = response_hidden(self.model, lesser)
         head, response_ids = self.model.get_output_embeddings(), lesser["response_ids"]
         # Mixed in float32, then projected at the head's own dtype as the model projects h_l.
-        mixed = mixed_logits(hidden_w.float(), hidden_l.float(), self.alpha).to(hidden_l.dtype)
+        mixed = mixed_logits(hidden_w[0] if len(hidden_w) == 1 else hidden_w, hidden_l.float(), alpha).to(hidden_l.dtype)
         del hidden_w
         targets = token_logprobs(head(mixed), response_ids)
         del mixed
@@ -248,7 +279,8 @@ def build_guide(
     pi_w per guide.kind."""
     lesser = frozen_reference(policy)
     if g.kind == "principle":
-        return PrincipleGuide(lesser, tokenizer, g.principle, g.placement, alpha, g.batch_size, show_progress)
+        texts, alphas = principle_weights(g, alpha)
+        return PrincipleGuide(lesser, tokenizer, texts, principle_placements(g), alphas, g.batch_size, show_progress)
     winner, winner_tokenizer = load_model(g.model)
     if not same_tokenizer(tokenizer, winner_tokenizer) or output_vocab_size(winner) != output_vocab_size(policy):
         raise ConfigError(

@@ -977,12 +977,20 @@ def _scoring(c: _Context) -> list[PlanItem]:
     element = _guide_element(c, run.model.dtype)
     length = c.prompt_tokens + _principle_tokens(c) + c.new_tokens
     rows = c.new_tokens + 1
-    logits = 2 * batch * rows * arch.vocab_size * element
-    temporaries = 3 * min(_TARGET_CHUNK_ROWS, batch * rows) * arch.vocab_size * 4 + 2 * rows * arch.vocab_size * 4
+    passes = _guide_passes(c)  # K winners (guide.principles) and pi_l: all K + 1 logits alive at once
+    logits = passes * batch * rows * arch.vocab_size * element
+    temporaries = (passes + 1) * min(_TARGET_CHUNK_ROWS, batch * rows) * arch.vocab_size * 4 + 2 * rows * arch.vocab_size * 4
     cache = 0 if c.guides_sharded else kv_cache_bytes(arch, batch * length, element)
     forward = cache + batch * length * layer_working_elements(arch) * element
     fix = f"guide.batch_size={max(batch // 2, 1)}"
-    return [PlanItem(f"scoring: two guide passes ({batch} x {length} tokens)", logits + temporaries + forward, fix, (SCORING,), knob="guide.batch_size")]
+    count = "two" if passes == 2 else str(passes)
+    return [PlanItem(f"scoring: {count} guide passes ({batch} x {length} tokens)", logits + temporaries + forward, fix, (SCORING,), knob="guide.batch_size")]
+
+
+def _guide_passes(c: _Context) -> int:
+    """Guide forward passes per scored batch: one per principle (guide.principles) plus pi_l."""
+    g = c.run.guide
+    return 1 + (len(g.principles) if g.kind == "principle" and g.principles else 1)
 
 
 def _validation(c: _Context) -> list[PlanItem]:
@@ -1004,7 +1012,7 @@ def _validation(c: _Context) -> list[PlanItem]:
     rows = new + 1
     generate = kv_cache_bytes(arch, batch * length, c.num.param) + batch * length * layer_working_elements(arch) * c.num.param
     guide = _guide_element(c, run.model.dtype)
-    logits = batch * rows * arch.vocab_size * (2 * guide + c.num.param + 4 * 4) + 4 * rows * arch.vocab_size * 4
+    logits = batch * rows * arch.vocab_size * (_guide_passes(c) * guide + c.num.param + 4 * 4) + 4 * rows * arch.vocab_size * 4
     cache = 0 if c.guides_sharded else kv_cache_bytes(arch, batch * length, guide)
     fix = f"val.batch_size={max(batch // 2, 1)}"
     items.append(PlanItem(f"validation: answers and figures ({batch} x {length} tokens)", max(generate, logits + cache), fix, (VALIDATION,), knob="val.batch_size"))
@@ -1022,15 +1030,24 @@ def _language_check(c: _Context) -> bool:
         from iq_lightning.principle_check import _IN_LANGUAGE
     except ImportError:
         return False
-    return bool(c.run.guide.principle and _IN_LANGUAGE.search(str(c.run.guide.principle)))
+    first = _principle_texts(c)[:1]
+    return bool(first and _IN_LANGUAGE.search(str(first[0])))
+
+
+def _principle_texts(c: _Context) -> list[str]:
+    g = c.run.guide
+    if g.kind != "principle":
+        return []
+    return [p.text for p in g.principles] if g.principles else [g.principle] if g.principle else []
 
 
 def _principle_tokens(c: _Context) -> int:
-    """x_w is x with the principle inserted: about 4 characters per token (1 for tiny's bytes)."""
-    g = c.run.guide
-    if g.kind != "principle" or not g.principle:
+    """x_w is x with the principle inserted (the longest of several): about 4 characters per token
+    (1 for tiny's bytes)."""
+    texts = _principle_texts(c)
+    if not texts:
         return 0
-    chars = len(str(g.principle).encode())
+    chars = max(len(str(t).encode()) for t in texts)
     return chars if c.run.model.source == "tiny" else _ceil_div(chars, 4)
 
 

@@ -4,10 +4,17 @@
 Kinds (a `CheckSpec`, from config):
   language  the answer is written in `language` (ISO 639-1 code), by a real language identifier
   regex     the answer matches `pattern` (re.search; `flags` e.g. "i" for IGNORECASE)
+  sentences the answer has at most `max_sentences` sentences (SentenceCheck: runs of . ! ?
+            before a space or the end, and line breaks, end a sentence)
+  lowercase the answer has letters and none of them is upper case
   none      no check: the rate is absent (None), never a made-up number
   auto      derived from the principle by `default_check_for`: "reply in <Language>"
             principles (the bundled "Always reply in French, whatever language the user writes
-            in.") get a language check, any other principle none
+            in.") get a language check, "in one sentence" / "in N sentences" a sentence check,
+            "lowercase" a lowercase check, any other principle none
+
+Writing a check: a class with a `name` and `__call__(text) -> bool | None` (PrincipleCheck),
+a kind in CHECK_KINDS and its branch in build_check; no judge, no network, a few microseconds.
 
 A language check answers only "is this text French?": a looped phrase in French passes it.
 Whether the answer loops is `text_quality.repetition`, reported beside it; whether it is good is
@@ -50,7 +57,7 @@ from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 from iq_lightning.errors import ConfigError
 
-CHECK_KINDS = ("auto", "language", "regex", "none")
+CHECK_KINDS = ("auto", "language", "regex", "sentences", "lowercase", "none")
 
 # Language names (English and native) -> ISO 639-1, for "reply in <Language>" principles.
 LANGUAGES = {
@@ -73,6 +80,11 @@ _VERBS = (
 _IN_LANGUAGE = re.compile(
     rf"\b{_VERBS}\b[^.;!?]*?\b(?:in|en)\s+({'|'.join(sorted(LANGUAGES, key=len, reverse=True))})\b", re.IGNORECASE
 )
+_NUMBERS = {"one": 1, "a single": 1, "a": 1, "two": 2, "three": 3, "four": 4, "five": 5}
+_IN_SENTENCES = re.compile(r"\b(?:in|with|of)\s+(?:at most\s+|no more than\s+)?(one|a single|a|two|three|four|five|\d+)\s+(?:short\s+)?sentences?\b", re.IGNORECASE)
+_LOWERCASE = re.compile(r"\blower[- ]?case\b", re.IGNORECASE)
+# Where a sentence ends: a run of . ! ? before whitespace or the end of the answer, or a line break.
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)|\n+")
 
 
 @runtime_checkable
@@ -93,6 +105,7 @@ class CheckSpec:
     language: str | None = None  # ISO 639-1, kind language
     pattern: str | None = None  # kind regex
     flags: str = ""  # kind regex: any of "i" (ignore case), "m" (multiline), "s" (dot matches newline)
+    max_sentences: int = 1  # kind sentences
 
 
 @lru_cache(maxsize=1)
@@ -159,6 +172,45 @@ class RegexCheck:
         return f"RegexCheck({self.regex.pattern!r})"
 
 
+def count_sentences(text: str) -> int:
+    """Sentences of `text`: the pieces between sentence ends (a run of . ! ? before whitespace or
+    the end, or a line break) that hold a letter. "Yes. It is!" has 2, "1. milk\n2. eggs" 2 (the
+    list numbers hold no letter), "It costs 3.50 dollars." 1. An abbreviation before a space
+    ("the U.S. army") ends one: a rule, not a parser."""
+    return sum(1 for piece in _SENTENCE_END.split(text or "") if any(ch.isalpha() for ch in piece))
+
+
+class SentenceCheck:
+    """The answer has between 1 and `max_sentences` sentences (count_sentences); an empty answer
+    fails. Also fails an answer cut at max_new_tokens in its second sentence: it was not going to
+    stop at one."""
+
+    def __init__(self, max_sentences: int = 1):
+        if isinstance(max_sentences, bool) or not isinstance(max_sentences, int) or max_sentences < 1:
+            raise ConfigError(f"principle check: max_sentences must be an integer >= 1, got {max_sentences!r}")
+        self.max_sentences = max_sentences
+        self.name = f"sentences<={max_sentences}"
+
+    def __call__(self, text: str) -> bool:
+        return 1 <= count_sentences(text) <= self.max_sentences
+
+    def __repr__(self) -> str:
+        return f"SentenceCheck({self.max_sentences})"
+
+
+class LowercaseCheck:
+    """The answer has a letter and no upper-case letter (str.isupper per character: any script)."""
+
+    name = "lowercase"
+
+    def __call__(self, text: str) -> bool:
+        letters = [ch for ch in text or "" if ch.isalpha()]
+        return bool(letters) and not any(ch.isupper() for ch in letters)
+
+    def __repr__(self) -> str:
+        return "LowercaseCheck()"
+
+
 class NoCheck:
     """Nothing checked: every answer gives None and the rate is absent."""
 
@@ -174,14 +226,22 @@ class NoCheck:
 def default_check_for(principle: str | None) -> PrincipleCheck:
     """A language check for "reply in <Language>" principles (a verb such as reply, respond,
     answer, write, speak, then "in <Language>" in the same sentence; the first language so named
-    counts; also "réponds en français", "responde en español"), otherwise NoCheck. "Always reply in French, whatever language the user writes in."
+    counts; also "réponds en français", "responde en español"); SentenceCheck for "in one
+    sentence", "in at most three sentences"; LowercaseCheck for principles naming lowercase;
+    otherwise NoCheck. "Always reply in French, whatever language the user writes in."
     gives LanguageCheck("fr")."""
     if not principle:
         return NoCheck()
     found = _IN_LANGUAGE.search(principle)
-    if found is None:
-        return NoCheck()
-    return LanguageCheck(LANGUAGES[found.group(1).lower()])
+    if found is not None:
+        return LanguageCheck(LANGUAGES[found.group(1).lower()])
+    found = _IN_SENTENCES.search(principle)
+    if found is not None:
+        count = found.group(1).lower()
+        return SentenceCheck(_NUMBERS[count] if count in _NUMBERS else int(count))
+    if _LOWERCASE.search(principle):
+        return LowercaseCheck()
+    return NoCheck()
 
 
 def build_check(spec: CheckSpec | Mapping[str, Any] | None, principle: str | None = None) -> PrincipleCheck:
@@ -189,9 +249,9 @@ def build_check(spec: CheckSpec | Mapping[str, Any] | None, principle: str | Non
     if spec is None:
         spec = CheckSpec()
     elif isinstance(spec, Mapping):
-        unknown = set(spec) - {"kind", "language", "pattern", "flags"}
+        unknown = set(spec) - {"kind", "language", "pattern", "flags", "max_sentences"}
         if unknown:
-            raise ConfigError(f"principle check: unknown key(s) {', '.join(sorted(unknown))} (kind, language, pattern, flags)")
+            raise ConfigError(f"principle check: unknown key(s) {', '.join(sorted(unknown))} (kind, language, pattern, flags, max_sentences)")
         spec = CheckSpec(**{k: v for k, v in spec.items() if v is not None})
     if spec.kind not in CHECK_KINDS:
         raise ConfigError(f"principle check: kind must be one of {', '.join(CHECK_KINDS)}, got {spec.kind!r}")
@@ -205,6 +265,10 @@ def build_check(spec: CheckSpec | Mapping[str, Any] | None, principle: str | Non
         if not spec.pattern:
             raise ConfigError("principle check: kind regex needs pattern")
         return RegexCheck(spec.pattern, spec.flags)
+    if spec.kind == "sentences":
+        return SentenceCheck(spec.max_sentences)
+    if spec.kind == "lowercase":
+        return LowercaseCheck()
     return NoCheck()
 
 

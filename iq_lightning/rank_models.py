@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from iq_lightning.config import GuideSpec, LoraSpec, ModelSpec
+from iq_lightning.config import GuideSpec, LoraSpec, ModelSpec, principle_placements, principle_weights
 from iq_lightning.errors import ConfigError
 from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide
 from iq_lightning.models import DTYPES, AdapterDisabled, frozen_copy, load_tokenizer, load_weights, same_tokenizer, skeleton
@@ -95,8 +95,9 @@ class RankModels:
         # same calls, whatever prefix their prompts happen to share.
         share_prefix = not self.guides_sharded
         if g.kind == "principle":
+            texts, alphas = principle_weights(g, self.alpha)
             return PrincipleGuide(
-                lesser, self.tokenizer, g.principle, g.placement, self.alpha, g.batch_size, self.show_progress, share_prefix=share_prefix
+                lesser, self.tokenizer, texts, principle_placements(g), alphas, g.batch_size, self.show_progress, share_prefix=share_prefix
             )
         if not same_tokenizer(self.tokenizer, load_tokenizer(g.model)):
             raise ConfigError(

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
-from iq_lightning.config import LoggerSpec, RunConfig, as_plain, build_run_config
+from iq_lightning.config import LoggerSpec, RunConfig, as_plain, build_run_config, principle_placements, principle_weights
 from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.epoch_summary import EpochSummary
@@ -86,11 +86,13 @@ def context_limits(run: RunConfig, sampler: bool = True) -> dict[str, int]:
 
 
 def principle_prompt_length(run: RunConfig, tokenizer: PreTrainedTokenizerBase):
-    """len(x_w) of a prompt, as PrincipleGuide encodes it; None where the guide reads the plain prompt."""
+    """len(x_w) of a prompt, as PrincipleGuide encodes it (the longest of several principles');
+    None where the guide reads the plain prompt."""
     g = run.guide
     if g.kind != "principle":
         return None
-    return lambda p: len(encode_prompt(tokenizer, with_principle(p.prompt.messages, g.principle, g.placement)))
+    placed = list(zip(principle_weights(g, run.train.alpha)[0], principle_placements(g)))
+    return lambda p: max(len(encode_prompt(tokenizer, with_principle(p.prompt.messages, text, where))) for text, where in placed)
 
 
 def build_loggers(spec: LoggerSpec, run_dir: Path, wandb_init: dict | None = None) -> list:
@@ -346,11 +348,12 @@ def build_validation(
         run.run_dir,
         held_out,
         tokenizer,
-        build_check(v.check, run.guide.principle),
-        alpha=run.train.alpha,
+        build_check(v.check, principle_weights(run.guide, run.train.alpha)[0][0]),
+        alpha=principle_weights(run.guide, run.train.alpha)[1],
         every_n_epochs=v.every_n_epochs,
         max_new_tokens=v.max_new_tokens or run.sampler.max_new_tokens,
         temperature=v.temperature,
+        top_p=v.top_p,
         batch_size=v.batch_size,
         eos_ids=eos,
         seed=run.train.seed,
@@ -422,7 +425,8 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     if objective.plan.given_pairs:
         prompts = keep_pairs(prompts, stats, run.data.source)  # DPO on the data's pairs: only prompts that have one
     if run.guide.kind == "principle":
-        check_principle_prompt(tokenizer, run.guide.principle, run.guide.placement, prompts[0])
+        for text, where in zip(principle_weights(run.guide, t.alpha)[0], principle_placements(run.guide)):
+            check_principle_prompt(tokenizer, text, where, prompts[0])
     winner_length = principle_prompt_length(run, tokenizer)
     prompts = fit_context(prompts, context_limits(run), run.sampler.max_new_tokens, stats, winner_length)
     log.info("prompts (%s): %s", run.data.source, stats.describe())
@@ -462,6 +466,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         passes_per_epoch=t.passes_per_epoch,
         seed=t.seed,
         plan=objective.plan,
+        alpha_warmup_epochs=t.alpha_warmup_epochs,
     )
     # After every completed epoch (only the newest is kept): what a restart resumes from.
     checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)
@@ -469,7 +474,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     if run.val.every_n_epochs:
         callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded, whole_gather_budget(plan, "validation"), show_progress))
     if t.credit_maps_per_epoch:
-        callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha))
+        callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha if run.guide.principles is None else None))
     if t.save_epoch_policies:
         callbacks.append(EpochPolicyExport(run_dir, tokenizer))
     # Last: it ends the run (raises) on an out-of-memory error, after the others' on_exception.

@@ -14,7 +14,9 @@ policy answers the held-out prompts x (greedy by default), and each answer y is 
 - `repetition` (share of repeated word 3-grams), `length` (tokens), `truncated` (share of
   answers cut off at max_new_tokens: a length or format principle cannot be judged on them), and
   `principle_rate`: the share of answers that pass the principle check (principle_check.py),
-  absent, as the log and the plot say, when no check applies to the principle.
+  absent, as the log and the plot say, when no check applies to the principle. With several
+  principles (guide.principles) pi_hat is their product, and pi_w, the teacher and the check are
+  the first principle's.
 
 The teacher (pi_w: the base given the principle, or the aligned model) answers the same prompts
 once, and its figures are the reference lines (`val_teacher/*`); epoch -1 is the base line.
@@ -103,11 +105,13 @@ def summarize(rows: Sequence[AnswerFigures]) -> dict[str, float]:
 
 
 def answer_figures(
-    answer_logits: torch.Tensor, logits_w: torch.Tensor, logits_l: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor, alpha: float
+    answer_logits: torch.Tensor, logits_w, logits_l: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor, alpha
 ) -> dict[str, torch.Tensor]:
     """Per-answer token means (B,) of KL(answerer || pi_hat), KL(answerer || pi_w) and the NLL
-    under pi_w, from response-aligned logits (B, T, V) of the answering model and both guides."""
+    under pi_w, from response-aligned logits (B, T, V) of the answering model and both guides
+    (logits_w and alpha: K of each for several principles, pi_w then the first's)."""
     log_pi_hat = estimated_optimal_logprobs(logits_w, logits_l, alpha)
+    logits_w = first_winner(logits_w)
     count = mask.sum(-1).clamp(min=1.0)
     mean = lambda values: (values * mask).sum(-1) / count  # noqa: E731
     return {
@@ -115,6 +119,11 @@ def answer_figures(
         "kl_pi_w": mean(per_token_kl(answer_logits, logits_w)),
         "nll_w": mean(-token_logprobs(logits_w, response_ids)),
     }
+
+
+def first_winner(logits_w):
+    """pi_w's logits: the one winner's, or the first principle's of several."""
+    return logits_w if isinstance(logits_w, torch.Tensor) else logits_w[0]
 
 
 class Validation(Callback):
@@ -135,6 +144,7 @@ class Validation(Callback):
         table_rows: int = 16,
         gather_whole_up_to: int = 0,
         show_progress: bool = False,
+        top_p: float = 1.0,
     ):
         self.out = Path(run_dir) / VALIDATION_DIR
         self.prompts = list(prompts)
@@ -142,7 +152,7 @@ class Validation(Callback):
         self.check = check
         self.alpha = alpha
         self.every_n_epochs = every_n_epochs
-        self.params = SamplingParams(max_new_tokens, temperature, 1.0, seed)
+        self.params = SamplingParams(max_new_tokens, temperature, top_p, seed)
         self.batch_size = batch_size
         self.sharded = sharded
         self.table_rows = table_rows
@@ -196,7 +206,7 @@ class Validation(Callback):
             if is_guide is None:
                 answer_logits = response_logits(answerer, batch, guide.share_prefix)
             else:
-                answer_logits = logits_w if is_guide == "w" else logits_l
+                answer_logits = first_winner(logits_w) if is_guide == "w" else logits_l
             figures = answer_figures(answer_logits, logits_w, logits_l, response_ids, batch["response_mask"], self.alpha)
             for i, ((prompt, counted), response) in enumerate(zip(chunk, responses)):
                 if not counted:

@@ -236,3 +236,47 @@ def test_mixable_head_asks_the_model_whether_its_logits_are_the_heads():
     assert not mixable_head(_tiny_gemma2(30.0))
     assert mixable_head(_tiny_gemma2(None))
     assert not mixable_head(AdapterDisabled(lambda: _tiny_gemma2(None)))
+
+
+SECOND = "Answer in one sentence."
+
+
+@pytest.mark.parametrize("one_head", [True, False])
+def test_several_principles_match_an_independent_float64_product_of_experts(tiny, monkeypatch, one_head):
+    """guide.principles: pi_hat ∝ pi_w,1^a1 * pi_w,2^a2 * pi_l^(1 - a1 - a2), each winner the model
+    given its own principle, unbatched and in float64 here; one pass per principle, both paths."""
+    model, tokenizer = tiny
+    model = frozen_copy(model)
+    prompts, responses = _prompts(tokenizer), _responses(tokenizer)
+    guide = PrincipleGuide(model, tokenizer, [PRINCIPLE, SECOND], ["system", "user"], [0.8, 0.6], show_progress=False)
+    guide._one_head = one_head
+    passes = _hidden_passes(monkeypatch)
+    got = guide.score(prompts, responses)
+    assert len(passes) == (3 if one_head else 0)  # pi_w,1, pi_w,2 and pi_l, one batch
+    for prompt, response, scores in zip(prompts, responses, got):
+        rows = [
+            torch.log_softmax(_unpadded_logprobs(model, encode_prompt(tokenizer, with_principle(prompt.prompt.messages, p, where)), response).double(), -1)
+            for p, where in ((PRINCIPLE, "system"), (SECOND, "user"))  # each principle where it is placed
+        ]
+        log_l = torch.log_softmax(_unpadded_logprobs(model, prompt.input_ids, response).double(), -1)
+        z = 0.8 * rows[0] + 0.6 * rows[1] + (1 - 1.4) * log_l
+        want = (z - torch.logsumexp(z, -1, keepdim=True)).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(scores.target_logprobs, dtype=torch.float64), want, atol=3e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(scores.ref_logprobs, dtype=torch.float64), log_l.gather(-1, torch.tensor(response)[:, None]).squeeze(-1), atol=3e-5, rtol=1e-5)
+    assert guide.principle == PRINCIPLE and guide.winner_prompt_ids(prompts[0], 1) != guide.winner_prompt_ids(prompts[0])
+    with pytest.raises(ValueError, match="as many alphas"):
+        PrincipleGuide(model, tokenizer, [PRINCIPLE, SECOND], "system", 1.5)
+    with pytest.raises(ValueError, match="as many placements"):
+        PrincipleGuide(model, tokenizer, [PRINCIPLE, SECOND], ["user"], [1.0, 0.5])
+
+
+def test_score_takes_the_epochs_alpha(tiny):
+    """The alpha schedule hands each epoch's alpha to score(): the same as a guide built with it."""
+    model, tokenizer = tiny
+    model = frozen_copy(model)
+    prompts, responses = _prompts(tokenizer), _responses(tokenizer)
+    guide = PrincipleGuide(model, tokenizer, PRINCIPLE, "system", 1.5, show_progress=False)
+    at_one = PrincipleGuide(model, tokenizer, PRINCIPLE, "system", 1.0, show_progress=False)
+    for g, w in zip(guide.score(prompts, responses, alpha=1.0), at_one.score(prompts, responses)):
+        assert g.target_logprobs == w.target_logprobs
+    assert guide.score(prompts, responses)[2].target_logprobs != at_one.score(prompts, responses)[2].target_logprobs

@@ -401,3 +401,17 @@ def test_an_unknown_device_says_which_gpu_sizes_fit(tmp_path):
         f"on GPUs of 40 GB: does not fit, {-spare['40 GB'] / GIB:.1f} GiB short, 80 GB: fits, {spare['80 GB'] / GIB:.1f} GiB to spare, "
         f"141 GB: fits, {spare['141 GB'] / GIB:.1f} GiB to spare; strategy.device_memory_gib=80" in text
     )
+
+
+def test_several_principles_count_one_guide_pass_each(tmp_path):
+    """guide.principles with K = 2: scoring keeps 3 (B, T+1, V) logits alive instead of 2 (and one
+    more float32 chunk), validation one more guide's logits; x_w is the longest principle's."""
+    base = ["model=smollm2", *SMALL, "data.max_prompt_tokens=64", "sampler.max_new_tokens=32", "guide.principle=Answer in one sentence."]
+    two = ["guide=principles", 'guide.principles=[{text: "Answer in one sentence.", alpha: 0.8}, {text: "Answer in one sentence.", alpha: 0.6}]']
+    one = plan_memory(run_config(tmp_path, base), 1, None, "cpu")
+    several = plan_memory(run_config(tmp_path, [*base[:-1], *two]), 1, None, "cpu")
+    scoring_one, scoring_two = _item(one, "scoring"), _item(several, "scoring")
+    assert scoring_one.name.startswith("scoring: two guide passes") and scoring_two.name.startswith("scoring: 3 guide passes")
+    rows, vocab, batch, chunk = 33, 49152, 8, 256
+    assert scoring_two.bytes - scoring_one.bytes == batch * rows * vocab * 4 + min(chunk, batch * rows) * vocab * 4
+    assert _item(several, "validation: answers").bytes - _item(one, "validation: answers").bytes == 16 * rows * vocab * 4  # val.batch_size 16

@@ -212,3 +212,65 @@ def test_principle_rate():
     assert principle_rate(check, ["Bonjour, comment allez-vous aujourd'hui ?", "Hello, how are you today?"]) == 0.5
     assert principle_rate(check, []) is None
     assert principle_rate(NoCheck(), ["Bonjour"]) is None
+
+
+# --- judge-free checks beside the language one (issue 24) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "sentences"),
+    [
+        ("Paris is the capital of France.", 1),
+        ("Paris is the capital of France", 1),  # cut before its full stop: still one
+        ("Yes. It is!", 2),
+        ("What? Really?! Yes.", 3),
+        ("It costs 3.50 dollars.", 1),  # a decimal point is no sentence end
+        ("1. milk\n2. eggs", 2),  # list numbers hold no letter; the line break ends the first item
+        ("Here is a list:\n- milk\n- eggs", 3),
+        ("La guerre... la guerre... la guerre.", 3),
+        ("", 0),
+        ("  ...  ", 0),
+    ],
+)
+def test_count_sentences(text, sentences):
+    from iq_lightning.principle_check import count_sentences
+
+    assert count_sentences(text) == sentences
+
+
+def test_sentence_and_lowercase_checks():
+    from iq_lightning.principle_check import LowercaseCheck, SentenceCheck
+
+    one = SentenceCheck(1)
+    assert one("Paris is the capital of France.") and not one("Yes. It is!") and not one("")
+    assert SentenceCheck(2)("Yes. It is!") and not SentenceCheck(2)("A. B. C.")
+    lower = LowercaseCheck()
+    assert lower("paris is the capital of france.") and lower("très bien, merci !")
+    assert not lower("Paris is the capital.") and not lower("12345") and not lower("ÉCOLE")
+    with pytest.raises(ConfigError, match="max_sentences must be an integer >= 1"):
+        SentenceCheck(0)
+
+
+def test_default_checks_of_format_principles():
+    from iq_lightning.principle_check import LowercaseCheck, SentenceCheck
+
+    one = default_check_for("Answer in one sentence.")
+    assert isinstance(one, SentenceCheck) and one.max_sentences == 1
+    assert default_check_for("Always answer in one short sentence.").max_sentences == 1
+    assert default_check_for("Reply in at most three sentences.").max_sentences == 3
+    assert default_check_for("Keep it to 2 sentences, in no more than 2 sentences.").max_sentences == 2
+    assert isinstance(default_check_for("Write your whole answer in lowercase letters only."), LowercaseCheck)
+    assert isinstance(default_check_for("Always reply in French, in one sentence."), LanguageCheck)  # the language first
+    assert isinstance(default_check_for("Be concise."), NoCheck)
+
+
+def test_build_check_of_the_new_kinds():
+    from iq_lightning.principle_check import LowercaseCheck, SentenceCheck
+
+    check = build_check({"kind": "sentences", "max_sentences": 2})
+    assert isinstance(check, SentenceCheck) and check.max_sentences == 2 and check.name == "sentences<=2"
+    assert isinstance(build_check({"kind": "sentences"}), SentenceCheck)
+    assert isinstance(build_check({"kind": "lowercase"}), LowercaseCheck)
+    with pytest.raises(ConfigError, match="max_sentences"):
+        build_check({"kind": "sentences", "max_sentences": "two"})
+    assert principle_rate(build_check({"kind": "sentences"}), ["One.", "One. Two.", "one", ""]) == 0.5
