@@ -18,9 +18,10 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
+from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport, epoch_checkpoints
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
 from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain
 from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
@@ -33,7 +34,7 @@ from iq_lightning.module import InverseQModule
 from iq_lightning.objectives import build_objective
 from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
-from iq_lightning.files import write_atomically
+from iq_lightning.files import RUN_CONFIG_FILE, RunDirectoryLock, write_atomically
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 from iq_lightning.strategies import sharding_for, trainer_kwargs
 from iq_lightning.tracking import RunTracking, wandb_init_kwargs
@@ -275,18 +276,38 @@ def check_resumable(run: RunConfig) -> None:
             f"{run.run_dir} holds a run with other settings ({differences}); rerun with the old values to resume, "
             "or start a new run directory (hydra.run.dir=...)"
         )
+    found = epoch_checkpoints(run.run_dir / CHECKPOINT_DIR)
+    done = found[-1][0] + 1 if found else 0
+    if run.train.epochs < done:
+        raise ConfigError(f"{run.run_dir} holds a run with {done} epochs done; epochs must be >= {done} (got epochs={run.train.epochs})")
+
+
+def settings_record(run: RunConfig) -> str:
+    """The resolved config as YAML, keys as on the command line (`alpha`, not `train.alpha`)."""
+    from omegaconf import OmegaConf
+
+    plain = as_plain(run)
+    plain.pop("run_dir")  # the directory may be moved; the record stays true
+    plain.update(plain.pop("train"))
+    return OmegaConf.to_yaml(plain)
 
 
 class RunStarted(Callback):
-    """Writes the run's restart settings once models are loaded and before the first sample."""
+    """Writes the run's records once models are loaded and before the first sample: the restart
+    settings, and config.yaml, what evaluation reads back. Only a run the restart check accepted
+    gets here, so neither ever holds a refused command's values (Hydra's own `.hydra/`, written
+    before any check, is switched off in conf/train.yaml)."""
 
     def __init__(self, run: RunConfig):
         self.path = run.run_dir / FINGERPRINT_FILE
+        self.config_path = run.run_dir / RUN_CONFIG_FILE
         self.settings = restart_settings(run)
+        self.record = settings_record(run)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             write_atomically(self.path, json.dumps({"settings": self.settings}, indent=1))
+            write_atomically(self.config_path, self.record)
 
 
 def held_out_prompts(run: RunConfig, tokenizer: PreTrainedTokenizerBase, training: list) -> tuple[list, list]:
@@ -350,18 +371,27 @@ def describe(run: RunConfig) -> str:
 
 
 def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
-    """Fit, export final/; with dry_run only print the config and the memory plan (returns None)."""
+    """Fit, export final/; with dry_run only print the config and the memory plan (returns None).
+
+    The run directory is locked for the whole run (one lock per rank: a DDP launcher's ranks are
+    processes of their own), and the restart check comes first: a refused or concurrent command
+    writes nothing into the directory, not even a log line."""
     plan = memory_plan(run)
     if run.train.dry_run:
         print(describe(run) + "\n" + plan.render())
         return None
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunDirectoryLock(run.run_dir, rank_zero_only.rank):
+        check_resumable(run)
+        return _train(run, plan, show_progress)
+
+
+def _train(run: RunConfig, plan: MemoryPlan, show_progress: bool) -> TrainResult:
     plan.check()  # before anything loads: a run that cannot fit stops now, with the fix
     log.info("memory plan: %.2f GiB per device at the %s peak", plan.total / 2**30, plan.peak_phase())
     run_dir = run.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     sharding = sharding_for(run.strategy)
     trainer_args = trainer_kwargs(run.strategy, sharding, run.train.micro_batch_size)
-    check_resumable(run)
     loggers = build_loggers(run.logger, run_dir, wandb_init_kwargs(run))
     L.seed_everything(run.train.seed, workers=True, verbose=False)
 

@@ -69,13 +69,14 @@ def test_multirun_alpha_sweep_gets_one_directory_per_run(tmp_path):
         multirun=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
     assert len(runs) == 3
     alphas = []
     for run in runs:
         assert (run / "final" / "model.safetensors").exists()
         assert (run / "rollouts" / "epoch_000.jsonl").exists()
-        config = (run / ".hydra" / "config.yaml").read_text()
+        config = (run / "config.yaml").read_text()
+        assert not (run / ".hydra").exists()  # the run's record is written by the run, once accepted
         alphas.append(next(line for line in config.splitlines() if line.startswith("alpha:")))
     assert alphas == ["alpha: 1.0", "alpha: 1.2", "alpha: 1.4"]
 

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,13 @@ elif point in ("rollout_write", "rollout_disk_full"):
             full_disk() if point == "rollout_disk_full" else die()
         return real_fsync(fd)
     os.fsync = fsync
+elif point == "pause":  # holds the run directory at epoch 1's sampling until killed
+    def pause(*a, desc="", **k):
+        if desc.startswith("epoch 1 "):
+            open(sys.argv[-1].partition("=")[2] + "/paused", "w").close()
+            import time
+            time.sleep(600)
+    patch(hf.HFSampler, "generate", pause)
 elif point == "export":
     def torn_export(policy, tokenizer, out, **kwargs):
         os.makedirs(out, exist_ok=True)
@@ -182,6 +190,16 @@ def test_killed_then_moved_run_directory_finishes_the_same_run(reference, wrappe
     _assert_same_as(moved, reference)
 
 
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def _one_error(result: subprocess.CompletedProcess) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
 def test_a_restart_with_a_changed_setting_names_it(reference, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir, symlinks=True)
@@ -190,6 +208,46 @@ def test_a_restart_with_a_changed_setting_names_it(reference, tmp_path):
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "model.lora.enabled: false -> true" in errors[0], refused.stderr[-3000:]
     assert "epochs" not in errors[0].split("(")[1]  # epochs may change on a restart
+
+
+def test_a_refused_restart_leaves_every_file_of_the_run_directory_as_it_was(reference, tmp_path):
+    """B7: Hydra wrote the refused values into .hydra/config.yaml before the check refused them,
+    and evaluation labelled the run with them. B8: fewer epochs than are done was a traceback."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir, symlinks=True)
+    before = _files(run_dir)
+    assert "config.yaml" in before and "alpha: 1.5" in before["config.yaml"].decode().splitlines()
+    refused = _train(run_dir, "alpha=2.0")
+    assert refused.returncode == 2
+    assert "alpha: 1.5 -> 2.0" in _one_error(refused)
+    fewer = _train(run_dir, "epochs=1")
+    assert fewer.returncode == 2
+    assert "3 epochs done; epochs must be >= 3" in _one_error(fewer)
+    assert _files(run_dir) == before
+
+
+def test_a_second_process_on_a_run_directory_is_refused_and_a_killed_holder_leaves_no_lock(reference, wrapper, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, str(wrapper), "pause", *ARGS, f"hydra.run.dir={tmp_path}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "paused").exists():
+            assert holder.poll() is None and time.monotonic() < deadline, "the holder did not reach epoch 1"
+            time.sleep(0.5)
+        before = _files(tmp_path)
+        second = _train(tmp_path)
+        assert second.returncode == 2
+        assert f"in use by process {holder.pid}" in _one_error(second)
+        assert _files(tmp_path) == before  # it wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == -signal.SIGKILL
+    (tmp_path / "paused").unlink()
+    _ok(_train(tmp_path))
+    _assert_same_as(tmp_path, reference)
 
 
 def test_wandb_steps_never_go_back_after_a_kill(wrapper, tmp_path):

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from iq_lightning.analysis import safe_filename
 from iq_lightning.config import ModelSpec
 from iq_lightning.errors import ConfigError
-from iq_lightning.files import fsync_file, read_jsonl
+from iq_lightning.files import fsync_file, read_jsonl, run_config_path
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
 from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
 
@@ -27,13 +27,13 @@ def sweep_contestants(sweep_dir: str | Path) -> list[ContestantSpec]:
     """Every finished run of a Hydra multirun directory, named and ordered by its alpha."""
     found = []
     for run in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
-        config = run / ".hydra" / "config.yaml"
-        if not config.is_file() or not (run / "final").is_dir():
+        config = run_config_path(run)
+        if config is None or not (run / "final").is_dir():
             continue
         alpha = float(OmegaConf.load(config)["alpha"])
         found.append(ContestantSpec(name=f"alpha={alpha:g}", run_dir=str(run), alpha=alpha))
     if not found:
-        raise ConfigError(f"sweep_dir={sweep_dir} holds no finished runs (subdirectories with .hydra/config.yaml and final/)")
+        raise ConfigError(f"sweep_dir={sweep_dir} holds no finished runs (subdirectories with config.yaml and final/)")
     names = [c.name for c in found]
     if len(set(names)) != len(names):  # a sweep over more than alpha: keep the runs apart
         found = [replace(c, name=f"{c.name} ({Path(c.run_dir).name})") for c in found]
