@@ -26,6 +26,7 @@ from iq_lightning.analysis import (
     safe_filename,
     scale_note,
 )
+from iq_lightning.checkpoint_io import MANIFEST_SUFFIX, digests_of, manifest_path, verify
 from iq_lightning.errors import UserError
 from iq_lightning.models import export_policy
 from iq_lightning.files import fsync_dir, write_atomically
@@ -66,6 +67,22 @@ def last_checkpoint(directory: str | Path) -> Path | None:
     return legacy if legacy.exists() else None
 
 
+def resumable_checkpoint(directory: str | Path) -> Path | None:
+    """The newest checkpoint whose files hash to its manifest: a damaged or cut-short newer one
+    is skipped with one line saying which and why (an older one, or the start, is resumed from;
+    a finished epoch's stored rollouts are reused, so the run still ends with the same weights)."""
+    found = [path for _, path in epoch_checkpoints(directory)]
+    if not found:
+        return last_checkpoint(directory)
+    for newer, path in reversed(list(enumerate(found))):
+        reason = verify(path)
+        if reason is None:
+            return path
+        fallback = found[newer - 1].name if newer else "the first epoch (the stored rollouts are reused)"
+        log.warning("skipped the checkpoint %s: %s; resuming from %s", path, reason, fallback)
+    return None
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -87,8 +104,9 @@ def _fsync_tree(path: Path) -> None:
 def _without_zip_crc():
     """torch.save without the CRC32 of every record: torch.load never checks it (a flipped byte
     in a record loads silently either way), and computing it took most of torch.save's time for
-    SmolLM2's 1.6 GB checkpoint (1.8-4.7 s against 0.5-0.8 s without). Integrity here comes from
-    writing under a temporary name, fsync and rename."""
+    SmolLM2's 1.6 GB checkpoint (1.8-4.7 s against 0.5-0.8 s without). Completeness comes from
+    writing under a temporary name, fsync and rename; integrity from the SHA-256 manifest that a
+    resume checks (checkpoint_io.verify)."""
     try:
         from torch.utils.serialization import config
         before = config.save.compute_crc32
@@ -115,10 +133,15 @@ class EpochCheckpoint(Checkpoint):
         self.dirpath = Path(dirpath)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # A kill or a full disk mid-write leaves only a *.tmp, never read: remove it.
+        # A kill or a full disk mid-write leaves only a *.tmp, never read, or a manifest whose
+        # checkpoint was not renamed into place yet: remove them (the run directory is locked).
+        self.pending: tuple[Path, Path] | None = None
         if trainer.is_global_zero and self.dirpath.is_dir():
             for leftover in self.dirpath.glob("*.tmp"):
                 _remove(leftover)
+            for manifest in self.dirpath.glob("*" + MANIFEST_SUFFIX):
+                if not manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX)).exists():
+                    _remove(manifest)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
@@ -140,27 +163,57 @@ class EpochCheckpoint(Checkpoint):
                 trainer.save_checkpoint(tmp, weights_only=False)
             if trainer.is_global_zero:
                 _fsync_tree(tmp)
+                self._write_manifest(trainer, tmp, final)
         except OSError as exc:
             if trainer.is_global_zero:
                 _remove(tmp)
+                _remove(manifest_path(final))
             raise UserError(
                 f"cannot write the checkpoint of epoch {epoch} to {self.dirpath} ({exc.strerror or exc}); "
                 "nothing half-written was kept: free space and rerun the same command to resume"
             ) from None
+        trainer.strategy.barrier("EpochCheckpoint.written")
+        # The write, read-back and fsync of the whole run's state (optimizer included), between barriers.
+        pl_module.log("time/checkpoint_s", time.perf_counter() - started, on_epoch=True, sync_dist=True)
+        # Renamed into place only once Lightning has logged the epoch's metrics (after every
+        # on_train_epoch_end hook): a kill before the rename redoes the epoch, its rows included;
+        # after it, the rows are on disk (a kill in between lost the epoch's row for good).
+        self.pending = (tmp, final)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._commit(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._commit(trainer)
+
+    def _write_manifest(self, trainer: L.Trainer, tmp: Path, final: Path) -> None:
+        """`<final>.sha256`, written before the checkpoint is renamed into place: the files as read
+        back from disk, which must match what was streamed (a file checkpoint's own bytes)."""
+        found = digests_of(tmp)
+        streamed = getattr(trainer.strategy.checkpoint_io, "digests", {}).pop(str(tmp), None)
+        if streamed is not None and found != {"": streamed}:
+            raise OSError(f"{tmp.name} read back differs from what was written")
+        write_atomically(manifest_path(final), json.dumps({"files": found}, indent=1))
+
+    def _commit(self, trainer: L.Trainer) -> None:
+        if getattr(self, "pending", None) is None:
+            return
+        tmp, final = self.pending
+        self.pending = None
         if trainer.is_global_zero:
             if final.is_dir():  # os.replace overwrites a file, not a directory (sharded strategies)
                 _remove(final)
             os.replace(tmp, final)
             self._link_last(final)
             fsync_dir(self.dirpath)
+            # The previous checkpoint goes only now: the new one is complete, read back and in place.
             for _, path in epoch_checkpoints(self.dirpath):
                 if path != final:
                     _remove(path)
+                    _remove(manifest_path(path))
             for stale in self.dirpath.glob("last-v*.ckpt"):  # older versions' copies
                 _remove(stale)
         trainer.strategy.barrier("EpochCheckpoint.done")
-        # The write, fsync and rename of the whole run's state (optimizer included), between barriers.
-        pl_module.log("time/checkpoint_s", time.perf_counter() - started, on_epoch=True, sync_dist=True)
 
     def _link_last(self, final: Path) -> None:
         last, link_tmp = self.dirpath / LAST_LINK, self.dirpath / (LAST_LINK + ".tmp")

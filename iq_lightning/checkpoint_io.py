@@ -11,11 +11,19 @@ stream goes through ordinary buffered writes, still without the in-memory copy.
 Only the bytes change hands differently: the file is what torch.save writes anyway, so
 torch.load (and Lightning's resume) read it as before. Durability and atomicity stay with the
 caller (callbacks.EpochCheckpoint writes under a temporary name, fsyncs and renames).
+
+Integrity: torch.load checks no checksum (a flipped byte in a tensor record loads silently), so
+every checkpoint carries a manifest beside it, `<name>.sha256`: the SHA-256 of each of its files.
+The streamed file's digest is taken from the bytes as torch.save hands them over, then the file is
+read back and must match before the manifest is written; a resume reads every file again and
+skips a checkpoint whose bytes differ (`verify`).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import mmap
 import os
 from pathlib import Path
@@ -42,9 +50,11 @@ class _StreamWriter:
         self.filled = 0
         self.size = 0
         self.error: OSError | None = None
+        self.digest = hashlib.sha256()
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
+        self.digest.update(view)
         done = 0
         while done < len(view):
             take = min(len(view) - done, WRITE_BUFFER_BYTES - self.filled)
@@ -92,8 +102,9 @@ class _StreamWriter:
             pass
 
 
-def save_streamed(obj: Any, path: str | Path) -> None:
-    """torch.save(obj, path), streamed through O_DIRECT where the file system allows it."""
+def save_streamed(obj: Any, path: str | Path) -> str:
+    """torch.save(obj, path), streamed through O_DIRECT where the file system allows it; the
+    SHA-256 (hex) of the bytes torch.save produced."""
     path = Path(path)
     for direct in (True, False) if hasattr(os, "O_DIRECT") else (False,):
         try:
@@ -105,7 +116,7 @@ def save_streamed(obj: Any, path: str | Path) -> None:
         try:
             torch.save(obj, writer)
             writer.close()
-            return
+            return writer.digest.hexdigest()
         except BaseException as exc:
             writer.abort()
             error = writer.error or (exc if isinstance(exc, OSError) else None)
@@ -117,10 +128,59 @@ def save_streamed(obj: Any, path: str | Path) -> None:
 
 
 class StreamingCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose save streams into the file instead of an in-memory copy."""
+    """TorchCheckpointIO whose save streams into the file instead of an in-memory copy;
+    `digests[path]` is the SHA-256 of what it wrote there."""
+
+    def __init__(self):
+        super().__init__()
+        self.digests: dict[str, str] = {}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_streamed(checkpoint, path)
+        self.digests[str(path)] = save_streamed(checkpoint, path)
+
+
+# --- the manifest: what a checkpoint's files must hash to -------------------------------------
+
+MANIFEST_SUFFIX = ".sha256"
+
+
+def manifest_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + MANIFEST_SUFFIX)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def digests_of(checkpoint: Path) -> dict[str, str]:
+    """SHA-256 of every file of a checkpoint (a file, or a sharded strategy's directory), read
+    from disk, by path relative to the checkpoint ("" for a single file)."""
+    if checkpoint.is_file():
+        return {"": file_sha256(checkpoint)}
+    return {str(p.relative_to(checkpoint)): file_sha256(p) for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+
+
+def verify(checkpoint: Path) -> str | None:
+    """Why `checkpoint` is not the one that was written (None when it is, or when it has no
+    manifest: written by a version that kept none)."""
+    path = manifest_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        expected = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"its manifest {path.name} does not parse"
+    try:
+        found = digests_of(checkpoint)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if set(found) != set(expected):
+        return f"its files differ from its manifest ({sorted(set(found) ^ set(expected))[:3]})"
+    bad = [name or checkpoint.name for name in expected if found[name] != expected[name]]
+    if bad:
+        return f"the SHA-256 of {', '.join(bad[:3])} differs from the one recorded when it was written (damaged or cut short)"
+    return None

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport, epoch_checkpoints
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
+from iq_lightning.callbacks import resumable_checkpoint
 from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain
 from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
@@ -468,7 +469,7 @@ def _train(run: RunConfig, plan: MemoryPlan, show_progress: bool) -> TrainResult
         enable_model_summary=False,
         enable_progress_bar=show_progress,
     )
-    resume = last_checkpoint(run_dir)
+    resume = resumable_checkpoint(run_dir / CHECKPOINT_DIR)
     if resume is not None:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)

@@ -11,6 +11,7 @@ About 3 minutes on 2 shared CPU cores (22 train.py starts of 6-15 s each).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -87,6 +88,24 @@ elif point in ("rollout_write", "rollout_disk_full"):
             full_disk() if point == "rollout_disk_full" else die()
         return real_fsync(fd)
     os.fsync = fsync
+elif point in ("checkpoint_renamed", "base_validation"):
+    # Right after epoch 1's checkpoint is renamed into place; right after the base's answers
+    # (validation/epoch_-01.jsonl) are, inside the epoch -1 validation.
+    target = "epoch001.ckpt" if point == "checkpoint_renamed" else "epoch_-01.jsonl"
+    real_replace = os.replace
+    def replace(src, dst, **kwargs):
+        real_replace(src, dst, **kwargs)
+        if str(dst).endswith(target):
+            die()
+    os.replace = replace
+elif point == "after_validation":  # epoch 1 validated and recorded, its checkpoint not yet written
+    import iq_lightning.validation as validation
+    real_report = validation.Validation._report
+    def report(self, trainer, epoch, *args, **kwargs):
+        real_report(self, trainer, epoch, *args, **kwargs)
+        if epoch == 1:
+            die()
+    validation.Validation._report = report
 elif point == "pause":  # holds the run directory at epoch 1's sampling until killed
     def pause(*a, desc="", **k):
         if desc.startswith("epoch 1 "):
@@ -156,15 +175,24 @@ def _assert_same_as(run_dir: Path, reference: Path) -> None:
         return {(e, s, tuple(n for n in names if not n.startswith(("time/", "throughput/")))) for e, s, names in keys}
 
     assert logged(keys) == logged(_metric_keys(reference))
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch002.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch002.ckpt", "epoch002.ckpt.sha256", "last.ckpt"]
+    # Every validation's rows once, the base's and the teacher's included, as uninterrupted.
+    summary = (run_dir / "validation" / "summary.jsonl").read_text()
+    assert summary == (reference / "validation" / "summary.jsonl").read_text()
+    assert [json.loads(line)["epoch"] for line in summary.splitlines()] == [-1, -1, 0, 1, 2]
 
 
-@pytest.mark.parametrize("point", ["sampling", "scoring", "training_step", "checkpoint_write", "rollout_write", "export"])
+@pytest.mark.parametrize(
+    "point",
+    ["sampling", "scoring", "training_step", "checkpoint_write", "checkpoint_renamed", "base_validation", "after_validation",
+     "rollout_write", "export"],
+)
 def test_killed_anywhere_the_same_command_finishes_the_same_run(point, reference, wrapper, tmp_path):
     killed = _train(tmp_path, wrapper=wrapper, point=point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resumed = _ok(_train(tmp_path))
-    assert "resuming from" in resumed.stderr + resumed.stdout  # every point comes after epoch 0's checkpoint
+    if point != "base_validation":  # every other point comes after epoch 0's checkpoint
+        assert "resuming from" in resumed.stderr + resumed.stdout
     _assert_same_as(tmp_path, reference)
 
 
