@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from iq_lightning.cli import check_command_line, configure_environment, single_log_stream, user_errors_as_one_line
+from iq_lightning.cli import check_command_line, configure_environment, resume_command, single_log_stream, user_errors_as_one_line
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -24,12 +24,16 @@ CONF = Path(__file__).resolve().parent / "conf"
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
     from iq_lightning.config import build_run_config
+    from iq_lightning.errors import Stopped
     from iq_lightning.run import train
 
     single_log_stream()  # after Lightning's import has attached its handlers
 
     run = build_run_config(cfg, HydraConfig.get().runtime.output_dir)
-    train(run)
+    try:
+        train(run)
+    except Stopped as exc:
+        raise Stopped(f"{exc}: {resume_command('train.py', HydraConfig.get().overrides.task, run.run_dir)}") from None
 
 
 if __name__ == "__main__":

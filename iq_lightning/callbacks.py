@@ -56,6 +56,11 @@ def epoch_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda item: (item[0], item[1].stat().st_mtime))
 
 
+def _epoch_number(checkpoint: Path) -> int:
+    match = _EPOCH_CHECKPOINT.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
 def last_checkpoint(directory: str | Path) -> Path | None:
     """The newest complete checkpoint, by the epoch in its name. The `last.ckpt` link is only a
     convenience: it is stale after a kill between the checkpoint's rename and the link's update,
@@ -185,6 +190,13 @@ class EpochCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._commit(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning stops for SIGTERM after counting an epoch complete (its metrics logged) when
+        # the signal came in the epoch's last step: that epoch's checkpoint is good to keep.
+        pending = getattr(self, "pending", None)
+        if pending is not None and trainer.fit_loop.epoch_progress.current.completed > _epoch_number(pending[1]):
+            self._commit(trainer)
 
     def _write_manifest(self, trainer: L.Trainer, tmp: Path, final: Path) -> None:
         """`<final>.sha256`, written before the checkpoint is renamed into place: the files as read

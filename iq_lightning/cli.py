@@ -49,9 +49,18 @@ def user_errors_as_one_line(func: Callable) -> Callable:
         except UserError as exc:
             logging.getLogger("iq_lightning").debug("user error", exc_info=True)
             print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(getattr(exc, "exit_code", 2))
 
     return wrapper
+
+
+def resume_command(script: str, overrides: Sequence[str], run_dir: str | Path) -> str:
+    """The command that continues a run: `python <script>` with the job's overrides and its
+    directory (a sweep's job too, which Hydra put in a directory of its own)."""
+    import shlex
+
+    kept = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+    return " ".join(["python", script, *map(shlex.quote, kept), shlex.quote(f"hydra.run.dir={Path(run_dir).resolve()}")])
 
 
 class CommandLineError(UserError):

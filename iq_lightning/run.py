@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport, epoch_checkpoints
@@ -27,7 +28,7 @@ from iq_lightning.callbacks import resumable_checkpoint
 from iq_lightning.config import GuideSpec, LoggerSpec, RunConfig, as_plain
 from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
-from iq_lightning.errors import ConfigError, UserError
+from iq_lightning.errors import ConfigError, Stopped, UserError
 from iq_lightning.guides import AlignedModelGuide, GuideScorer, PrincipleGuide, with_principle
 from iq_lightning.memory_plan import MemoryPlan, device_capacity, plan_memory, world_size_of
 from iq_lightning.models import export_policy, frozen_reference, generation_eos, load_model, load_tokenizer, output_vocab_size, same_tokenizer
@@ -472,7 +473,16 @@ def _train(run: RunConfig, plan: MemoryPlan, show_progress: bool) -> TrainResult
     resume = resumable_checkpoint(run_dir / CHECKPOINT_DIR)
     if resume is not None:
         log.info("resuming from %s", resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    except SIGTERMException:  # Lightning's own SystemExit, without a code: exit 0 before
+        found = epoch_checkpoints(run_dir / CHECKPOINT_DIR)
+        done = found[-1][0] + 1 if found else 0
+        raise Stopped(
+            f"stopped by SIGTERM with {done} of {t.epochs} epochs done, before final/ was written; "
+            + (f"{found[-1][1].name} is kept" if found else "no epoch had finished")
+            + ", and the same command resumes from there"
+        ) from None
 
     if run.val.every_n_epochs and trainer.is_global_zero:
         from iq_lightning.validation_plots import plot_validation

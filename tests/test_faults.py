@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -79,6 +80,8 @@ elif point == "scoring":
     patch(guides.GuideScorer, "score", lambda *a, desc="", **k: desc.startswith("epoch 1 ") and die())
 elif point == "training_step":
     patch(module.InverseQModule, "training_step", lambda *a, **k: (steps.append(1), len(steps) == nth and die()))
+elif point == "sigterm":  # what scancel and SLURM preemption send, in epoch 1's second step
+    patch(module.InverseQModule, "training_step", lambda *a, **k: (steps.append(1), len(steps) == nth and os.kill(os.getpid(), signal.SIGTERM)))
 elif point in ("checkpoint_write", "checkpoint_disk_full"):
     patch(StreamingCheckpointIO, "save_checkpoint", torn_checkpoint)
 elif point in ("rollout_write", "rollout_disk_full"):
@@ -205,6 +208,24 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(point, written,
     assert "No space left on device" in errors[0] and written in errors[0], errors[0]
     assert not list(tmp_path.rglob("*.tmp"))
     _ok(_train(tmp_path))
+    _assert_same_as(tmp_path, reference)
+
+
+@pytest.mark.parametrize(("step", "done"), [(3, 1), (4, 2)])  # epoch 1's first step; its last (Lightning ends the epoch)
+def test_sigterm_exits_143_with_one_line_whose_command_finishes_the_same_run(step, done, reference, wrapper, tmp_path):
+    """B3: Lightning ended a SIGTERM'd run with exit status 0, no final/ and no word."""
+    stopped = _train(tmp_path, wrapper=wrapper, point=f"sigterm:{step}")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    line = _one_error(stopped)
+    assert f"stopped by SIGTERM with {done} of 3 epochs done" in line and f"epoch{done - 1:03d}.ckpt is kept" in line, line
+    assert not (tmp_path / "final").exists()
+    command = shlex.split(line.split(": ", 2)[2])
+    assert command[:2] == ["python", "train.py"] and command[2:] == ARGS + [f"hydra.run.dir={tmp_path.resolve()}"], command
+    resumed = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *command[2:]], capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+    _ok(resumed)
     _assert_same_as(tmp_path, reference)
 
 
