@@ -116,13 +116,15 @@ elif point == "pause":  # holds the run directory at epoch 1's sampling until ki
             import time
             time.sleep(600)
     patch(hf.HFSampler, "generate", pause)
-elif point == "export":
-    def torn_export(policy, tokenizer, out, **kwargs):
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "model.safetensors"), "wb") as handle:
-            handle.write(b"half a model")
-        die()
-    patch(run, "export_policy", torn_export)
+elif point == "export":  # final/'s weights half written
+    import iq_lightning.models as models
+    def torn_export(model, tokenizer, out, state_dict=None):
+        if "final" in str(out):
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "model.safetensors"), "wb") as handle:
+                handle.write(b"half a model")
+            die()
+    patch(models, "export_pretrained", torn_export)
 else:
     raise SystemExit(f"unknown point {{point}}")
 
@@ -193,6 +195,7 @@ def _assert_same_as(run_dir: Path, reference: Path) -> None:
 def test_killed_anywhere_the_same_command_finishes_the_same_run(point, reference, wrapper, tmp_path):
     killed = _train(tmp_path, wrapper=wrapper, point=point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "final").exists()  # final/ appears only complete (B4: half of it was there)
     resumed = _ok(_train(tmp_path))
     if point != "base_validation":  # every other point comes after epoch 0's checkpoint
         assert "resuming from" in resumed.stderr + resumed.stdout
