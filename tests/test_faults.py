@@ -232,6 +232,28 @@ def test_sigterm_exits_143_with_one_line_whose_command_finishes_the_same_run(ste
     _assert_same_as(tmp_path, reference)
 
 
+@pytest.mark.parametrize("damage", ["flipped_byte", "truncated"])
+def test_a_damaged_checkpoint_is_skipped_in_one_line_and_the_run_still_ends_the_same(damage, reference, wrapper, tmp_path):
+    """B6: one flipped byte in a checkpoint loaded silently (final/ then differed from an honest
+    continuation). B5: a truncated newest checkpoint was a traceback. Either is found by its
+    SHA-256 manifest and skipped; with no older checkpoint the run starts over, reusing every
+    stored rollout, and ends with the same weights."""
+    killed = _train(tmp_path, wrapper=wrapper, point="training_step")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoint = tmp_path / "checkpoints" / "epoch000.ckpt"
+    data = bytearray(checkpoint.read_bytes())
+    if damage == "flipped_byte":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[len(data) // 2 :]
+    checkpoint.write_bytes(bytes(data))
+    resumed = _ok(_train(tmp_path))
+    skipped = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "skipped the checkpoint" in line]
+    assert len(skipped) == 1 and "epoch000.ckpt" in skipped[0] and "SHA-256" in skipped[0], resumed.stderr[-3000:]
+    assert "resuming from the first epoch" in skipped[0]
+    _assert_same_as(tmp_path, reference)
+
+
 def test_killed_then_moved_run_directory_finishes_the_same_run(reference, wrapper, tmp_path):
     first = tmp_path / "first"
     killed = _train(first, wrapper=wrapper, point="training_step")
