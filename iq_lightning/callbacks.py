@@ -26,7 +26,7 @@ from iq_lightning.analysis import (
     safe_filename,
     scale_note,
 )
-from iq_lightning.checkpoint_io import MANIFEST_SUFFIX, digests_of, manifest_path, verify
+from iq_lightning.checkpoint_io import KEY_FILE, MANIFEST_SUFFIX, digests_of, manifest_path, manifest_text, verify
 from iq_lightning.errors import UserError
 from iq_lightning.models import export_policy
 from iq_lightning.files import fsync_dir, write_atomically
@@ -72,7 +72,7 @@ def last_checkpoint(directory: str | Path) -> Path | None:
     return legacy if legacy.exists() else None
 
 
-def resumable_checkpoint(directory: str | Path) -> Path | None:
+def resumable_checkpoint(directory: str | Path, key_file: Path = KEY_FILE) -> Path | None:
     """The newest checkpoint whose files hash to its manifest: a damaged or cut-short newer one
     is skipped with one line saying which and why (an older one, or the start, is resumed from;
     a finished epoch's stored rollouts are reused, so the run still ends with the same weights)."""
@@ -80,7 +80,7 @@ def resumable_checkpoint(directory: str | Path) -> Path | None:
     if not found:
         return last_checkpoint(directory)
     for newer, path in reversed(list(enumerate(found))):
-        reason = verify(path)
+        reason = verify(path, key_file)
         if reason is None:
             return path
         fallback = found[newer - 1].name if newer else "the first epoch (the stored rollouts are reused)"
@@ -134,8 +134,9 @@ class EpochCheckpoint(Checkpoint):
     No paths are stored in the callback's state (Lightning's ModelCheckpoint keeps its directory's
     absolute path and, resumed from a moved run directory, writes last-v1.ckpt and stops pruning)."""
 
-    def __init__(self, dirpath: str | Path):
+    def __init__(self, dirpath: str | Path, key_file: Path = KEY_FILE):
         self.dirpath = Path(dirpath)
+        self.key_file = key_file
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # A kill or a full disk mid-write leaves only a *.tmp, never read, or a manifest whose
@@ -205,7 +206,7 @@ class EpochCheckpoint(Checkpoint):
         streamed = getattr(trainer.strategy.checkpoint_io, "digests", {}).pop(str(tmp), None)
         if streamed is not None and found != {"": streamed}:
             raise OSError(f"{tmp.name} read back differs from what was written")
-        write_atomically(manifest_path(final), json.dumps({"files": found}, indent=1))
+        write_atomically(manifest_path(final), manifest_text(found, self.key_file))
 
     def _commit(self, trainer: L.Trainer) -> None:
         if getattr(self, "pending", None) is None:

@@ -17,12 +17,21 @@ every checkpoint carries a manifest beside it, `<name>.sha256`: the SHA-256 of e
 The streamed file's digest is taken from the bytes as torch.save hands them over, then the file is
 read back and must match before the manifest is written; a resume reads every file again and
 skips a checkpoint whose bytes differ (`verify`).
+
+Provenance: a sharded checkpoint (a directory: DeepSpeed ZeRO-3, FSDP) is read by code that
+unpickles (DeepSpeed's engine calls torch.load(weights_only=False); torch.distributed.checkpoint
+unpickles `.metadata`), so one received with a run directory could run code on resume. Its
+manifest is signed with HMAC-SHA256 under a key that never leaves this machine's user
+(`~/.cache/iq-lightning/checkpoint.key`, 0600, made on first use); a directory checkpoint whose
+manifest is unsigned or signed under another key is refused (`Untrusted`). A single-file
+checkpoint needs no signature: Lightning's resume loads it with torch's weights-only unpickler.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import json
 import mmap
 import os
@@ -30,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from iq_lightning.errors import UserError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 # O_DIRECT needs the buffer's address and every write's length aligned to the device's logical
@@ -164,16 +175,68 @@ def digests_of(checkpoint: Path) -> dict[str, str]:
     return {str(p.relative_to(checkpoint)): file_sha256(p) for p in sorted(checkpoint.rglob("*")) if p.is_file()}
 
 
-def verify(checkpoint: Path) -> str | None:
-    """Why `checkpoint` is not the one that was written (None when it is, or when it has no
-    manifest: written by a version that kept none)."""
-    path = manifest_path(checkpoint)
+KEY_FILE = Path("~/.cache/iq-lightning/checkpoint.key")
+
+
+class Untrusted(UserError):
+    """A sharded checkpoint this user's runs did not write: resuming from it could run code."""
+
+
+def signing_key(key_file: Path = KEY_FILE) -> bytes:
+    """This user's checkpoint-signing key, made on first use (created whole by a hard link, so
+    ranks starting at once all read the same complete key)."""
+    path = key_file.expanduser()
     if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, os.urandom(32).hex().encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_bytes().strip()
+
+
+def _signature(files: dict[str, str], key: bytes) -> str:
+    return hmac.new(key, json.dumps(files, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def manifest_text(files: dict[str, str], key_file: Path = KEY_FILE) -> str:
+    """The manifest of a checkpoint whose files hash to `files`, signed with this user's key."""
+    return json.dumps({"files": files, "hmac": _signature(files, signing_key(key_file))}, indent=1)
+
+
+def verify(checkpoint: Path, key_file: Path = KEY_FILE) -> str | None:
+    """Why `checkpoint` is not the one that was written (None when it is, or when it has no
+    manifest: a single file written by a version that kept none). Raises Untrusted for a
+    directory (sharded) checkpoint not signed with this user's key."""
+    path = manifest_path(checkpoint)
+    sharded = checkpoint.is_dir()
+    why_not = (
+        f"cannot resume from {checkpoint}: {{}}, and DeepSpeed's and torch.distributed's checkpoint readers unpickle "
+        "what it holds, which can run code; delete its checkpoints/ to train again in this directory (the stored "
+        "rollouts are reused), or start a new run directory"
+    )
+    if not path.is_file():
+        if sharded:
+            raise Untrusted(why_not.format("it carries no signed manifest (written elsewhere, or by an older version)"))
         return None
     try:
-        expected = json.loads(path.read_text())["files"]
+        manifest = json.loads(path.read_text())
+        expected = manifest["files"]
     except (ValueError, KeyError, TypeError):
+        if sharded:
+            raise Untrusted(why_not.format(f"its manifest {path.name} does not parse")) from None
         return f"its manifest {path.name} does not parse"
+    if sharded and not hmac.compare_digest(str(manifest.get("hmac", "")), _signature(expected, signing_key(key_file))):
+        raise Untrusted(why_not.format(f"its manifest is not signed with this user's key ({key_file}): it was not written by a run of yours on this machine"))
     try:
         found = digests_of(checkpoint)
     except OSError as exc:

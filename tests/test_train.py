@@ -296,6 +296,36 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp
     assert resumable_checkpoint(tmp_path) == tmp_path / "epoch000.ckpt"
 
 
+def test_a_sharded_checkpoint_from_elsewhere_is_refused_in_one_line(tmp_path):
+    """B15: DeepSpeed's engine and torch.distributed.checkpoint unpickle a sharded checkpoint, so a
+    run directory received from elsewhere could run code on resume. A directory checkpoint must
+    carry a manifest signed with this user's key; its files must still hash to it."""
+    import pickle
+
+    from iq_lightning.callbacks import resumable_checkpoint
+    from iq_lightning.checkpoint_io import Untrusted, digests_of, manifest_path, manifest_text
+
+    mine, theirs = tmp_path / "mine.key", tmp_path / "theirs.key"
+    checkpoints = tmp_path / "checkpoints"
+    sharded = checkpoints / "epoch001.ckpt"
+    (sharded / "checkpoint").mkdir(parents=True)
+    (sharded / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"shard")
+    (sharded / ".metadata").write_bytes(pickle.dumps({"plan": 1}))
+    manifest_path(sharded).write_text(manifest_text(digests_of(sharded), mine))
+    assert resumable_checkpoint(checkpoints, mine) == sharded
+    assert mine.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(Untrusted, match="not signed with this user's key"):
+        resumable_checkpoint(checkpoints, theirs)  # the same directory, on another user's machine
+    (sharded / ".metadata").write_bytes(b"cos\nsystem\n(S'echo owned'\ntR.")  # a planted payload
+    assert resumable_checkpoint(checkpoints, mine) is None  # its bytes differ from the signed ones: skipped
+    manifest_path(sharded).write_text(json.dumps({"files": digests_of(sharded)}))  # re-hashed, unsigned
+    with pytest.raises(Untrusted, match="not signed with this user's key"):
+        resumable_checkpoint(checkpoints, mine)
+    manifest_path(sharded).unlink()
+    with pytest.raises(Untrusted, match="carries no signed manifest"):
+        resumable_checkpoint(checkpoints, mine)
+
+
 def _metric_keys(run_dir: Path) -> list[tuple]:
     """(epoch, step, the metrics it holds) of every row of metrics.csv."""
     import csv
