@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from iq_lightning.cli import check_command_line, configure_environment, resume_command, single_log_stream, user_errors_as_one_line
+from iq_lightning.cli import check_command_line, configure_environment, launch_rank, resume_command, single_log_stream, user_errors_as_one_line
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
 
     run = build_run_config(cfg, HydraConfig.get().runtime.output_dir)
     try:
-        train(run)
+        train(run, rank=launch_rank())
     except Stopped as exc:
         raise Stopped(f"{exc}: {resume_command('train.py', HydraConfig.get().overrides.task, run.run_dir)}") from None
 

@@ -197,7 +197,7 @@ class EpochCheckpoint(Checkpoint):
         # the signal came in the epoch's last step: that epoch's checkpoint is good to keep.
         pending = getattr(self, "pending", None)
         if pending is not None and trainer.fit_loop.epoch_progress.current.completed > _epoch_number(pending[1]):
-            self._commit(trainer)
+            self._commit(trainer, barrier=False)  # a rank that died would never reach a barrier
 
     def _write_manifest(self, trainer: L.Trainer, tmp: Path, final: Path) -> None:
         """`<final>.sha256`, written before the checkpoint is renamed into place: the files as read
@@ -208,7 +208,7 @@ class EpochCheckpoint(Checkpoint):
             raise OSError(f"{tmp.name} read back differs from what was written")
         write_atomically(manifest_path(final), manifest_text(found, self.key_file))
 
-    def _commit(self, trainer: L.Trainer) -> None:
+    def _commit(self, trainer: L.Trainer, barrier: bool = True) -> None:
         if getattr(self, "pending", None) is None:
             return
         tmp, final = self.pending
@@ -226,7 +226,8 @@ class EpochCheckpoint(Checkpoint):
                     _remove(manifest_path(path))
             for stale in self.dirpath.glob("last-v*.ckpt"):  # older versions' copies
                 _remove(stale)
-        trainer.strategy.barrier("EpochCheckpoint.done")
+        if barrier:
+            trainer.strategy.barrier("EpochCheckpoint.done")
 
     def _link_last(self, final: Path) -> None:
         last, link_tmp = self.dirpath / LAST_LINK, self.dirpath / (LAST_LINK + ".tmp")

@@ -28,6 +28,19 @@ def configure_environment() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def launch_rank() -> str:
+    """Which process of a launch this is, before Lightning has set up its ranks: torchrun's RANK;
+    Lightning's own launcher's NODE_RANK and LOCAL_RANK (its children, and every node's first
+    process when nodes are started by hand); srun's SLURM_PROCID; "0" for a single process."""
+    env = os.environ
+    if env.get("RANK"):
+        return env["RANK"]
+    if env.get("LOCAL_RANK") or env.get("NODE_RANK"):
+        node, local = env.get("NODE_RANK") or "0", env.get("LOCAL_RANK") or "0"
+        return local if node == "0" else f"{node}.{local}"
+    return env.get("SLURM_PROCID") or "0"
+
+
 def single_log_stream() -> None:
     """Hydra already logs every record to the console and the run's log file; Lightning's own
     console handlers would print each of its lines a second time."""

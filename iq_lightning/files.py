@@ -177,8 +177,8 @@ class RunDirectoryLock:
     not inherited by forked children (data loader workers, samplers), and F_GETLK names the
     holder's pid without the holder writing anything. The lock file is never written to."""
 
-    def __init__(self, directory: str | Path, rank: int = 0):
-        self.path = Path(directory) / (LOCK_FILE if rank == 0 else f"{LOCK_FILE}.rank{rank}")
+    def __init__(self, directory: str | Path, rank: str = "0"):
+        self.path = Path(directory) / (LOCK_FILE if rank == "0" else f"{LOCK_FILE}.rank{rank}")
         self.fd = -1
 
     def __enter__(self) -> "RunDirectoryLock":

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -372,18 +371,19 @@ def describe(run: RunConfig) -> str:
     return OmegaConf.to_yaml(plain)
 
 
-def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
+def train(run: RunConfig, show_progress: bool = True, rank: str = "0") -> TrainResult | None:
     """Fit, export final/; with dry_run only print the config and the memory plan (returns None).
 
-    The run directory is locked for the whole run (one lock per rank: a DDP launcher's ranks are
-    processes of their own), and the restart check comes first: a refused or concurrent command
+    The run directory is locked for the whole run (one lock per `rank`, the launch's process id
+    from cli.launch_rank: a DDP launcher's ranks are processes of their own), and the restart
+    check comes first: a refused or concurrent command
     writes nothing into the directory, not even a log line."""
     plan = memory_plan(run)
     if run.train.dry_run:
         print(describe(run) + "\n" + plan.render())
         return None
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    with RunDirectoryLock(run.run_dir, rank_zero_only.rank):
+    with RunDirectoryLock(run.run_dir, rank):
         check_resumable(run)
         return _train(run, plan, show_progress)
 
