@@ -376,8 +376,7 @@ def train(run: RunConfig, show_progress: bool = True, rank: str = "0") -> TrainR
 
     The run directory is locked for the whole run (one lock per `rank`, the launch's process id
     from cli.launch_rank: a DDP launcher's ranks are processes of their own), and the restart
-    check comes first: a refused or concurrent command
-    writes nothing into the directory, not even a log line."""
+    check comes first: a refused or concurrent command writes nothing into the directory."""
     plan = memory_plan(run)
     if run.train.dry_run:
         print(describe(run) + "\n" + plan.render())

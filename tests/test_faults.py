@@ -180,11 +180,11 @@ def _assert_same_as(run_dir: Path, reference: Path) -> None:
         return {(e, s, tuple(n for n in names if not n.startswith(("time/", "throughput/")))) for e, s, names in keys}
 
     assert logged(keys) == logged(_metric_keys(reference))
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch002.ckpt", "epoch002.ckpt.sha256", "last.ckpt"]
     # Every validation's rows once, the base's and the teacher's included, as uninterrupted.
     summary = (run_dir / "validation" / "summary.jsonl").read_text()
-    assert summary == (reference / "validation" / "summary.jsonl").read_text()
     assert [json.loads(line)["epoch"] for line in summary.splitlines()] == [-1, -1, 0, 1, 2]
+    assert summary == (reference / "validation" / "summary.jsonl").read_text()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch002.ckpt", "epoch002.ckpt.sha256", "last.ckpt"]
 
 
 @pytest.mark.parametrize(
@@ -290,14 +290,17 @@ def test_a_refused_restart_leaves_every_file_of_the_run_directory_as_it_was(refe
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir, symlinks=True)
     before = _files(run_dir)
-    assert "config.yaml" in before and "alpha: 1.5" in before["config.yaml"].decode().splitlines()
     refused = _train(run_dir, "alpha=2.0")
     assert refused.returncode == 2
     assert "alpha: 1.5 -> 2.0" in _one_error(refused)
+    changed = sorted(name for name, data in _files(run_dir).items() if before.get(name) != data)
+    assert not changed, changed  # the parent rewrote .hydra/config.yaml and overrides.yaml here
     fewer = _train(run_dir, "epochs=1")
     assert fewer.returncode == 2
     assert "3 epochs done; epochs must be >= 3" in _one_error(fewer)
     assert _files(run_dir) == before
+    # The run's own record, what evaluation reads: the settings it trained with.
+    assert "alpha: 1.5" in before["config.yaml"].decode().splitlines() and ".hydra/config.yaml" not in before
 
 
 def test_a_second_process_on_a_run_directory_is_refused_and_a_killed_holder_leaves_no_lock(reference, wrapper, tmp_path):
