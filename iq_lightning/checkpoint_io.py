@@ -16,7 +16,10 @@ Integrity: torch.load checks no checksum (a flipped byte in a tensor record load
 every checkpoint carries a manifest beside it, `<name>.sha256`: the SHA-256 of each of its files.
 The streamed file's digest is taken from the bytes as torch.save hands them over, then the file is
 read back and must match before the manifest is written; a resume reads every file again and
-skips a checkpoint whose bytes differ (`verify`).
+skips a checkpoint whose bytes differ (`verify`). The cost, measured on a 0.4 GB state on a
+shared 2-core machine under load (load average 15, so only the ratios mean much): the streamed
+write took 0.7-1.4 s without the hash and 1.7-2.5 s with it, the read-back 1.8-4.5 s (SHA-256 ran
+at 0.41 GB/s there); about four times that for SmolLM2's 1.6 GB, and again on resume.
 
 Provenance: a sharded checkpoint (a directory: DeepSpeed ZeRO-3, FSDP) is read by code that
 unpickles (DeepSpeed's engine calls torch.load(weights_only=False); torch.distributed.checkpoint
