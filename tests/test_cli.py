@@ -269,3 +269,24 @@ def test_yaml_comment_parser():
     assert doc.comments["blocked"] == "block above"
     assert doc.comments["section.inner"] == "inline"
     assert doc.comments["section.wrapped"] == "first half second half"
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, "0"),
+        ({"RANK": "3", "LOCAL_RANK": "1"}, "3"),  # torchrun
+        ({"LOCAL_RANK": "1"}, "1"),  # a child of Lightning's launcher
+        ({"NODE_RANK": "1"}, "1.0"),  # node 1's first process, nodes started by hand
+        ({"SLURM_PROCID": "5"}, "5"),  # srun
+        ({"SLURM_PROCID": "0", "LOCAL_RANK": "2"}, "2"),  # Lightning's launcher inside one SLURM task
+    ],
+)
+def test_each_process_of_a_launch_locks_the_run_directory_under_its_own_name(env, rank, monkeypatch):
+    from iq_lightning.cli import launch_rank
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launch_rank() == rank
