@@ -142,6 +142,7 @@ class EpochCheckpoint(Checkpoint):
         # A kill or a full disk mid-write leaves only a *.tmp, never read, or a manifest whose
         # checkpoint was not renamed into place yet: remove them (the run directory is locked).
         self.pending: tuple[Path, Path] | None = None
+        self.trainer = trainer
         if trainer.is_global_zero and self.dirpath.is_dir():
             for leftover in self.dirpath.glob("*.tmp"):
                 _remove(leftover)
@@ -185,6 +186,13 @@ class EpochCheckpoint(Checkpoint):
         # on_train_epoch_end hook): a kill before the rename redoes the epoch, its rows included;
         # after it, the rows are on disk (a kill in between lost the epoch's row for good).
         self.pending = (tmp, final)
+
+    def commit(self) -> None:
+        """Put the pending checkpoint into place. Called by the data module before it reads or
+        draws the next epoch's samples (Lightning reloads the data before on_train_epoch_start;
+        a kill while sampling must not cost the finished epoch), and at the end of training."""
+        if getattr(self, "trainer", None) is not None:
+            self._commit(self.trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._commit(trainer)

@@ -418,6 +418,8 @@ def _train(run: RunConfig, plan: MemoryPlan, show_progress: bool) -> TrainResult
         run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharding.sharded
     )
     models = RankModels(run.model, run.guide, run.train.alpha, tokenizer, sharding, show_progress)
+    # After every completed epoch (only the newest is kept): what a restart resumes from.
+    checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)
 
     module = InverseQModule(
         None,
@@ -442,9 +444,8 @@ def _train(run: RunConfig, plan: MemoryPlan, show_progress: bool) -> TrainResult
         passes_per_epoch=t.passes_per_epoch,
         seed=t.seed,
         plan=objective.plan,
+        before_epoch=checkpoint.commit,
     )
-    # After every completed epoch (only the newest is kept): what a restart resumes from.
-    checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)
     callbacks = [RunStarted(run), checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
     if run.val.every_n_epochs:
         callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded))
