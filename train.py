@@ -25,6 +25,7 @@ from iq_lightning.cli import (
     check_shared_run_dir,
     configure_environment,
     external_launch,
+    launch_rank,
     own_log_overrides,
     resume_hint,
     run_name,
@@ -54,7 +55,7 @@ def main(cfg: DictConfig) -> None:
     begun = time.time()
     fingerprint = run.run_dir / FINGERPRINT_FILE  # rewritten when training starts (run.RunStarted)
     with resume_hint("train.py", overrides, run.run_dir, lambda: fingerprint.exists() and fingerprint.stat().st_mtime >= begun):
-        train(run)
+        train(run, rank=launch_rank(), overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from iq_lightning.files import run_config_path
 from iq_lightning.objective import token_credit
 from iq_lightning.rollouts import Rollout, read_rollouts
 
@@ -188,12 +189,12 @@ def rollout_credit_html(
 
 
 def run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The run's resolved config as Hydra saved it (.hydra/config.yaml)."""
+    """The run's resolved config, as the run recorded it (config.yaml; .hydra/config.yaml before)."""
     from omegaconf import OmegaConf
 
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no .hydra/config.yaml: not a train.py run directory")
+    path = run_config_path(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a train.py run directory")
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
@@ -238,8 +239,8 @@ def find_runs(*roots: str | Path) -> list[Path]:
     """train.py run directories under `roots` (outputs/<date>/<time>, multirun/<date>/<time>/<n_...>)."""
     runs = []
     for root in map(Path, roots):
-        for pattern in ("outputs/*/*/.hydra/config.yaml", "multirun/*/*/*/.hydra/config.yaml", "*/.hydra/config.yaml"):
-            runs += [p.parent.parent for p in root.glob(pattern) if (p.parent.parent / "rollouts").is_dir()]
+        for pattern in ("outputs/*/*/rollouts", "multirun/*/*/*/rollouts", "*/rollouts"):
+            runs += [p.parent for p in root.glob(pattern) if p.is_dir() and run_config_path(p.parent) is not None]
     return sorted(set(runs))
 
 

@@ -26,6 +26,7 @@ from iq_lightning.analysis import (
     safe_filename,
     scale_note,
 )
+from iq_lightning.checkpoint_io import KEY_FILE, MANIFEST_SUFFIX, digests_of, manifest_path, manifest_text, verify
 from iq_lightning.errors import UserError
 from iq_lightning.models import export_policy
 from iq_lightning.files import fsync_dir, write_atomically
@@ -55,6 +56,11 @@ def epoch_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda item: (item[0], item[1].stat().st_mtime))
 
 
+def _epoch_number(checkpoint: Path) -> int:
+    match = _EPOCH_CHECKPOINT.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
 def last_checkpoint(directory: str | Path) -> Path | None:
     """The newest complete checkpoint, by the epoch in its name. The `last.ckpt` link is only a
     convenience: it is stale after a kill between the checkpoint's rename and the link's update,
@@ -64,6 +70,22 @@ def last_checkpoint(directory: str | Path) -> Path | None:
         return found[-1][1]
     legacy = Path(directory) / LAST_LINK  # a run directory of a version that kept only last.ckpt
     return legacy if legacy.exists() else None
+
+
+def resumable_checkpoint(directory: str | Path, key_file: Path = KEY_FILE) -> Path | None:
+    """The newest checkpoint whose files hash to its manifest: a damaged or cut-short newer one
+    is skipped with one line saying which and why (an older one, or the start, is resumed from;
+    a finished epoch's stored rollouts are reused, so the run still ends with the same weights)."""
+    found = [path for _, path in epoch_checkpoints(directory)]
+    if not found:
+        return last_checkpoint(directory)
+    for newer, path in reversed(list(enumerate(found))):
+        reason = verify(path, key_file)
+        if reason is None:
+            return path
+        fallback = found[newer - 1].name if newer else "the first epoch (the stored rollouts are reused)"
+        log.warning("skipped the checkpoint %s: %s; resuming from %s", path, reason, fallback)
+    return None
 
 
 def _remove(path: Path) -> None:
@@ -87,8 +109,9 @@ def _fsync_tree(path: Path) -> None:
 def _without_zip_crc():
     """torch.save without the CRC32 of every record: torch.load never checks it (a flipped byte
     in a record loads silently either way), and computing it took most of torch.save's time for
-    SmolLM2's 1.6 GB checkpoint (1.8-4.7 s against 0.5-0.8 s without). Integrity here comes from
-    writing under a temporary name, fsync and rename."""
+    SmolLM2's 1.6 GB checkpoint (1.8-4.7 s against 0.5-0.8 s without). Completeness comes from
+    writing under a temporary name, fsync and rename; integrity from the SHA-256 manifest that a
+    resume checks (checkpoint_io.verify)."""
     try:
         from torch.utils.serialization import config
         before = config.save.compute_crc32
@@ -111,14 +134,21 @@ class EpochCheckpoint(Checkpoint):
     No paths are stored in the callback's state (Lightning's ModelCheckpoint keeps its directory's
     absolute path and, resumed from a moved run directory, writes last-v1.ckpt and stops pruning)."""
 
-    def __init__(self, dirpath: str | Path):
+    def __init__(self, dirpath: str | Path, key_file: Path = KEY_FILE):
         self.dirpath = Path(dirpath)
+        self.key_file = key_file
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # A kill or a full disk mid-write leaves only a *.tmp, never read: remove it.
+        # A kill or a full disk mid-write leaves only a *.tmp, never read, or a manifest whose
+        # checkpoint was not renamed into place yet: remove them (the run directory is locked).
+        self.pending: tuple[Path, Path] | None = None
+        self.trainer = trainer
         if trainer.is_global_zero and self.dirpath.is_dir():
             for leftover in self.dirpath.glob("*.tmp"):
                 _remove(leftover)
+            for manifest in self.dirpath.glob("*" + MANIFEST_SUFFIX):
+                if not manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX)).exists():
+                    _remove(manifest)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
@@ -140,27 +170,72 @@ class EpochCheckpoint(Checkpoint):
                 trainer.save_checkpoint(tmp, weights_only=False)
             if trainer.is_global_zero:
                 _fsync_tree(tmp)
+                self._write_manifest(trainer, tmp, final)
         except OSError as exc:
             if trainer.is_global_zero:
                 _remove(tmp)
+                _remove(manifest_path(final))
             raise UserError(
                 f"cannot write the checkpoint of epoch {epoch} to {self.dirpath} ({exc.strerror or exc}); "
                 "nothing half-written was kept: free space and rerun the same command to resume"
             ) from None
+        trainer.strategy.barrier("EpochCheckpoint.written")
+        # The write, read-back and fsync of the whole run's state (optimizer included), between barriers.
+        pl_module.log("time/checkpoint_s", time.perf_counter() - started, on_epoch=True, sync_dist=True)
+        # Renamed into place only once Lightning has logged the epoch's metrics (after every
+        # on_train_epoch_end hook): a kill before the rename redoes the epoch, its rows included;
+        # after it, the rows are on disk (a kill in between lost the epoch's row for good).
+        self.pending = (tmp, final)
+
+    def commit(self) -> None:
+        """Put the pending checkpoint into place. Called by the data module before it reads or
+        draws the next epoch's samples (Lightning reloads the data before on_train_epoch_start;
+        a kill while sampling must not cost the finished epoch), and at the end of training."""
+        if getattr(self, "trainer", None) is not None:
+            self._commit(self.trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._commit(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._commit(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning stops for SIGTERM after counting an epoch complete (its metrics logged) when
+        # the signal came in the epoch's last step: that epoch's checkpoint is good to keep.
+        pending = getattr(self, "pending", None)
+        if pending is not None and trainer.fit_loop.epoch_progress.current.completed > _epoch_number(pending[1]):
+            self._commit(trainer, barrier=False)  # a rank that died would never reach a barrier
+
+    def _write_manifest(self, trainer: L.Trainer, tmp: Path, final: Path) -> None:
+        """`<final>.sha256`, written before the checkpoint is renamed into place: the files as read
+        back from disk, which must match what was streamed (a file checkpoint's own bytes)."""
+        found = digests_of(tmp)
+        streamed = getattr(trainer.strategy.checkpoint_io, "digests", {}).pop(str(tmp), None)
+        if streamed is not None and found != {"": streamed}:
+            raise OSError(f"{tmp.name} read back differs from what was written")
+        write_atomically(manifest_path(final), manifest_text(found, self.key_file))
+
+    def _commit(self, trainer: L.Trainer, barrier: bool = True) -> None:
+        if getattr(self, "pending", None) is None:
+            return
+        tmp, final = self.pending
+        self.pending = None
         if trainer.is_global_zero:
             if final.is_dir():  # os.replace overwrites a file, not a directory (sharded strategies)
                 _remove(final)
             os.replace(tmp, final)
             self._link_last(final)
             fsync_dir(self.dirpath)
+            # The previous checkpoint goes only now: the new one is complete, read back and in place.
             for _, path in epoch_checkpoints(self.dirpath):
                 if path != final:
                     _remove(path)
+                    _remove(manifest_path(path))
             for stale in self.dirpath.glob("last-v*.ckpt"):  # older versions' copies
                 _remove(stale)
-        trainer.strategy.barrier("EpochCheckpoint.done")
-        # The write, fsync and rename of the whole run's state (optimizer included), between barriers.
-        pl_module.log("time/checkpoint_s", time.perf_counter() - started, on_epoch=True, sync_dist=True)
+        if barrier:
+            trainer.strategy.barrier("EpochCheckpoint.done")
 
     def _link_last(self, final: Path) -> None:
         last, link_tmp = self.dirpath / LAST_LINK, self.dirpath / (LAST_LINK + ".tmp")

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-from iq_lightning.errors import UserError, first_line
+from iq_lightning.errors import Stopped, UserError, first_line
 from iq_lightning.quoting import shell_override
 
 # Mappings whose entries the user names (`+contestants.iq.run_dir=...`): new keys are welcome there.
@@ -50,6 +50,19 @@ def configure_environment() -> None:
 class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(_NOISE_LOG_LINES)
+
+
+def launch_rank() -> str:
+    """Which process of a launch this is, before Lightning has set up its ranks: torchrun's RANK;
+    Lightning's own launcher's NODE_RANK and LOCAL_RANK (its children, and every node's first
+    process when nodes are started by hand); srun's SLURM_PROCID; "0" for a single process."""
+    env = os.environ
+    if env.get("RANK"):
+        return env["RANK"]
+    if env.get("LOCAL_RANK") or env.get("NODE_RANK"):
+        node, local = env.get("NODE_RANK") or "0", env.get("LOCAL_RANK") or "0"
+        return local if node == "0" else f"{node}.{local}"
+    return env.get("SLURM_PROCID") or "0"
 
 
 def single_log_stream() -> None:
@@ -87,7 +100,7 @@ def resume_hint(script: str, overrides: Sequence[str], run_dir: str | Path, star
     """On Ctrl-C or any failure of a run that had started training (`started()`), end with the
     command that resumes it: a mistake found before (a refused restart, a missing file) is
     answered by its own error line alone. Ctrl-C exits 130; a UserError prints its `error:` line
-    first and exits 2."""
+    first and exits with its code (2; SIGTERM's Stopped 143)."""
     def hint(what: str) -> None:
         print(f"{what}; resume with:\n  {resume_command(script, overrides, run_dir)}", file=sys.stderr)
 
@@ -104,8 +117,8 @@ def resume_hint(script: str, overrides: Sequence[str], run_dir: str | Path, star
         if not started():
             raise
         print(f"error: {exc}", file=sys.stderr)
-        hint("after fixing that")
-        sys.exit(2)
+        hint("to go on" if isinstance(exc, Stopped) else "after fixing that")
+        sys.exit(getattr(exc, "exit_code", 2))  # Stopped: 143, as a shell reports SIGTERM
     except Exception:
         if not started():
             raise
@@ -124,7 +137,7 @@ def user_errors_as_one_line(func: Callable) -> Callable:
         except UserError as exc:
             logging.getLogger("iq_lightning").debug("user error", exc_info=True)
             print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(getattr(exc, "exit_code", 2))
 
     return wrapper
 

@@ -9,7 +9,7 @@ import random
 import time
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -74,8 +74,13 @@ class OnPolicyDataModule(L.LightningDataModule):
         seed: int = 0,
         plan: SamplePlan = SamplePlan(),
         alpha_warmup_epochs: int = 0,
+        before_epoch: Callable[[], None] | None = None,
     ):
+        """`before_epoch`: called on every rank before an epoch's samples are read or drawn (the
+        recipe puts the previous epoch's checkpoint into place there: Lightning reloads the data
+        before any callback hook of the new epoch)."""
         super().__init__()
+        self.before_epoch = before_epoch
         self.prompts = list(prompts)
         self.sampler = sampler
         self.tokenizer = tokenizer
@@ -197,6 +202,8 @@ class OnPolicyDataModule(L.LightningDataModule):
         return progress.processed > progress.completed and epoch == progress.completed
 
     def train_dataloader(self) -> DataLoader:
+        if self.before_epoch is not None:
+            self.before_epoch()
         epoch = self.trainer.current_epoch
         if self._finished(epoch):
             # Never iterated (Lightning reloads for the next epoch first), but it must not be

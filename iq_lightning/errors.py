@@ -22,6 +22,14 @@ class NonFiniteError(UserError):
     optimizer step (or the checkpoint) that would keep it, so the last checkpoint stays good."""
 
 
+class Stopped(UserError):
+    """The run was stopped by a signal (SIGTERM: scancel, preemption) before it finished; its
+    newest checkpoint stays good. Exits 128 + SIGTERM, as a shell reports the signal, so that
+    `train.py ... && evaluate.py ...` stops there."""
+
+    exit_code = 143
+
+
 class MissingDependencyError(UserError):
     """An optional package that the chosen configuration needs is not installed."""
 

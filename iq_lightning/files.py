@@ -159,3 +159,78 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> P
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return Path(path)
+
+
+# --- the run directory's own records -------------------------------------------------------
+
+RUN_CONFIG_FILE = "config.yaml"
+
+
+def run_config_path(run_dir: str | Path) -> Path | None:
+    """The settings a run trained with: `config.yaml`, written by the run itself once its restart
+    check accepted it. Runs of older versions have only Hydra's `.hydra/config.yaml`, which every
+    invocation rewrote, refused ones included. None for a directory with neither."""
+    for path in (Path(run_dir) / RUN_CONFIG_FILE, Path(run_dir) / ".hydra" / "config.yaml"):
+        if path.is_file():
+            return path
+    return None
+
+
+class RunDirectoryBusy(UserError):
+    """Another process is training into the run directory."""
+
+
+LOCK_FILE = ".lock"
+
+
+class RunDirectoryLock:
+    """An exclusive lock on a run directory for one rank of one run (`with RunDirectoryLock(...)`).
+
+    A POSIX record lock (lockf) on `.lock` (`.lock.rank<N>` for rank N > 0: the ranks of one run
+    are separate processes, and a second launch's every rank must find its place taken). The
+    kernel drops it when the process dies, kill -9 included, so no stale lock is ever left; it is
+    not inherited by forked children (data loader workers, samplers), and F_GETLK names the
+    holder's pid without the holder writing anything. The lock file is never written to."""
+
+    def __init__(self, directory: str | Path, rank: str = "0"):
+        self.path = Path(directory) / (LOCK_FILE if rank == "0" else f"{LOCK_FILE}.rank{rank}")
+        self.fd = -1
+
+    def __enter__(self) -> "RunDirectoryLock":
+        import fcntl
+
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot lock the run directory {self.path.parent} ({exc.strerror or exc})") from None
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            who = f"process {holder}" if holder else "another process"
+            raise RunDirectoryBusy(
+                f"{self.path.parent} is in use by {who} (a run training into it); wait for it to end or stop it, "
+                "or start a new run directory (hydra.run.dir=...)"
+            ) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = -1
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a POSIX lock on `fd`'s file (Linux's struct flock), or None."""
+    import fcntl
+    import struct
+
+    layout = "hhqqi4x"  # l_type, l_whence, l_start, l_len, l_pid (x86_64 and aarch64 Linux)
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, fcntl.F_WRLCK, 0, 0, 0, 0))
+        kind, _, _, _, pid = struct.unpack(layout, answer)
+    except (OSError, struct.error):
+        return None
+    return pid if kind != fcntl.F_UNLCK and pid > 0 else None

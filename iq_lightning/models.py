@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import importlib.metadata
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,7 @@ from transformers import (
 
 from iq_lightning.config import ModelSpec, TinySpec
 from iq_lightning.errors import ConfigError, ModelLoadError
+from iq_lightning.files import fsync_dir, fsync_file
 from iq_lightning.sharded import full_named_parameters, is_lora_layer, plain_name
 
 log = logging.getLogger(__name__)
@@ -410,8 +412,13 @@ def export_policy(
     """final/: a plain model, or for LoRA the adapter (+ final/merged with it merged in).
 
     Every rank must call this (a sharded policy is gathered collectively); only `is_writer`
-    (global rank zero) keeps the gathered CPU tensors and writes."""
-    out = Path(out_dir)
+    (global rank zero) keeps the gathered CPU tensors and writes. The directory is written as
+    `<out>.tmp`, synced and renamed into place: `out` exists only complete, so a kill mid-export
+    leaves no half-written `final/` that evaluation would take for a finished run."""
+    final = Path(out_dir)
+    out = final.with_name(final.name + ".tmp")
+    if is_writer:
+        _remove_tree(out)  # a kill mid-export left it
     if is_peft(policy):
         adapter = {name: t for name, t in full_named_parameters(policy, "cpu") if is_writer and "lora_" in name}
         if is_writer:
@@ -423,7 +430,29 @@ def export_policy(
             plain = policy.get_base_model() if is_peft(policy) else policy
             # Only the base model's config and the state dict's (adapter-free) names are written.
             export_pretrained(plain, tokenizer, out / "merged" if is_peft(policy) else out, {**weights, **_persistent_buffers(policy)})
-    return out
+    if is_writer:
+        _rename_into_place(out, final)
+    return final
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+
+
+def _rename_into_place(tmp: Path, final: Path) -> None:
+    """Sync every file of `tmp`, then rename it to `final` (a previous `final`, from an earlier
+    finish of the run, goes first: a kill in between leaves no `final`, and a rerun exports again)."""
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            fsync_file(path)
+    old = final.with_name(final.name + ".old")
+    _remove_tree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    _remove_tree(old)
 
 
 def _save_adapter(policy, weights: dict[str, torch.Tensor], out: Path) -> None:

@@ -12,30 +12,33 @@ import json
 import logging
 import random
 import typing
+from typing import Sequence
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from transformers import PreTrainedTokenizerBase
 
-from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport
+from iq_lightning.callbacks import CreditMaps, EpochCheckpoint, EpochPolicyExport, epoch_checkpoints
 from iq_lightning.callbacks import last_checkpoint as last_checkpoint_in
 from iq_lightning.config import LoggerSpec, RunConfig, as_plain, build_run_config, principle_placements, principle_weights
 from iq_lightning.data import encode_prompt, fit_context, keep_pairs, prepare_prompts
 from iq_lightning.datamodule import OnPolicyDataModule
 from iq_lightning.epoch_summary import EpochSummary
-from iq_lightning.errors import ConfigError, UserError
+from iq_lightning.errors import ConfigError, Stopped, UserError
 from iq_lightning.guides import build_guide, with_principle
 from iq_lightning.memory_plan import MemoryPlan, architecture_of, device_capacity, plan_memory, world_size_of
 from iq_lightning.models import FINAL_DIR, export_policy, generation_eos, load_tokenizer
+from iq_lightning.callbacks import resumable_checkpoint
 from iq_lightning.module import InverseQModule
 from iq_lightning.objectives import build_objective, resolve_and_check
 from iq_lightning.out_of_memory import StopOnOutOfMemory, budgets_from_plan
 from iq_lightning.principle_check import build_check
 from iq_lightning.rank_models import RankModels
-from iq_lightning.files import write_atomically
+from iq_lightning.files import RUN_CONFIG_FILE, RunDirectoryLock, write_atomically
 from iq_lightning.samplers import SamplingParams, build_sampler, eos_ids
 from iq_lightning.strategies import refuse_host_guides, sharding_for, trainer_kwargs
 from iq_lightning.throughput import ModelFlops
@@ -274,22 +277,47 @@ def check_resumable(run: RunConfig) -> None:
             f"{run.run_dir} holds a run with other settings ({differences}); rerun with the old values to resume, "
             "or start a new run directory (hydra.run.dir=...)"
         )
+    found = epoch_checkpoints(run.run_dir / CHECKPOINT_DIR)
+    done = found[-1][0] + 1 if found else 0
+    if run.train.epochs < done:
+        raise ConfigError(f"{run.run_dir} holds a run with {done} epochs done; epochs must be >= {done} (got epochs={run.train.epochs})")
+
+
+def settings_record(run: RunConfig) -> str:
+    """The resolved config as YAML, keys as on the command line (`alpha`, not `train.alpha`)."""
+    from omegaconf import OmegaConf
+
+    plain = as_plain(run)
+    plain.pop("run_dir")  # the directory may be moved; the record stays true
+    plain.update(plain.pop("train"))
+    return OmegaConf.to_yaml(plain)
 
 
 class RunStarted(Callback):
-    """Writes the run's restart settings once models are loaded and before the first sample."""
+    """Writes the run's records once models are loaded and before the first sample: the restart
+    settings, and config.yaml, what evaluation reads back. Only a run the restart check accepted
+    gets here, so neither ever holds a refused command's values (Hydra's own `.hydra/`, written
+    before any check, is switched off in conf/train.yaml)."""
 
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig, overrides: Sequence[str] | None = None):
         self.path = run.run_dir / FINGERPRINT_FILE
+        self.config_path = run.run_dir / RUN_CONFIG_FILE
         self.settings = restart_settings(run)
+        self.record = settings_record(run)
+        # The command line's overrides (one sweep job's own): what set this run apart.
+        self.overrides = None if overrides is None else "".join(f"- {json.dumps(o)}\n" for o in overrides) or "[]\n"
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             write_atomically(self.path, json.dumps({"settings": self.settings}, indent=1))
+            write_atomically(self.config_path, self.record)
+            if self.overrides is not None:
+                write_atomically(self.path.parent / OVERRIDES_FILE, self.overrides)
             record_numerics(self.path.parent / NUMERICS_FILE)
 
 
 NUMERICS_FILE = "numerics.json"
+OVERRIDES_FILE = "overrides.yaml"
 
 
 def record_numerics(path: Path) -> None:
@@ -394,8 +422,12 @@ def configure(cfg, run_dir: str | Path) -> RunConfig:
     return resolve_and_check(build_run_config(cfg, run_dir))
 
 
-def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
-    """Fit, export final/; with dry_run only print the config and the memory plan (returns None)."""
+def train(run: RunConfig, show_progress: bool = True, rank: str = "0", overrides: Sequence[str] | None = None) -> TrainResult | None:
+    """Fit, export final/; with dry_run only print the config and the memory plan (returns None).
+
+    The run directory is locked for the whole run (one lock per `rank`, the launch's process id
+    from cli.launch_rank: a DDP launcher's ranks are processes of their own), and the restart
+    check comes first: a refused or concurrent command writes nothing into the directory."""
     run = resolve_and_check(run)  # the objective's defaults and checks (config.py checked the rest)
     refuse_host_guides(run.strategy, run.guide.device)
     plan = memory_plan(run)
@@ -407,13 +439,18 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
     problem = check_numerics(run.train.numerics)
     if problem:
         raise ConfigError(problem)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunDirectoryLock(run.run_dir, rank):
+        check_resumable(run)
+        return _train(run, plan, show_progress, overrides)
+
+
+def _train(run: RunConfig, plan: MemoryPlan, show_progress: bool, overrides: Sequence[str] | None) -> TrainResult:
     plan.check()  # before anything loads: a run that cannot fit stops now, with the fix
     log.info("memory plan: %.2f GiB per device at the %s peak", plan.total / 2**30, plan.peak_phase())
     run_dir = run.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     sharding = sharding_for(run.strategy, run.train.precision)
     trainer_args = trainer_kwargs(run.strategy, sharding, run.train.micro_batch_size)
-    check_resumable(run)
     loggers = build_loggers(run.logger, run_dir, wandb_init_kwargs(run))
     L.seed_everything(run.train.seed, workers=True, verbose=False)
 
@@ -441,6 +478,8 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         gather_whole_up_to=whole_gather_budget(plan, "sampling"),
     )
     models = RankModels(run.model, run.guide, run.train.alpha, tokenizer, sharding, show_progress)
+    # After every completed epoch (only the newest is kept): what a restart resumes from.
+    checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)
 
     module = InverseQModule(
         None,
@@ -467,10 +506,9 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         seed=t.seed,
         plan=objective.plan,
         alpha_warmup_epochs=t.alpha_warmup_epochs,
+        before_epoch=checkpoint.commit,
     )
-    # After every completed epoch (only the newest is kept): what a restart resumes from.
-    checkpoint = EpochCheckpoint(run_dir / CHECKPOINT_DIR)
-    callbacks = [RunStarted(run), checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
+    callbacks = [RunStarted(run, overrides), checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
     if run.val.every_n_epochs:
         callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded, whole_gather_budget(plan, "validation"), show_progress))
     if t.credit_maps_per_epoch:
@@ -496,7 +534,7 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         enable_model_summary=False,
         enable_progress_bar=show_progress,
     )
-    resume = last_checkpoint(run_dir)
+    resume = resumable_checkpoint(run_dir / CHECKPOINT_DIR)
     if resume is None and (run_dir / FINAL_DIR).exists():
         raise ConfigError(
             f"{run_dir} holds a finished run whose checkpoint was deleted (keep_checkpoint=false): it cannot be extended; "
@@ -504,7 +542,16 @@ def train(run: RunConfig, show_progress: bool = True) -> TrainResult | None:
         )
     if resume is not None:
         log.info("resuming from %s", resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    except SIGTERMException:  # Lightning's own SystemExit, without a code: exit 0 before
+        found = epoch_checkpoints(run_dir / CHECKPOINT_DIR)
+        done = found[-1][0] + 1 if found else 0
+        raise Stopped(
+            f"stopped by SIGTERM with {done} of {t.epochs} epochs done, before final/ was written; "
+            + (f"{found[-1][1].name} is kept" if found else "no epoch had finished")
+            + ", and the same command resumes from there"
+        ) from None
 
     if trainer.is_global_zero:
         from iq_lightning.validation_plots import plot_training, plot_validation

@@ -47,7 +47,7 @@ from lightning.pytorch.callbacks import Callback
 from transformers import PreTrainedTokenizerBase
 
 from iq_lightning.data import EncodedPrompt
-from iq_lightning.files import append_jsonl, read_jsonl, write_jsonl_atomic
+from iq_lightning.files import read_jsonl, write_jsonl_atomic
 from iq_lightning.forward import pack, response_logits, to_device
 from iq_lightning.guides import GuideScorer, PrincipleGuide
 from iq_lightning.logprobs import token_logprobs
@@ -163,7 +163,8 @@ class Validation(Callback):
     # --- when ------------------------------------------------------------------------------
 
     def _done(self, epoch: int) -> bool:
-        return (self.out / f"epoch_{epoch:03d}.jsonl").exists() if epoch >= 0 else (self.out / "epoch_-01.jsonl").exists()
+        """Whether the summary holds the epoch's rows: they are written last (`_report`)."""
+        return any(row["epoch"] == epoch for row in read_summary(self.out.parent))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.strategy.broadcast(self._done(-1))
@@ -263,14 +264,17 @@ class Validation(Callback):
             lines.append({"epoch": epoch, "who": "teacher", **teacher})
             write_jsonl_atomic(self.out / "teacher.jsonl", [r.__dict__ for r in teacher_rows])
         write_jsonl_atomic(self.out / f"epoch_{epoch:03d}.jsonl", [{"epoch": epoch, **r.__dict__} for r in rows])
-        summary = self.out / "summary.jsonl"
-        read_jsonl(summary)  # cuts a torn last line off (a killed run) before appending
-        append_jsonl(summary, lines)
         metrics["epoch"] = epoch
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if type(logger).__name__ == "WandbLogger" and self.table_rows:
                 self._wandb_table(logger, epoch, rows)
+        # The summary last: it marks the validation done (epoch -1 is not redone on a resume). It
+        # is rewritten whole with the epoch's rows replaced, so an epoch validated again after a
+        # kill before its checkpoint leaves no repeated line.
+        summary = self.out / "summary.jsonl"
+        kept = [row for row in read_jsonl(summary) if row.get("epoch") != epoch]
+        write_jsonl_atomic(summary, kept + lines)
         shown = ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.3f}" for k, v in figures.items())
         if "principle_rate" not in figures:
             shown += f", principle_rate: {NO_CHECK_NOTE}"

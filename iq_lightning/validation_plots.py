@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 from iq_lightning.intervals import wilson_interval
+from iq_lightning.files import run_config_path
 from iq_lightning.validation import read_summary
 
 # (key, y label, note, lower bound, upper bound or None): every figure is >= 0; shares end at 1.
@@ -171,8 +172,10 @@ def sweep_points(sweep_dir: str | Path) -> list[dict]:
     import yaml
 
     points = []
-    for config in sorted(Path(sweep_dir).glob("*/.hydra/config.yaml")):
-        run_dir = config.parent.parent
+    for run_dir in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
+        config = run_config_path(run_dir)
+        if config is None:
+            continue
         rows = read_summary(run_dir)
         policy = [r for r in rows if r["who"] == "policy"]
         if not policy:

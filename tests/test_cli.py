@@ -69,15 +69,16 @@ def test_multirun_alpha_sweep_gets_one_directory_per_run(tmp_path):
         multirun=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
     # Named by job number (paths the tools take unquoted), each with its own overrides inside.
     assert [run.name for run in runs] == ["0", "1", "2"]
-    assert [(run / ".hydra" / "overrides.yaml").read_text().count(f"alpha={a}") for run, a in zip(runs, ("1.0", "1.2", "1.4"))] == [1, 1, 1]
+    assert [(run / "overrides.yaml").read_text().count(f"alpha={a}") for run, a in zip(runs, ("1.0", "1.2", "1.4"))] == [1, 1, 1]
     alphas = []
     for run in runs:
         assert (run / "final" / "model.safetensors").exists()
         assert (run / "rollouts" / "epoch_000.jsonl").exists()
-        config = (run / ".hydra" / "config.yaml").read_text()
+        config = (run / "config.yaml").read_text()
+        assert not (run / ".hydra").exists()  # the run's record is written by the run, once accepted
         alphas.append(next(line for line in config.splitlines() if line.startswith("alpha:")))
     assert alphas == ["alpha: 1.0", "alpha: 1.2", "alpha: 1.4"]
 
@@ -277,3 +278,24 @@ def test_yaml_comment_parser():
     assert doc.comments["blocked"] == "block above"
     assert doc.comments["section.inner"] == "inline"
     assert doc.comments["section.wrapped"] == "first half second half"
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, "0"),
+        ({"RANK": "3", "LOCAL_RANK": "1"}, "3"),  # torchrun
+        ({"LOCAL_RANK": "1"}, "1"),  # a child of Lightning's launcher
+        ({"NODE_RANK": "1"}, "1.0"),  # node 1's first process, nodes started by hand
+        ({"SLURM_PROCID": "5"}, "5"),  # srun
+        ({"SLURM_PROCID": "0", "LOCAL_RANK": "2"}, "2"),  # Lightning's launcher inside one SLURM task
+    ],
+)
+def test_each_process_of_a_launch_locks_the_run_directory_under_its_own_name(env, rank, monkeypatch):
+    from iq_lightning.cli import launch_rank
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launch_rank() == rank

@@ -267,6 +267,65 @@ def test_last_checkpoint_is_the_newest_complete_epoch_not_the_link(tmp_path):
     assert last_checkpoint(tmp_path) == ckpts / "epoch010.ckpt"
 
 
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, caplog):
+    """B5/B6: the manifest holds the SHA-256 of the bytes torch.save streamed; a resume takes the
+    newest checkpoint whose file still hashes to it, and says in one line which it skipped."""
+    from iq_lightning.callbacks import resumable_checkpoint
+    from iq_lightning.checkpoint_io import StreamingCheckpointIO, digests_of, manifest_path
+
+    writer = StreamingCheckpointIO()
+    for epoch in (0, 1):
+        path = tmp_path / f"epoch{epoch:03d}.ckpt"
+        writer.save_checkpoint({"w": torch.full((5000,), float(epoch))}, path)
+        assert digests_of(path) == {"": writer.digests[str(path)]}  # streamed digest == the file's
+        manifest_path(path).write_text(json.dumps({"files": digests_of(path)}))
+    assert resumable_checkpoint(tmp_path) == tmp_path / "epoch001.ckpt"
+    newest = tmp_path / "epoch001.ckpt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one flipped bit, inside the tensor's bytes
+    newest.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(newest)["w"], torch.full((5000,), 1.0))  # torch.load takes it silently
+    with caplog.at_level("WARNING", logger="iq_lightning.callbacks"):
+        assert resumable_checkpoint(tmp_path) == tmp_path / "epoch000.ckpt"
+    [record] = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert record.getMessage() == (
+        f"skipped the checkpoint {newest}: the SHA-256 of epoch001.ckpt differs from the one recorded when it was written "
+        "(damaged or cut short); resuming from epoch000.ckpt"
+    )
+    newest.write_bytes(bytes(data[:100]))  # cut short
+    assert resumable_checkpoint(tmp_path) == tmp_path / "epoch000.ckpt"
+
+
+def test_a_sharded_checkpoint_from_elsewhere_is_refused_in_one_line(tmp_path):
+    """B15: DeepSpeed's engine and torch.distributed.checkpoint unpickle a sharded checkpoint, so a
+    run directory received from elsewhere could run code on resume. A directory checkpoint must
+    carry a manifest signed with this user's key; its files must still hash to it."""
+    import pickle
+
+    from iq_lightning.callbacks import resumable_checkpoint
+    from iq_lightning.checkpoint_io import Untrusted, digests_of, manifest_path, manifest_text
+
+    mine, theirs = tmp_path / "mine.key", tmp_path / "theirs.key"
+    checkpoints = tmp_path / "checkpoints"
+    sharded = checkpoints / "epoch001.ckpt"
+    (sharded / "checkpoint").mkdir(parents=True)
+    (sharded / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"shard")
+    (sharded / ".metadata").write_bytes(pickle.dumps({"plan": 1}))
+    manifest_path(sharded).write_text(manifest_text(digests_of(sharded), mine))
+    assert resumable_checkpoint(checkpoints, mine) == sharded
+    assert mine.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(Untrusted, match="not signed with this user's key"):
+        resumable_checkpoint(checkpoints, theirs)  # the same directory, on another user's machine
+    (sharded / ".metadata").write_bytes(b"cos\nsystem\n(S'echo owned'\ntR.")  # a planted payload
+    assert resumable_checkpoint(checkpoints, mine) is None  # its bytes differ from the signed ones: skipped
+    manifest_path(sharded).write_text(json.dumps({"files": digests_of(sharded)}))  # re-hashed, unsigned
+    with pytest.raises(Untrusted, match="not signed with this user's key"):
+        resumable_checkpoint(checkpoints, mine)
+    manifest_path(sharded).unlink()
+    with pytest.raises(Untrusted, match="carries no signed manifest"):
+        resumable_checkpoint(checkpoints, mine)
+
+
 def _metric_keys(run_dir: Path) -> list[tuple]:
     """(epoch, step, the metrics it holds) of every row of metrics.csv."""
     import csv
@@ -283,7 +342,7 @@ def test_moved_run_directory_resumes_twice_without_retraining(tmp_path):
     _run(moved, "epochs=2", "logger=csv", "save_final=false", "val.every_n_epochs=0")
     third = _run(moved, "epochs=3", "logger=csv", "save_final=false", "val.every_n_epochs=0")
     assert third.trainer.global_step == 6
-    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["epoch002.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["epoch002.ckpt", "epoch002.ckpt.sha256", "last.ckpt"]
     assert (moved / "checkpoints" / "last.ckpt").resolve() == (moved / "checkpoints" / "epoch002.ckpt")
     keys = _metric_keys(moved)
     assert len(keys) == len(set(keys))

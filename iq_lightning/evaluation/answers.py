@@ -14,7 +14,7 @@ from pathlib import Path
 from iq_lightning.analysis import safe_filename
 from iq_lightning.config import ModelSpec
 from iq_lightning.errors import ConfigError
-from iq_lightning.files import fsync_file, read_jsonl
+from iq_lightning.files import fsync_file, read_jsonl, run_config_path
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
 from iq_lightning.evaluation.trained import FINGERPRINT_FILE, read_trained
 from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
