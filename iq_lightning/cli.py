@@ -116,9 +116,12 @@ def resume_hint(script: str, overrides: Sequence[str], run_dir: str | Path, star
     except UserError as exc:
         if not started():
             raise
+        if isinstance(exc, Stopped):  # one line: where it stopped, and the command that goes on
+            print(f"error: {exc}: {resume_command(script, overrides, run_dir)}", file=sys.stderr)
+            sys.exit(exc.exit_code)  # 143, as a shell reports SIGTERM
         print(f"error: {exc}", file=sys.stderr)
-        hint("to go on" if isinstance(exc, Stopped) else "after fixing that")
-        sys.exit(getattr(exc, "exit_code", 2))  # Stopped: 143, as a shell reports SIGTERM
+        hint("after fixing that")
+        sys.exit(2)
     except Exception:
         if not started():
             raise

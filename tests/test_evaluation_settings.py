@@ -144,7 +144,7 @@ def test_an_evaluation_of_a_run_reports_the_runs_settings_in_summary_md(tmp_path
     """Issue 23 item 1, end to end: a run trained with its own principle on its own prompts was
     evaluated on the bundled prompts against a Prompting baseline given the French default,
     with summary.md saying `language=fr`."""
-    import iq_lightning.run as recipe
+    import iq_lightning.evaluation.run as recipe
     from iq_lightning.evaluation.run import evaluate
 
     built = []
