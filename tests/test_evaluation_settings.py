@@ -144,7 +144,7 @@ def test_an_evaluation_of_a_run_reports_the_runs_settings_in_summary_md(tmp_path
     """Issue 23 item 1, end to end: a run trained with its own principle on its own prompts was
     evaluated on the bundled prompts against a Prompting baseline given the French default,
     with summary.md saying `language=fr`."""
-    import iq_lightning.run as recipe
+    import iq_lightning.evaluation.run as recipe  # where evaluate looks build_guide up (guides.py defines it)
     from iq_lightning.evaluation.run import evaluate
 
     built = []
@@ -211,3 +211,4 @@ def test_evaluating_on_the_prompts_a_run_trained_on_is_said(tmp_path, prompts):
     split = make_run(tmp_path / "split", "data=local", f"data.path={prompts}", "data.split=train", final=False)
     spec = _spec(f"+contestants.iq.run_dir={split}", tmp_path=tmp_path)
     assert "evaluation prompts" not in "\n".join(settings_from_runs(spec, list(spec.contestants)).markdown())
+
