@@ -212,3 +212,22 @@ def test_evaluating_on_the_prompts_a_run_trained_on_is_said(tmp_path, prompts):
     spec = _spec(f"+contestants.iq.run_dir={split}", tmp_path=tmp_path)
     assert "evaluation prompts" not in "\n".join(settings_from_runs(spec, list(spec.contestants)).markdown())
 
+
+def test_a_principle_file_on_evaluates_command_line_is_the_principle_it_chooses(tmp_path):
+    """guide.principle_file (README: the principle without quoting) was accepted by evaluate.py and
+    ignored: two runs trained with different principles stayed refused, and a run's own principle
+    (or evaluate.yaml's French one) went to the Prompting baseline instead of the file's."""
+    from iq_lightning.evaluation.settings import settings_from_runs
+
+    a = make_run(tmp_path / "a", f"guide.principle='{ONE_SENTENCE}'", final=False)
+    b = make_run(tmp_path / "b", final=False)
+    text = "Always reply in German, whatever the language."
+    (tmp_path / "principle.txt").write_text(text + "\n", encoding="utf-8")
+    spec = _spec(f"+contestants.a.run_dir={a}", f"+contestants.b.run_dir={b}", f"guide.principle_file={tmp_path / 'principle.txt'}", tmp_path=tmp_path)
+    assert spec.guide.principle == text and spec.guide.principle_file is None
+    settings = settings_from_runs(spec, list(spec.contestants))
+    assert settings.spec.guide.principle == text
+    assert next(c for c in settings.contestants if c.name == "prompting").principle == text
+    assert "| guide.principle | Always reply in German, whatever the language. | command line (the runs were trained with" in "\n".join(settings.markdown())
+    with pytest.raises(ConfigError, match=r"^guide.principle_file=.*nope.txt: No such file or directory$"):
+        _spec(f"guide.principle_file={tmp_path / 'nope.txt'}", tmp_path=tmp_path)
