@@ -188,13 +188,27 @@ def rollout_credit_html(
 
 
 def run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The run's resolved config as Hydra saved it (.hydra/config.yaml)."""
+    """The run's config as Hydra saved it (.hydra/config.yaml), with every setting the run recorded
+    when it started (run_fingerprint.json: alpha, beta, the principle, ...) put back: a refused
+    restart rewrites .hydra/config.yaml with the values it was refused for."""
+    import json
+
     from omegaconf import OmegaConf
 
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no .hydra/config.yaml: not a train.py run directory")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    record = Path(run_dir) / "run_fingerprint.json"
+    settings = json.loads(record.read_text(encoding="utf-8")).get("settings", {}) if record.is_file() else {}
+    for key, value in settings.items():  # flat keys as on the command line, as train.yaml nests them
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[leaf] = value
+    return config
 
 
 def run_tokenizer(run_dir: str | Path) -> PreTrainedTokenizerBase:

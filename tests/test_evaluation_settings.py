@@ -231,3 +231,18 @@ def test_a_principle_file_on_evaluates_command_line_is_the_principle_it_chooses(
     assert "| guide.principle | Always reply in German, whatever the language. | command line (the runs were trained with" in "\n".join(settings.markdown())
     with pytest.raises(ConfigError, match=r"^guide.principle_file=.*nope.txt: No such file or directory$"):
         _spec(f"guide.principle_file={tmp_path / 'nope.txt'}", tmp_path=tmp_path)
+
+
+def test_the_notebooks_run_config_is_what_the_run_trained_with(tmp_path):
+    """B7 in notebooks/inspect_run.ipynb: analysis.run_config read .hydra/config.yaml alone, so after a
+    refused restart (alpha=2.0, another principle) the notebook drew its credit map at alpha 2 and
+    printed the refused principle."""
+    from iq_lightning.analysis import run_config
+
+    run = make_run(tmp_path / "run", f"guide.principle='{ONE_SENTENCE}'", "alpha=1.5", "epochs=3", final=False)
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    cfg.alpha, cfg.guide.principle, cfg.epochs = 2.0, "Reply in German.", 5  # what the refused command leaves
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    config = run_config(run)
+    assert (config["alpha"], config["guide"]["principle"], config["beta"]) == (1.5, ONE_SENTENCE, 0.1)
+    assert config["model"]["name_or_path"] == cfg.model.name_or_path and config["epochs"] == 5  # keys it does not record stay
