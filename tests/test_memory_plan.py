@@ -401,3 +401,19 @@ def test_an_unknown_device_says_which_gpu_sizes_fit(tmp_path):
         f"on GPUs of 40 GB: does not fit, {-spare['40 GB'] / GIB:.1f} GiB short, 80 GB: fits, {spare['80 GB'] / GIB:.1f} GiB to spare, "
         f"141 GB: fits, {spare['141 GB'] / GIB:.1f} GiB to spare; strategy.device_memory_gib=80" in text
     )
+
+
+def test_an_unsized_plan_of_devices_auto_without_a_gpu_says_it_planned_one_process(tmp_path, monkeypatch):
+    """`python train.py model=zephyr strategy=deepspeed_zero3 dry_run=true` (the README's paper command)
+    on a machine without GPUs planned 1 process for devices=auto and said the 7B run fits no GPU,
+    not even 141 GB, without saying why."""
+    from iq_lightning.memory_plan import world_size_of
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    run = run_config(tmp_path, ["model=zephyr", "strategy=deepspeed_zero3"])
+    world = world_size_of(run.strategy)
+    assert world == 1
+    text = plan_memory(run, world, None, "gpu").render()
+    assert "strategy.devices=auto and no GPU visible here: planned for 1 process; give the count, e.g. strategy.devices=8" in text
+    sized = plan_memory(run_config(tmp_path, ["model=zephyr", "strategy=deepspeed_zero3", "strategy.devices=8"]), 8, None, "gpu").render()
+    assert "no GPU visible here" not in sized
