@@ -189,13 +189,28 @@ def rollout_credit_html(
 
 
 def run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The run's resolved config, as the run recorded it (config.yaml; .hydra/config.yaml before)."""
+    """The run's config as the run recorded it (config.yaml; before, Hydra's .hydra/config.yaml),
+    with every setting the run recorded when it started (run_fingerprint.json: alpha, beta, the
+    principle, ...) put back: a refused restart rewrote .hydra/config.yaml with the values it was
+    refused for."""
+    import json
+
     from omegaconf import OmegaConf
 
     path = run_config_path(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir} has no config.yaml: not a train.py run directory")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    record = Path(run_dir) / "run_fingerprint.json"
+    settings = json.loads(record.read_text(encoding="utf-8")).get("settings", {}) if record.is_file() else {}
+    for key, value in settings.items():  # flat keys as on the command line, as train.yaml nests them
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[leaf] = value
+    return config
 
 
 def run_tokenizer(run_dir: str | Path) -> PreTrainedTokenizerBase:

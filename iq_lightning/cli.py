@@ -437,6 +437,10 @@ def check_overrides(config_dir: Path, config_name: str, overrides: list[str], co
             shown = path.input_line if given else f"data.path={data.get('path')}"
             raise CommandLineError(f"{shown} is read only with data=local, and the prompts come from data={source}: add data=local")
 
+    named = values.get("guide.principle_file")
+    if "guide.principle" in values and named is not None and not named.is_delete() and _options(named) not in ([None], []):
+        raise CommandLineError("guide.principle and guide.principle_file both given: the file's text would replace the other; give one")
+
     # The values config.validate would refuse only after torch and transformers have loaded (15-20 s),
     # refused here in its words.
     for o in key_overrides:

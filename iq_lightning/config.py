@@ -356,15 +356,21 @@ def build_run_config(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -
 
 def resolve_principle_file(run: RunConfig) -> RunConfig:
     """`run` with guide.principle read from guide.principle_file (whitespace around it dropped)."""
-    path = run.guide.principle_file
+    return dataclasses.replace(run, guide=principle_from_file(run.guide))
+
+
+def principle_from_file(guide: GuideSpec) -> GuideSpec:
+    """`guide` with its principle read from guide.principle_file, if one is named (train.py and
+    evaluate.py alike)."""
+    path = guide.principle_file
     if path is None:
-        return run
+        return guide
     try:
         text = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"guide.principle_file={path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
     _check(bool(text), f"guide.principle_file={path} is empty")
-    return dataclasses.replace(run, guide=dataclasses.replace(run.guide, principle=text, principle_file=None))
+    return dataclasses.replace(guide, principle=text, principle_file=None)
 
 
 def as_plain(spec: Any) -> dict:

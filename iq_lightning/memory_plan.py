@@ -432,6 +432,11 @@ class MemoryPlan:
                     for name, left in sizes.items()
                 )
                 lines.append(f"  on GPUs of {said}; strategy.device_memory_gib=80 checks against one (on a GPU machine the GPU's own size is used)")
+                if str(self.run.strategy.devices).strip() in ("auto", "-1"):  # world_size_of counts no GPU here as one per node
+                    lines.append(
+                        f"  strategy.devices=auto and no GPU visible here: planned for {self.world_size} process"
+                        f"{'es' if self.world_size > 1 else ''}; give the count, e.g. strategy.devices=8"
+                    )
         else:
             verdict = "fits" if self.fits else "DOES NOT FIT"
             headroom = self.headroom_bytes

@@ -168,7 +168,12 @@ RESTART_MAY_CHANGE = (
     "val.table_rows",
     "val.batch_size",  # speed and memory only
     "sampler.batch_size",
-    "sampler.options.*",
+    # the vLLM engine's memory and speed; not max_model_len (which prompts fit), dtype or engine_kwargs
+    "sampler.options.gpu_memory_utilization",
+    "sampler.options.kv_cache_gib",
+    "sampler.options.enable_sleep_mode",
+    "sampler.options.enforce_eager",
+    "sampler.options.max_num_batched_tokens",
     "guide.batch_size",
     "guide.device",
     "model.gradient_checkpointing",
@@ -225,6 +230,10 @@ def declared_default(key: str):
     or a sentinel when it declares none. A key added to the config after a run started is absent
     from that run's record; the run behaved as that default, so it may resume with it."""
     none = object()
+    if key.startswith("sampler.options."):  # compared since the vLLM engine's defaults were named
+        from iq_lightning.samplers.vllm import DEFAULT_OPTIONS
+
+        return DEFAULT_OPTIONS.get(key.removeprefix("sampler.options."), none)
     parts = key.split(".")
     cls = RunConfig
     if parts[0] not in {f.name for f in dataclasses.fields(RunConfig)}:

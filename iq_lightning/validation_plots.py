@@ -10,6 +10,7 @@ Wilson intervals, every other figure from 0, so a one-token change never looks l
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -167,6 +168,17 @@ def training_figure(run_dir: str | Path):
     return fig
 
 
+def _trained_alpha(run_dir: Path) -> float | None:
+    """The alpha a run trained with, from the record it wrote when it started (run.RunStarted's
+    run_fingerprint.json), not Hydra's .hydra/config.yaml, which a refused restart rewrites with
+    the value it was refused for. None without a readable record."""
+    try:
+        stored = json.loads((run_dir / "run_fingerprint.json").read_text(encoding="utf-8"))
+        return float(stored["settings"]["alpha"] if "settings" in stored else stored["alpha"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def sweep_points(sweep_dir: str | Path) -> list[dict]:
     """(alpha, final figures, teacher figures) of every run of a Hydra multirun that validated."""
     import yaml
@@ -180,7 +192,9 @@ def sweep_points(sweep_dir: str | Path) -> list[dict]:
         policy = [r for r in rows if r["who"] == "policy"]
         if not policy:
             continue
-        alpha = yaml.safe_load(config.read_text()).get("alpha")
+        alpha = _trained_alpha(run_dir)
+        if alpha is None:  # no record (a run from elsewhere): Hydra's file is all there is
+            alpha = yaml.safe_load(config.read_text()).get("alpha")
         teacher = next((r for r in rows if r["who"] == "teacher"), None)
         points.append({"alpha": float(alpha), "run_dir": str(run_dir), "final": policy[-1], "teacher": teacher})
     return sorted(points, key=lambda p: p["alpha"])

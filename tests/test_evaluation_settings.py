@@ -144,7 +144,7 @@ def test_an_evaluation_of_a_run_reports_the_runs_settings_in_summary_md(tmp_path
     """Issue 23 item 1, end to end: a run trained with its own principle on its own prompts was
     evaluated on the bundled prompts against a Prompting baseline given the French default,
     with summary.md saying `language=fr`."""
-    import iq_lightning.evaluation.run as recipe
+    import iq_lightning.evaluation.run as recipe  # where evaluate looks build_guide up (guides.py defines it)
     from iq_lightning.evaluation.run import evaluate
 
     built = []
@@ -211,3 +211,38 @@ def test_evaluating_on_the_prompts_a_run_trained_on_is_said(tmp_path, prompts):
     split = make_run(tmp_path / "split", "data=local", f"data.path={prompts}", "data.split=train", final=False)
     spec = _spec(f"+contestants.iq.run_dir={split}", tmp_path=tmp_path)
     assert "evaluation prompts" not in "\n".join(settings_from_runs(spec, list(spec.contestants)).markdown())
+
+
+def test_a_principle_file_on_evaluates_command_line_is_the_principle_it_chooses(tmp_path):
+    """guide.principle_file (README: the principle without quoting) was accepted by evaluate.py and
+    ignored: two runs trained with different principles stayed refused, and a run's own principle
+    (or evaluate.yaml's French one) went to the Prompting baseline instead of the file's."""
+    from iq_lightning.evaluation.settings import settings_from_runs
+
+    a = make_run(tmp_path / "a", f"guide.principle='{ONE_SENTENCE}'", final=False)
+    b = make_run(tmp_path / "b", final=False)
+    text = "Always reply in German, whatever the language."
+    (tmp_path / "principle.txt").write_text(text + "\n", encoding="utf-8")
+    spec = _spec(f"+contestants.a.run_dir={a}", f"+contestants.b.run_dir={b}", f"guide.principle_file={tmp_path / 'principle.txt'}", tmp_path=tmp_path)
+    assert spec.guide.principle == text and spec.guide.principle_file is None
+    settings = settings_from_runs(spec, list(spec.contestants))
+    assert settings.spec.guide.principle == text
+    assert next(c for c in settings.contestants if c.name == "prompting").principle == text
+    assert "| guide.principle | Always reply in German, whatever the language. | command line (the runs were trained with" in "\n".join(settings.markdown())
+    with pytest.raises(ConfigError, match=r"^guide.principle_file=.*nope.txt: No such file or directory$"):
+        _spec(f"guide.principle_file={tmp_path / 'nope.txt'}", tmp_path=tmp_path)
+
+
+def test_the_notebooks_run_config_is_what_the_run_trained_with(tmp_path):
+    """B7 in notebooks/inspect_run.ipynb: analysis.run_config read .hydra/config.yaml alone, so after a
+    refused restart (alpha=2.0, another principle) the notebook drew its credit map at alpha 2 and
+    printed the refused principle."""
+    from iq_lightning.analysis import run_config
+
+    run = make_run(tmp_path / "run", f"guide.principle='{ONE_SENTENCE}'", "alpha=1.5", "epochs=3", final=False)
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    cfg.alpha, cfg.guide.principle, cfg.epochs = 2.0, "Reply in German.", 5  # what the refused command leaves
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    config = run_config(run)
+    assert (config["alpha"], config["guide"]["principle"], config["beta"]) == (1.5, ONE_SENTENCE, 0.1)
+    assert config["model"]["name_or_path"] == cfg.model.name_or_path and config["epochs"] == 5  # keys it does not record stay

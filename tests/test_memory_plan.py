@@ -415,3 +415,19 @@ def test_several_principles_count_one_guide_pass_each(tmp_path):
     rows, vocab, batch, chunk = 33, 49152, 8, 256
     assert scoring_two.bytes - scoring_one.bytes == batch * rows * vocab * 4 + min(chunk, batch * rows) * vocab * 4
     assert _item(several, "validation: answers").bytes - _item(one, "validation: answers").bytes == 16 * rows * vocab * 4  # val.batch_size 16
+
+
+def test_an_unsized_plan_of_devices_auto_without_a_gpu_says_it_planned_one_process(tmp_path, monkeypatch):
+    """`python train.py model=zephyr strategy=deepspeed_zero3 dry_run=true` (the README's paper command)
+    on a machine without GPUs planned 1 process for devices=auto and said the 7B run fits no GPU,
+    not even 141 GB, without saying why."""
+    from iq_lightning.memory_plan import world_size_of
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    run = run_config(tmp_path, ["model=zephyr", "strategy=deepspeed_zero3"])
+    world = world_size_of(run.strategy)
+    assert world == 1
+    text = plan_memory(run, world, None, "gpu").render()
+    assert "strategy.devices=auto and no GPU visible here: planned for 1 process; give the count, e.g. strategy.devices=8" in text
+    sized = plan_memory(run_config(tmp_path, ["model=zephyr", "strategy=deepspeed_zero3", "strategy.devices=8"]), 8, None, "gpu").render()
+    assert "no GPU visible here" not in sized

@@ -132,3 +132,23 @@ def test_reward_curve_of_one_epoch_has_integer_ticks(tmp_path, monkeypatch):
     ax = figures[-1].axes[0]
     shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
     assert shown and all(float(t).is_integer() for t in shown)
+
+
+def test_sweep_points_take_alpha_from_the_runs_record_not_hydras_rewritten_config(tmp_path):
+    """B7 on the validation side: `python train.py alpha=2.0 hydra.run.dir=<the alpha 1.5 run>`,
+    refused, rewrites that run's .hydra/config.yaml, and alpha_sweep_validation.png then drew the
+    run at alpha 2 (evaluate.py's sweep already reads run_fingerprint.json)."""
+    from iq_lightning.validation_plots import sweep_points
+
+    for i, (trained, hydra_says) in enumerate(((1.0, 1.0), (1.5, 2.0))):
+        run = tmp_path / str(i)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(f"alpha: {hydra_says}\n")
+        (run / "run_fingerprint.json").write_text(json.dumps({"settings": {"alpha": trained, "beta": 0.1}}))
+        _summary(run, [_row(-1), _row(0)])
+    legacy = tmp_path / "2"  # a run recorded before the whole config was (alpha at the top level)
+    (legacy / ".hydra").mkdir(parents=True)
+    (legacy / ".hydra" / "config.yaml").write_text("alpha: 9.0\n")
+    (legacy / "run_fingerprint.json").write_text(json.dumps({"alpha": 1.2, "seed": 0}))
+    _summary(legacy, [_row(-1), _row(0)])
+    assert [(p["alpha"], p["run_dir"][-1]) for p in sweep_points(tmp_path)] == [(1.0, "0"), (1.2, "2"), (1.5, "1")]

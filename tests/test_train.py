@@ -457,3 +457,27 @@ def test_precision_and_gradient_checkpointing_train(tmp_path, extra):
         base = result.module.policy
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         assert base.is_gradient_checkpointing
+
+
+def test_vllm_options_that_change_the_samples_or_the_prompts_are_compared_on_restart(tmp_path):
+    """sampler.options.* was allowed to change wholesale: max_model_len decides which prompts are
+    kept (data.fit_context), dtype the sampling precision, engine_kwargs anything vLLM takes; only
+    the engine's memory and speed settings may change when a run is continued."""
+    from iq_lightning.run import restart_settings
+
+    settings = restart_settings(build_run_config(compose(TINY + ["sampler=vllm"]), tmp_path))
+    assert {"sampler.options.max_model_len", "sampler.options.dtype"} <= set(settings)
+    assert not {"sampler.options.gpu_memory_utilization", "sampler.options.kv_cache_gib", "sampler.options.enable_sleep_mode",
+                "sampler.options.enforce_eager", "sampler.options.max_num_batched_tokens"} & set(settings)
+
+
+def test_a_vllm_run_recorded_before_its_options_were_compared_resumes_at_their_defaults(tmp_path):
+    from iq_lightning.errors import ConfigError
+    from iq_lightning.run import FINGERPRINT_FILE, check_resumable, restart_settings
+
+    run = build_run_config(compose(TINY + ["sampler=vllm"]), tmp_path)
+    older = {k: v for k, v in restart_settings(run).items() if not k.startswith("sampler.options.")}
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps({"settings": older}))
+    check_resumable(run)
+    with pytest.raises(ConfigError, match=r"sampler.options.max_model_len: \(unset\) -> 512"):
+        check_resumable(build_run_config(compose(TINY + ["sampler=vllm", "sampler.options.max_model_len=512"]), tmp_path))

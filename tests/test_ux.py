@@ -330,3 +330,11 @@ def test_the_notebooks_extra_has_ipywidgets():
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("ipywidgets") for dep in extras["notebooks"])
+
+
+def test_a_principle_and_a_principle_file_both_given_are_refused():
+    """The file silently won over `guide.principle=...` given beside it."""
+    with pytest.raises(CommandLineError, match=r"^guide.principle and guide.principle_file both given: the file's text would replace the other; give one$"):
+        _check("model=tiny", "guide.principle=Reply in German.", f"guide.principle_file={REPO / 'README.md'}")
+    assert _check("model=tiny", f"guide.principle_file={REPO / 'README.md'}") is None
+    assert _check("model=tiny", "guide.principle=Reply in German.", "guide.principle_file=null") is None

@@ -19,6 +19,7 @@ from iq_lightning.config import (
     ModelSpec,
     SamplerSpec,
     build_spec,
+    principle_from_file,
     validate_decoding,
     validate_sampler,
 )
@@ -163,8 +164,10 @@ _GROUPS = {
 
 
 def explicit_keys(overrides: Sequence[str]) -> tuple[str, ...]:
-    """The keys a command line sets (`+guide.principle=...` -> guide.principle, `data=local` -> data)."""
-    return tuple(sorted({text.split("=", 1)[0].lstrip("+~") for text in overrides if "=" in text or text.startswith("~")}))
+    """The keys a command line sets (`+guide.principle=...` -> guide.principle, `data=local` -> data;
+    guide.principle_file=... sets guide.principle)."""
+    keys = {text.split("=", 1)[0].lstrip("+~") for text in overrides if "=" in text or text.startswith("~")}
+    return tuple(sorted({"guide.principle" if key == "guide.principle_file" else key for key in keys}))
 
 
 def is_explicit(setting: str, explicit: Sequence[str]) -> bool:
@@ -207,7 +210,7 @@ def build_eval_spec(cfg: DictConfig | Mapping[str, Any], overrides: Sequence[str
             model=build_spec(ModelSpec, plain.get("model"), "model"),
             data=build_spec(DataSpec, plain.get("data"), "data"),
             sampler=validate_sampler(build_spec(SamplerSpec, plain.get("sampler"), "sampler")),
-            guide=build_spec(GuideSpec, plain.get("guide"), "guide"),
+            guide=principle_from_file(build_spec(GuideSpec, plain.get("guide"), "guide")),
             logger=build_spec(LoggerSpec, plain.get("logger"), "logger"),
             judge=build_spec(JudgeSpec, judge, "judge"),
             elo=build_spec(EloSpec, plain.get("elo"), "elo"),

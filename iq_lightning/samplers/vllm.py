@@ -65,7 +65,7 @@ INSTALL_HINT = "sampler=vllm needs vLLM: pip install -e '.[vllm]' on CUDA machin
 CUDA_MAX_NUM_BATCHED_TOKENS = 4096
 
 # Engine options a user may set under sampler.options (anything else goes to vllm.LLM as is).
-_DEFAULT_OPTIONS: dict[str, Any] = {
+DEFAULT_OPTIONS: dict[str, Any] = {
     # default: bfloat16 on CUDA, else the policy's dtype (vLLM's "auto" would turn float32 into bfloat16 on CPU)
     "dtype": None,
     # None: False on CUDA (CUDA graphs: decoding without per-kernel launch overhead),
@@ -175,7 +175,7 @@ class VLLMSampler(Sampler):
         rank builds its own engine, on cuda:{local_rank} on GPUs; see the module docstring."""
         _import_vllm()
         self.eos_token_ids = list(eos_token_ids)
-        self.options = {**_DEFAULT_OPTIONS, **(options or {})}
+        self.options = {**DEFAULT_OPTIONS, **(options or {})}
         self.seed = seed
         self.show_progress = show_progress
         self.rank = rank
@@ -201,9 +201,9 @@ class VLLMSampler(Sampler):
         world_size: int | None = None,
         local_rank: int | None = None,
     ) -> "VLLMSampler":
-        unknown = set(spec.options) - set(_DEFAULT_OPTIONS) - {"engine_kwargs"}
+        unknown = set(spec.options) - set(DEFAULT_OPTIONS) - {"engine_kwargs"}
         if unknown:
-            raise ConfigError(f"unknown sampler.options key(s) {sorted(unknown)}; known: {sorted(_DEFAULT_OPTIONS)} and engine_kwargs")
+            raise ConfigError(f"unknown sampler.options key(s) {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)} and engine_kwargs")
         return cls(
             eos_token_ids, dict(spec.options), seed=seed, show_progress=show_progress,
             rank=rank, world_size=world_size, local_rank=local_rank,
