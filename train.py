@@ -54,7 +54,7 @@ def main(cfg: DictConfig) -> None:
         run = dataclasses.replace(run, logger=dataclasses.replace(run.logger, name=run_name(overrides) or run.run_dir.name))
     begun = time.time()
     fingerprint = run.run_dir / FINGERPRINT_FILE  # rewritten when training starts (run.RunStarted)
-    with resume_hint("train.py", overrides, run.run_dir, lambda: fingerprint.exists() and fingerprint.stat().st_mtime >= begun):
+    with resume_hint(sys.argv[0], overrides, run.run_dir, lambda: fingerprint.exists() and fingerprint.stat().st_mtime >= begun):
         train(run, rank=launch_rank(), overrides=overrides)
 
 
