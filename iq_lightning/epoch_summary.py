@@ -51,7 +51,7 @@ def summary_line(epoch: int, epochs: int, metrics: Mapping[str, float], validati
     phases = [f"{label} {float(seconds[key]):.1f}" for key, label in PHASES if _finite(seconds.get(key))]
     if phases:
         parts.append("seconds: " + ", ".join(phases))
-    return f"epoch {epoch + 1}/{epochs}: " + " | ".join(parts)
+    return f"epoch {epoch} ({epoch + 1} of {epochs}): " + " | ".join(parts)  # 0-based, as the files, plots and validation lines count
 
 
 def _finite(value) -> bool:

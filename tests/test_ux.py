@@ -216,7 +216,7 @@ def test_summary_line_names_each_figure_and_phase():
     metrics = {"train/loss_epoch": 0.0123, "train/kl_pi_hat_est_rollouts": 0.4567, "time/sample_s": 12.34, "time/train_s": 30.0, "time/checkpoint_s": 1.25}
     line = summary_line(1, 4, metrics, {"epoch": 1, "principle_rate": 0.625, "kl_pi_hat_exact_heldout": 0.69, "truncated": 0.25, "seconds": 20.0})
     assert line == (
-        "epoch 2/4: loss 0.0123, KL est. (rollouts) 0.457 | principle rate 0.625, KL exact (held out) 0.69, truncated 0.25 "
+        "epoch 1 (2 of 4): loss 0.0123, KL est. (rollouts) 0.457 | principle rate 0.625, KL exact (held out) 0.69, truncated 0.25 "
         "| seconds: sample 12.3, train 30.0, val 20.0, checkpoint 1.2"
     )
     assert "principle rate n/a (no check)" in summary_line(0, 1, metrics, {"epoch": 0, "truncated": 0.0})
@@ -259,7 +259,7 @@ def test_a_run_without_a_check_says_so_and_reports_truncation(one_sentence_run):
 
 def test_each_epoch_gets_one_summary_line(one_sentence_run):
     _, messages = one_sentence_run
-    lines = [m for m in messages if m.startswith("epoch 1/1:")]
+    lines = [m for m in messages if m.startswith("epoch 0 (1 of 1):")]
     assert len(lines) == 1
     assert "loss " in lines[0] and "KL est. (rollouts)" in lines[0] and "principle rate n/a (no check)" in lines[0]
     assert "seconds: " in lines[0] and " sample " in lines[0] and " val " in lines[0]
