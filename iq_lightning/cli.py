@@ -499,7 +499,7 @@ def _refuse_split_text(o) -> None:
     key = o.input_line.split("=", 1)[0]
     from_file = " (or put the text in a file: guide.principle_file=FILE)" if o.key_or_group == "guide.principle" else ""
     raise CommandLineError(
-        f"{key}: Hydra would split this text at its comma into {len(pieces)} runs; keep it whole with quotes "
+        f"{key}: Hydra reads the comma in this text as a sweep over {len(pieces)} pieces of it; keep it whole with quotes "
         f"inside the shell's: {shell_override(key, raw)}{from_file}; a sweep over whole texts quotes each one ({key}='\"A.\"','\"B.\"')"
     )
 

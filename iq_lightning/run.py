@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import random
 import typing
 from typing import Sequence
@@ -140,9 +141,14 @@ def drop_checkpoints(run_dir: Path) -> None:
     import shutil
 
     directory = run_dir / CHECKPOINT_DIR
+    doomed = run_dir / f"{CHECKPOINT_DIR}.deleted"
     if directory.is_dir():
-        shutil.rmtree(directory)
+        # One rename first: a kill during the (long, sharded: many files) deletion leaves no half
+        # checkpoint under the name a restart reads.
+        os.replace(directory, doomed)
         log.info("deleted %s (keep_checkpoint=false): this run can no longer be extended", directory)
+    if doomed.is_dir():
+        shutil.rmtree(doomed)
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

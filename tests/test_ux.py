@@ -42,7 +42,7 @@ def test_a_principle_split_at_its_comma_is_refused_with_the_quoting_that_keeps_i
     with pytest.raises(CommandLineError) as err:
         _check(*multirun, "model=tiny", f"guide.principle={SENTENCE}")
     line = str(err.value)
-    assert "\n" not in line and "2 runs" in line and "guide.principle_file=FILE" in line
+    assert "\n" not in line and "a sweep over 2 pieces" in line and "guide.principle_file=FILE" in line
     suggested = line.split("inside the shell's: ", 1)[1].split(" (or put", 1)[0]
     assert suggested == """'guide.principle="Always reply in German, whatever the language."'"""
     assert _hydra_reads(suggested) == ("guide.principle", SENTENCE, False)  # the quoting really keeps it whole
@@ -338,3 +338,26 @@ def test_a_principle_and_a_principle_file_both_given_are_refused():
         _check("model=tiny", "guide.principle=Reply in German.", f"guide.principle_file={REPO / 'README.md'}")
     assert _check("model=tiny", f"guide.principle_file={REPO / 'README.md'}") is None
     assert _check("model=tiny", "guide.principle=Reply in German.", "guide.principle_file=null") is None
+
+
+def test_dropping_the_checkpoint_renames_it_before_deleting(tmp_path, monkeypatch):
+    """keep_checkpoint=false: a kill during the deletion (many files for a sharded checkpoint)
+    left a half checkpoint under the name a restart reads."""
+    import shutil
+
+    from iq_lightning import run as recipe
+
+    shard = tmp_path / "checkpoints" / "epoch000.ckpt" / "shard0"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"x")
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.drop_checkpoints(tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+    monkeypatch.undo()
+    recipe.drop_checkpoints(tmp_path)  # the next call finishes the deletion
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
