@@ -103,7 +103,8 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
     # It ends by printing the command that resumes: the same overrides, the run directory named.
     said = out.rstrip().splitlines()
     assert said[-2].endswith("resume with:"), out[-2000:]
-    assert said[-1].strip() == " ".join(["python", "train.py", *args[2:-1], f"hydra.run.dir={tmp_path}"])
+    # the script as it was started (here by its absolute path), so the command works from anywhere
+    assert said[-1].strip() == " ".join(["python", str(REPO / "train.py"), *args[2:-1], f"hydra.run.dir={tmp_path}"])
     done = sorted(p.name for p in (tmp_path / "rollouts").glob("epoch_*.jsonl"))
     assert 1 <= len(done) < 30
     kept = {name: (tmp_path / "rollouts" / name).read_bytes() for name in done}
