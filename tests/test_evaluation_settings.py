@@ -243,6 +243,11 @@ def test_the_notebooks_run_config_is_what_the_run_trained_with(tmp_path):
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     cfg.alpha, cfg.guide.principle, cfg.epochs = 2.0, "Reply in German.", 5  # what the refused command leaves
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    # Today's runs write config.yaml once accepted: Hydra's rewritten file is not read at all.
+    config = run_config(run)
+    assert (config["alpha"], config["guide"]["principle"], config["epochs"]) == (1.5, ONE_SENTENCE, 3)
+    # A run of an older version has only .hydra/config.yaml: the record's settings are put back.
+    (run / "config.yaml").unlink()
     config = run_config(run)
     assert (config["alpha"], config["guide"]["principle"], config["beta"]) == (1.5, ONE_SENTENCE, 0.1)
     assert config["model"]["name_or_path"] == cfg.model.name_or_path and config["epochs"] == 5  # keys it does not record stay

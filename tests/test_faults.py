@@ -223,7 +223,7 @@ def test_sigterm_exits_143_with_one_line_whose_command_finishes_the_same_run(ste
     assert f"stopped by SIGTERM with {done} of 3 epochs done" in line and f"epoch{done - 1:03d}.ckpt is kept" in line, line
     assert not (tmp_path / "final").exists()
     command = shlex.split(line.split(": ", 2)[2])
-    assert command[:2] == ["python", "train.py"] and command[2:] == ARGS + [f"hydra.run.dir={tmp_path.resolve()}"], command
+    assert command[0] == "python" and Path(command[1]).name == "train.py" and command[2:] == ARGS + [f"hydra.run.dir={tmp_path.resolve()}"], command
     resumed = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *command[2:]], capture_output=True, text=True, cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
