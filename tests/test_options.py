@@ -40,8 +40,10 @@ TWO = 'guide.principles=[{text: "Always reply in German.", alpha: 0.8}, {text: "
     ],
 )
 def test_bad_values_are_one_config_error(overrides, message, tmp_path):
+    from iq_lightning.run import configure  # the objective's options are checked where objectives are built
+
     with pytest.raises(ConfigError, match=message):
-        build_run_config(compose(["model=tiny", *overrides]), tmp_path)
+        configure(compose(["model=tiny", *overrides]), tmp_path)
 
 
 def test_defaults_are_off_and_the_options_reach_the_objective(tmp_path):
