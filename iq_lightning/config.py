@@ -221,7 +221,7 @@ class ObjectiveSpec:
     # rejected, sampled once. None: dataset for sources whose rows all carry pairs
     # (PAIRED_SOURCES: the paper's DPO on HH-RLHF), principle otherwise; resolved at build.
     pairs: str | None = None
-    # inverse_q, open choices of METHOD.md (conf/objective/inverse_q.yaml; objective.py):
+    # inverse_q, open choices of docs/method.md (conf/objective/inverse_q.yaml; objective.py):
     # penalty on the residuals log pi_hat(y_t) - log pi_theta(y_t), squared (the paper's) or huber
     # (quadratic within huber_delta nats, linear beyond); target_clip: None, or each target at
     # most that many nats from log pi_ref(y_t).

@@ -23,7 +23,7 @@ Alphas = float | Sequence[float]
 
 def winners_and_alphas(logits_w: Logits, alpha: Alphas) -> tuple[tuple[torch.Tensor, ...], tuple[float, ...]]:
     """The K winner guides' logits and their weights alpha_k: one tensor and one float (the single
-    principle of METHOD.md), or K of each (several principles, guide.principles); a float and a
+    principle of docs/method.md), or K of each (several principles, guide.principles); a float and a
     one-item sequence are the same weight."""
     winners = (logits_w,) if isinstance(logits_w, torch.Tensor) else tuple(logits_w)
     alphas = (float(alpha),) if isinstance(alpha, (int, float)) else tuple(float(a) for a in alpha)
@@ -39,7 +39,7 @@ def estimated_optimal_logprobs(logits_w: Logits, logits_l: torch.Tensor, alpha: 
         log pi_hat(v) = z_t(v) - logsumexp_v' z_t(v')
 
     i.e. pi_hat ∝ prod_k pi_w,k^alpha_k * pi_l^(1 - sum_k alpha_k); with one winner (a tensor and a
-    float) METHOD.md's alpha * log pi_w + (1 - alpha) * log pi_l. Each log pi differs from its
+    float) docs/method.md's alpha * log pi_w + (1 - alpha) * log pi_l. Each log pi differs from its
     logits by one constant per row (its normaliser), which the final normalisation removes:
     log pi_hat = log_softmax(mixed_logits(...)), one log-softmax instead of K + 2, exactly.
     Computed in float32 (or float64 if given) whatever the logits' dtype.
@@ -103,7 +103,7 @@ def scheduled_alpha(alpha: float, epoch: int, warmup_epochs: int) -> float:
         alpha_e = 1 + (alpha - 1) * min(e / N, 1),   e = 0, 1, ... (0-based epoch)
 
     Epoch 0 regresses onto pi_w itself (alpha_0 = 1: no extrapolation past the teacher yet), epoch
-    N and later onto the configured alpha. Not in the paper (METHOD.md's open choices): it lets the
+    N and later onto the configured alpha. Not in the paper (docs/method.md's open choices): it lets the
     policy move towards the teacher before the targets extrapolate past it."""
     if warmup_epochs <= 0 or epoch >= warmup_epochs:
         return float(alpha)
@@ -178,7 +178,7 @@ def residual_penalty(residuals: torch.Tensor, penalty: str = "squared", delta: f
       - "huber":   r^2 for |r| <= delta, 2 * delta * |r| - delta^2 beyond (Huber 1964, times 2 so
                    that it is r^2 inside): a token whose target is far from the policy pulls with
                    a gradient of at most 2 * delta instead of 2 * |r| (objective.penalty=huber).
-    Not in the paper: an open choice of METHOD.md ("clipping of extreme log-ratios").
+    Not in the paper: an open choice of docs/method.md ("clipping of extreme log-ratios").
     """
     if penalty == "squared":
         return residuals**2
@@ -193,7 +193,7 @@ def clipped_targets(target_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, c
 
     The clamped log-ratio is the token's credit / beta (token_credit): clipping it bounds how far
     one epoch's targets ask the policy to move any token from the initial model, however far
-    alpha > 1 extrapolates pi_hat past pi_w. Not in the paper: METHOD.md's open choice
+    alpha > 1 extrapolates pi_hat past pi_w. Not in the paper: docs/method.md's open choice
     "clipping of extreme log-ratios".
     """
     return ref_logprobs + (target_logprobs - ref_logprobs).clamp(-clip, clip)

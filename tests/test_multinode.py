@@ -258,11 +258,11 @@ def test_two_nodes_train_are_killed_resume_and_export_the_one_node_run(strategy,
 
     resumed = _two_nodes(launcher, [str(REPO / "train.py")], args)
     assert all(r.returncode == 0 for r in resumed), [r.stderr for r in resumed]
-    # One run directory: the first process's log and .hydra/, the second node's log beside them.
+    # One run directory: the first process's log and config.yaml, the second node's log beside them.
     second = "train_node1.log" if launcher == "manual" else "train_rank1.log"
     assert "resuming from" in (tmp_path / "train.log").read_text()
     assert "resuming from" in (tmp_path / second).read_text()
-    assert (tmp_path / ".hydra" / "config.yaml").exists()
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "overrides.yaml").exists()
     _assert_same_run(tmp_path, want, ZERO3_ROLLOUTS)
 
 

@@ -81,7 +81,7 @@ def test_nan_loss_in_epoch_1_keeps_epoch_0_checkpoint(tmp_path, nan_loss_at):
     ckpt = _checkpoint(tmp_path)
     assert (ckpt["epoch"], ckpt["global_step"]) == (0, 2)  # the last completed epoch
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch000.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch000.ckpt", "epoch000.ckpt.sha256", "last.ckpt"]
 
 
 def test_skip_allowance_skips_counts_and_continues(tmp_path, nan_loss_at):

@@ -13,7 +13,7 @@ class InverseQ(Objective):
     """L = sum_t m_t rho(log pi_hat(y_t) - log pi_theta(y_t)) on on-policy samples (Algorithm 1:
     rho(r) = r^2); the targets were computed by the guides when the epoch was sampled.
 
-    Two open choices of METHOD.md, off by default (conf/objective/inverse_q.yaml):
+    Two open choices of docs/method.md, off by default (conf/objective/inverse_q.yaml):
     penalty/huber_delta: rho (objective.residual_penalty: squared, or huber);
     target_clip: each target at most that many nats from log pi_ref(y_t) (objective.clipped_targets),
     applied here, to the stored raw targets, so the rollouts keep what the guides gave."""
