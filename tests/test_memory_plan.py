@@ -103,19 +103,15 @@ def test_unknown_sizes_name_model_architecture():
         architecture_of(ModelSpec(source="pretrained", name_or_path="x/y", architecture={"hidden_size": 8}))
 
 
-def test_activation_formula_matches_autograd():
-    """layer_activation_elements against what autograd really saves in one more Llama layer
-    (SDPA, float32), counted with saved_tensors_hooks: the formula tracks transformers' code."""
+def _saved_bytes_per_token(arch: Architecture, batch, dtype: torch.dtype, float32_logits: bool = True) -> float:
+    """Bytes autograd saves per token for one more Llama layer (SDPA), weights in `dtype`."""
     from transformers import LlamaForCausalLM
 
-    from iq_lightning.forward import pack, response_logprobs
+    from iq_lightning.forward import response_logprobs
 
-    arch = Architecture(128, 320, 1, 4, 2, 300, 256, False)
-    batch = pack([list(range(3, 40))] * 2, [list(range(5, 15))] * 2, 0, share_prefix=False)
-
-    def saved_bytes(layers: int) -> int:
+    def saved(layers: int) -> int:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(llama_config(Architecture(**{**arch.__dict__, "num_layers": layers}))).train()
+        model = LlamaForCausalLM(llama_config(Architecture(**{**arch.__dict__, "num_layers": layers}))).train().to(dtype)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen = {}
 
@@ -125,11 +121,20 @@ def test_activation_formula_matches_autograd():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            response_logprobs(model, batch)
+            response_logprobs(model, batch, float32_logits=float32_logits)
         return sum(seen.values())
 
-    tokens = batch["input_ids"].numel()
-    per_token = (saved_bytes(2) - saved_bytes(1)) / tokens / 4
+    return (saved(2) - saved(1)) / batch["input_ids"].numel()
+
+
+def test_activation_formula_matches_autograd():
+    """layer_activation_elements against what autograd really saves in one more Llama layer
+    (SDPA, float32), counted with saved_tensors_hooks: the formula tracks transformers' code."""
+    from iq_lightning.forward import pack
+
+    arch = Architecture(128, 320, 1, 4, 2, 300, 256, False)
+    batch = pack([list(range(3, 40))] * 2, [list(range(5, 15))] * 2, 0, share_prefix=False)
+    per_token = _saved_bytes_per_token(arch, batch, torch.float32, float32_logits=False) / 4
     assert abs(per_token - layer_activation_elements(arch)) <= 4
 
 
@@ -259,30 +264,6 @@ def test_distill_counts_the_teacher_in_the_training_phase(tmp_path):
     added = distill.phase_bytes(TRAINING) - plain.phase_bytes(TRAINING)
     rows, vocab = 33, 49152
     assert added == 2 * 4 * rows * vocab * 4 + 4 * rows * vocab * 4 + 2 * 6 * rows * vocab * 4
-
-
-def _saved_bytes_per_token(arch: Architecture, batch, dtype: torch.dtype) -> float:
-    """Bytes autograd saves per token for one more Llama layer (SDPA), weights in `dtype`."""
-    from transformers import LlamaForCausalLM
-
-    from iq_lightning.forward import response_logprobs
-
-    def saved(layers: int) -> int:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(llama_config(Architecture(**{**arch.__dict__, "num_layers": layers}))).train().to(dtype)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def keep(t):
-            if t.untyped_storage().data_ptr() not in params:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            response_logprobs(model, batch, float32_logits=True)
-        return sum(seen.values())
-
-    return (saved(2) - saved(1)) / batch["input_ids"].numel()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
