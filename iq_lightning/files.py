@@ -192,9 +192,13 @@ class RunDirectoryLock:
     not inherited by forked children (data loader workers, samplers), and F_GETLK names the
     holder's pid without the holder writing anything. The lock file is never written to."""
 
-    def __init__(self, directory: str | Path, rank: str = "0"):
+    # What a second process is told: {directory}; {holder} ("process N") or {pid} (N) of the holder.
+    BUSY = "{directory} is in use by {holder} (a run training into it); wait for it to end or stop it, or start a new run directory (hydra.run.dir=...)"
+
+    def __init__(self, directory: str | Path, rank: str = "0", busy: str | None = None):
         self.path = Path(directory) / (LOCK_FILE if rank == "0" else f"{LOCK_FILE}.rank{rank}")
         self.fd = -1
+        self.busy = busy or self.BUSY
 
     def __enter__(self) -> "RunDirectoryLock":
         import fcntl
@@ -210,10 +214,7 @@ class RunDirectoryLock:
             os.close(self.fd)
             self.fd = -1
             who = f"process {holder}" if holder else "another process"
-            raise RunDirectoryBusy(
-                f"{self.path.parent} is in use by {who} (a run training into it); wait for it to end or stop it, "
-                "or start a new run directory (hydra.run.dir=...)"
-            ) from None
+            raise RunDirectoryBusy(self.busy.format(directory=self.path.parent, holder=who, pid=holder or "unknown")) from None
         return self
 
     def __exit__(self, *exc) -> None:
