@@ -16,9 +16,11 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from iq_lightning.errors import UserError
 
@@ -164,6 +166,32 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> P
 # --- the run directory's own records -------------------------------------------------------
 
 RUN_CONFIG_FILE = "config.yaml"
+
+
+def published_directory(target: Path, fill: Callable[[Path], None], complete: str) -> Path:
+    """`target`, made by `fill(directory)` where it is not yet complete: filled under a temporary
+    name beside it, marked complete (a file named `complete`, written last) and renamed into
+    place, so a kill mid-fill is never read and two processes filling the same target at once
+    both end with one complete copy (the second rename finds the first's and keeps it). Raises
+    OSError where the directory cannot be written."""
+    if (target / complete).exists():
+        return target
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        (tmp / complete).write_text(target.name)
+        if target.exists() and not (target / complete).exists():
+            shutil.rmtree(target, ignore_errors=True)  # incomplete and not ours: copied in by hand?
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / complete).exists():  # not another process's complete copy
+                raise
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def run_config_path(run_dir: str | Path) -> Path | None:

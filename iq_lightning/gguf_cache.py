@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from iq_lightning.files import published_directory
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +42,13 @@ def converted(gguf: Path, root: Path, convert: Callable[[Path], None]) -> Path |
     target = root / f"{gguf.stem}-{cache_key(gguf)}"
     if (target / COMPLETE).exists():
         return target
-    tmp = root / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        tmp.mkdir(parents=True)
+
+    def convert_into(directory: Path) -> None:
         log.info("converting %s once into %s (later runs load it in under a second)", gguf.name, target)
-        convert(tmp)
-        (tmp / COMPLETE).write_text(str(gguf.resolve()))
-        if target.exists() and not (target / COMPLETE).exists():
-            shutil.rmtree(target, ignore_errors=True)  # not ours and incomplete: copied in by hand?
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / COMPLETE).exists():  # not another process's complete copy
-                raise
+        convert(directory)
+
+    try:
+        return published_directory(target, convert_into, COMPLETE)
     except OSError as exc:
         log.warning("cannot keep the converted %s in %s (%s): loading the GGUF file itself", gguf.name, root, exc.strerror or exc)
         return None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
+import transformers
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from transformers import PreTrainedTokenizerBase
@@ -45,6 +47,7 @@ from iq_lightning.strategies import refuse_host_guides, sharding_for, trainer_kw
 from iq_lightning.throughput import ModelFlops
 from iq_lightning.tracking import RunTracking, wandb_init_kwargs
 from iq_lightning.validation import Validation
+from iq_lightning.validation_cache import AnswerCache, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +176,8 @@ RESTART_MAY_CHANGE = (
     "logger.*",  # where metrics go, and how progress is shown
     "val.table_rows",
     "val.batch_size",  # speed and memory only
+    "val.cache",
+    "val.cache_dir",
     "sampler.batch_size",
     # the vLLM engine's memory and speed; not max_model_len (which prompts fit), dtype or engine_kwargs
     "sampler.options.gpu_memory_utilization",
@@ -404,7 +409,32 @@ def build_validation(
         table_rows=v.table_rows,
         gather_whole_up_to=gather_whole_up_to,
         show_progress=show_progress,
+        cache=AnswerCache(v.cache_dir, answer_context(run, sharded)) if v.cache else None,
+        answerers=frozen_answerers(run),
     )
+
+
+def answer_context(run: RunConfig, sharded: bool) -> dict:
+    """What decides every validation answer's arithmetic besides the model and the prompts."""
+    return {
+        "precision": str(run.train.precision),
+        "numerics": run.train.numerics,
+        "accelerator": run.strategy.accelerator,
+        "sharded": sharded,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def frozen_answerers(run: RunConfig) -> dict[str, dict]:
+    """The weights of validation's frozen answerers: the untrained policy, and the teacher (the
+    base given the principle in the guides' dtype, or the aligned model)."""
+    g = run.guide
+    teacher = g.model if g.kind == "aligned_model" and g.model is not None else run.model
+    return {
+        "policy": weights_identity(run.model),
+        "teacher": {**weights_identity(teacher), "guide_dtype": g.dtype, "guide_device": g.device},
+    }
 
 
 def memory_plan(run: RunConfig) -> MemoryPlan:

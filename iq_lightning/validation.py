@@ -19,7 +19,10 @@ policy answers the held-out prompts x (greedy by default), and each answer y is 
   the first principle's.
 
 The teacher (pi_w: the base given the principle, or the aligned model) answers the same prompts
-once, and its figures are the reference lines (`val_teacher/*`); epoch -1 is the base line.
+once, and its figures are the reference lines (`val_teacher/*`); epoch -1 is the base line. Both
+answer the same way in every run of a model, principle, prompts and decoding: their answers are
+decoded once and kept (validation_cache.py, `val.cache`), and each run recomputes their figures
+from them, alpha's included, by one guide forward pass.
 
 A Callback rather than Lightning's validation_step: epoch -1 must run before the first training
 step, and Lightning's sanity check (the only validation before training) discards what it logs.
@@ -32,13 +35,14 @@ shards' forward calls are collectives); rank 0 gathers the rows, writes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import lightning as L
 import torch
@@ -56,9 +60,10 @@ from iq_lightning.objective import estimated_optimal_logprobs
 from iq_lightning.out_of_memory import VALIDATION
 from iq_lightning.out_of_memory import phase as oom_phase
 from iq_lightning.principle_check import PrincipleCheck
-from iq_lightning.samplers.base import SamplingParams
+from iq_lightning.samplers.base import Generation, SamplingParams
 from iq_lightning.samplers.hf import HFSampler
 from iq_lightning.text_quality import decode_whole, per_token_kl, repetition
+from iq_lightning.validation_cache import AnswerCache, FrozenAnswer
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +150,11 @@ class Validation(Callback):
         gather_whole_up_to: int = 0,
         show_progress: bool = False,
         top_p: float = 1.0,
+        cache: AnswerCache | None = None,
+        answerers: Mapping[str, Mapping] | None = None,
     ):
+        """`cache` keeps the frozen answerers' answers; `answerers` names their weights
+        (validation_cache.weights_identity) as "policy" (the untrained one) and "teacher"."""
         self.out = Path(run_dir) / VALIDATION_DIR
         self.prompts = list(prompts)
         self.tokenizer = tokenizer
@@ -156,6 +165,9 @@ class Validation(Callback):
         self.batch_size = batch_size
         self.sharded = sharded
         self.table_rows = table_rows
+        self.cache = cache if answerers else None
+        self.answerers = dict(answerers or {})
+        self.eos_ids = [int(i) for i in eos_ids]
         self.sampler = HFSampler(
             batch_size, eos_ids, tokenizer.pad_token_id, show_progress=show_progress, synced_gpus=sharded, gather_whole_up_to=gather_whole_up_to
         )
@@ -188,13 +200,21 @@ class Validation(Callback):
 
     @torch.no_grad()
     def _measure(
-        self, answerer, answer_prompts: list[Sequence[int]], guide: GuideScorer, share: list[tuple[EncodedPrompt, bool]], is_guide: str | None = None
+        self,
+        answerer,
+        answer_prompts: list[Sequence[int]],
+        guide: GuideScorer,
+        share: list[tuple[EncodedPrompt, bool]],
+        is_guide: str | None = None,
+        frozen: str | None = None,
+        strategy=None,
     ):
         """Figures of `answerer`'s answers to `answer_prompts` (x for the policy, x_w for a principle teacher).
         `is_guide` "w" or "l": the answerer, so prompted, computes exactly that guide's logits
         (the teacher; the untrained policy at epoch -1), so its own forward over the answers is
-        not run again: a third of a validation's passes."""
-        generations = self.sampler.generate(answerer, answer_prompts, self.params, desc=f"validation: {'teacher' if is_guide == 'w' else 'policy'}")
+        not run again: a third of a validation's passes. `frozen` ("teacher", "policy") names an
+        answerer whose answers the cache keeps."""
+        generations = self._answers(answerer, answer_prompts, "teacher" if is_guide == "w" else "policy", frozen, strategy)
         rows: list[AnswerFigures] = []
         device = guide.device
         for start in range(0, len(share), self.batch_size):
@@ -229,6 +249,32 @@ class Validation(Callback):
                 )
         return rows
 
+    def _decoding(self) -> dict:
+        """What decides the answers besides the model and the prompts (the seed only where sampling)."""
+        decoding = {**dataclasses.asdict(self.params), "batch_size": self.batch_size, "eos_ids": self.eos_ids}
+        decoding["pad_id"] = self.tokenizer.pad_token_id
+        if not self.params.temperature:
+            decoding.pop("seed")
+        return decoding
+
+    def _answers(self, answerer, prompts: list[Sequence[int]], who: str, frozen: str | None, strategy) -> list[Generation]:
+        """`answerer`'s answers to `prompts`: decoded, or the kept ones of a frozen answerer. Every
+        rank decodes (a sharded generate is a collective) unless every rank found its share kept."""
+        desc = f"validation: {who}"
+        if self.cache is None or frozen is None:
+            return self.sampler.generate(answerer, prompts, self.params, desc=desc)
+        key = self.cache.key(self.answerers[frozen], prompts, self._decoding())
+        kept = self.cache.load(key)
+        found = kept is not None if strategy is None else strategy.reduce_boolean_decision(kept is not None, all=True)
+        if found:
+            if strategy is None or strategy.global_rank == 0:
+                log.info("validation: the %s's held-out answers from the cache (%s): not decoded again; figures recomputed", who, self.cache.path(key))
+            return [Generation(a.response_ids, [], a.finished) for a in kept]
+        generations = self.sampler.generate(answerer, prompts, self.params, desc=desc)
+        decided_by = self.cache.decided_by(self.answerers[frozen], prompts, self._decoding())
+        self.cache.store(key, [FrozenAnswer(list(g.response_ids), g.finished) for g in generations], decided_by)
+        return generations
+
     @oom_phase(VALIDATION)
     def validate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         started = time.perf_counter()
@@ -239,12 +285,14 @@ class Validation(Callback):
         policy.eval()
         try:
             untrained = epoch == -1 and _is_lesser_guide(policy, guide.models[-1])
-            rows = self._measure(policy, [p.input_ids for p, _ in share], guide, share, is_guide="l" if untrained else None)
+            strategy = trainer.strategy
+            policy_frozen = "policy" if epoch == -1 else None
+            rows = self._measure(policy, [p.input_ids for p, _ in share], guide, share, "l" if untrained else None, policy_frozen, strategy)
             teacher_rows = None
             if epoch == -1:
                 # Computed at epoch -1 only, where a LoRA policy's adapter is still zero.
                 with _teacher(guide, policy) as (teacher, prompts_of):
-                    teacher_rows = self._measure(teacher, [prompts_of(p) for p, _ in share], guide, share, is_guide="w")
+                    teacher_rows = self._measure(teacher, [prompts_of(p) for p, _ in share], guide, share, "w", "teacher", strategy)
         finally:
             policy.train(was_training)
         rows = _gather(rows, world)

@@ -18,6 +18,7 @@ from iq_lightning.files import fsync_file, read_jsonl, run_config_path
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
 from iq_lightning.evaluation.trained import FINGERPRINT_FILE, read_trained
 from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
+from iq_lightning.validation_cache import weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +62,10 @@ def contestant_model(contestant: ContestantSpec, base: ModelSpec) -> ModelSpec:
     return model_spec_for(contestant.run_dir, contestant.model_path, base)
 
 
-def _weights_identity(model: ModelSpec) -> dict:
-    """Name plus the weight files' sizes and modification times: a retrained run_dir changes it."""
-    identity = {"model": asdict(model)}
-    path = Path(model.name_or_path or "")
-    if path.is_dir():
-        identity["files"] = sorted(
-            (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")
-        )
-    return identity
-
-
 def generation_key(spec: EvalSpec, contestant: ContestantSpec) -> str:
     model = contestant_model(contestant, spec.model)
     decided_by = {
-        **_weights_identity(model),
+        **weights_identity(model),
         "principle": contestant.principle,
         "placement": contestant.placement if contestant.principle else None,
         "data": asdict(spec.data),

@@ -20,7 +20,7 @@ import torch
 
 from iq_lightning.analysis import safe_filename
 from iq_lightning.data import encode_prompt
-from iq_lightning.evaluation.answers import _weights_identity
+from iq_lightning.validation_cache import weights_identity
 from iq_lightning.files import write_text_atomic
 from iq_lightning.evaluation.ratings import wilson_interval
 from iq_lightning.evaluation.spec import EvalSpec
@@ -90,7 +90,7 @@ def _scorer_key(spec: EvalSpec) -> str:
     g = spec.guide
     aligned = g.kind == "aligned_model" and g.model is not None
     decided_by = {
-        **_weights_identity(g.model if aligned else spec.model),
+        **weights_identity(g.model if aligned else spec.model),
         "principle": None if aligned else g.principle,
         "placement": None if aligned else g.placement,
     }

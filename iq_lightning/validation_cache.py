@@ -1,0 +1,115 @@
+"""Frozen validation answers, decoded once for every run that would decode them again.
+
+The teacher (pi_w: the base given the principle, or the aligned model) and the untrained policy
+(epoch -1) answer the held-out prompts the same way in every run of a given model, principle,
+prompts and decoding: an alpha sweep, a resumed or extended run and a rerun would each decode
+them anew. Decoding is what costs. The figures are not kept: KL(answerer || pi_hat) depends on
+alpha, and it comes from the same guide forward pass over the answers as KL to and NLL under
+pi_w, so validation recomputes all of them from the kept answers with the code that measures
+fresh ones, and a cached validation's figures are bitwise those of a computed one.
+
+An entry is a directory named by the SHA-256 of everything that decides the answers (`key`): the
+answering model's weights identity, the exact prompt token ids it answers (the principle, its
+placement and the chat template are in them), the decoding (max_new_tokens, temperature, top_p,
+the seed where sampling, batch size, EOS and pad ids) and what decides the arithmetic (precision,
+numerics mode, accelerator, sharding, torch and transformers versions). It is written under a
+temporary name and renamed when complete (files.published_directory, as the GGUF cache is), so a
+kill mid-write is never read and two ranks or two sweep members writing one key at once end with
+one complete copy. Bump FORMAT when what decides an answer changes in the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from iq_lightning.files import published_directory, read_jsonl, write_jsonl_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+COMPLETE = "answers.complete"
+ANSWERS = "answers.jsonl"
+DECIDED_BY = "decided_by.json"  # what the key hashes, for a human wondering why two runs missed
+
+
+@dataclass(frozen=True)
+class FrozenAnswer:
+    """One answer: its token ids, and whether it ended with an end-of-sequence token."""
+
+    response_ids: list[int]
+    finished: bool
+
+
+def weights_identity(model_spec: Any) -> dict:
+    """What names a model's weights (a config.ModelSpec): the spec itself, the weight files' sizes
+    and modification times where it is a local directory (a retrained run_dir changes it), and the
+    package's version where the weights ship inside a pip package."""
+    identity: dict[str, Any] = {"model": dataclasses.asdict(model_spec)}
+    path = Path(model_spec.name_or_path or "")
+    if path.is_dir():
+        identity["files"] = sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")
+        )
+    if model_spec.source == "package_gguf":
+        try:
+            identity["package"] = importlib.metadata.version(model_spec.name_or_path)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return identity
+
+
+class AnswerCache:
+    """Answers of frozen answerers under `root`, one directory per key; `context` is what the
+    run decides for every answer (precision, numerics, accelerator, versions)."""
+
+    def __init__(self, root: str | Path, context: Mapping[str, Any]):
+        self.root = Path(root).expanduser()
+        self.context = dict(context)
+
+    def decided_by(self, answerer: Mapping[str, Any], prompts: Sequence[Sequence[int]], decoding: Mapping[str, Any]) -> dict:
+        return {
+            "format": FORMAT,
+            "answerer": answerer,
+            "prompts": [[int(t) for t in p] for p in prompts],
+            "decoding": dict(decoding),
+            "context": self.context,
+        }
+
+    def key(self, answerer: Mapping[str, Any], prompts: Sequence[Sequence[int]], decoding: Mapping[str, Any]) -> str:
+        material = json.dumps(self.decided_by(answerer, prompts, decoding), sort_keys=True, default=str)
+        return hashlib.sha256(material.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def load(self, key: str) -> list[FrozenAnswer] | None:
+        """The kept answers, in prompt order; None on a miss (or an entry that cannot be read)."""
+        entry = self.path(key)
+        if not (entry / COMPLETE).exists():
+            return None
+        try:
+            return [FrozenAnswer([int(t) for t in r["response_ids"]], bool(r["finished"])) for r in read_jsonl(entry / ANSWERS)]
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning("validation cache %s: unreadable (%s); decoding those answers again", entry, exc)
+            return None
+
+    def store(self, key: str, answers: Sequence[FrozenAnswer], decided_by: Mapping[str, Any]) -> Path | None:
+        """Keep `answers` under `key`; None (with a warning, the run goes on) where the cache
+        cannot be written."""
+
+        def fill(directory: Path) -> None:
+            write_jsonl_atomic(directory / ANSWERS, [dataclasses.asdict(a) for a in answers])
+            write_text_atomic(directory / DECIDED_BY, json.dumps(decided_by, sort_keys=True, default=str))
+
+        try:
+            return published_directory(self.path(key), fill, COMPLETE)
+        except OSError as exc:
+            log.warning("cannot keep validation answers in %s (%s): the next run decodes them again", self.root, exc.strerror or exc)
+            return None
