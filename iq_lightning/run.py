@@ -389,8 +389,9 @@ def held_out_prompts(run: RunConfig, tokenizer: PreTrainedTokenizerBase, trainin
 
 
 def build_validation(
-    run: RunConfig, tokenizer, held_out: list, eos: list[int], sharded: bool, gather_whole_up_to: int = 0, show_progress: bool = False
+    run: RunConfig, tokenizer, held_out: list, eos: list[int], sharded: bool, gather_whole_up_to: int = 0, show_progress: bool = False, engine=None
 ) -> Validation:
+    """`engine`: the run's sampler where it is an engine holding the policy's weights (vLLM)."""
     v = run.val
     return Validation(
         run.run_dir,
@@ -411,6 +412,7 @@ def build_validation(
         show_progress=show_progress,
         cache=AnswerCache(v.cache_dir, answer_context(run, sharded)) if v.cache else None,
         answerers=frozen_answerers(run),
+        engine=engine,
     )
 
 
@@ -555,7 +557,8 @@ def _train(run: RunConfig, plan: MemoryPlan, show_progress: bool, overrides: Seq
     )
     callbacks = [RunStarted(run, overrides), checkpoint, RunTracking(run, datamodule.rollout_path, tokenizer, t.rollout_table_rows)]
     if run.val.every_n_epochs:
-        callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded, whole_gather_budget(plan, "validation"), show_progress))
+        engine = sampler if run.sampler.backend == "vllm" else None
+        callbacks.append(build_validation(run, tokenizer, held_out, eos, sharding.sharded, whole_gather_budget(plan, "validation"), show_progress, engine))
     if t.credit_maps_per_epoch:
         callbacks.append(CreditMaps(run_dir, datamodule.rollout_path, tokenizer, t.credit_maps_per_epoch, t.beta, alpha=t.alpha if run.guide.principles is None else None))
     if t.save_epoch_policies:

@@ -26,8 +26,10 @@ from them, alpha's included, by one guide forward pass.
 
 A Callback rather than Lightning's validation_step: epoch -1 must run before the first training
 step, and Lightning's sanity check (the only validation before training) discards what it logs.
-Answers come from HF generate whatever the sampler, so the policy and the teacher are decoded the
-same way and no engine needs the trained weights mid-epoch. Each rank answers an equal share (its
+The teacher's answers come from HF generate. The policy's come from the run's engine where it has
+one (sampler=vllm: the engine that samples the rollouts, given the current weights here, as the
+next epoch's sampling would give them anyway), else from HF generate too; greedy decoding makes
+the two agree up to kernel differences (tests/test_validation_cache.py measures how far). Each rank answers an equal share (its
 shards' forward calls are collectives); rank 0 gathers the rows, writes
 `validation/epoch_NNN.jsonl` and `validation/summary.jsonl`, and logs.
 """
@@ -60,7 +62,7 @@ from iq_lightning.objective import estimated_optimal_logprobs
 from iq_lightning.out_of_memory import VALIDATION
 from iq_lightning.out_of_memory import phase as oom_phase
 from iq_lightning.principle_check import PrincipleCheck
-from iq_lightning.samplers.base import Generation, SamplingParams
+from iq_lightning.samplers.base import Generation, Sampler, SamplingParams
 from iq_lightning.samplers.hf import HFSampler
 from iq_lightning.text_quality import decode_whole, per_token_kl, repetition
 from iq_lightning.validation_cache import AnswerCache, FrozenAnswer
@@ -152,9 +154,12 @@ class Validation(Callback):
         top_p: float = 1.0,
         cache: AnswerCache | None = None,
         answerers: Mapping[str, Mapping] | None = None,
+        engine: Sampler | None = None,
     ):
         """`cache` keeps the frozen answerers' answers; `answerers` names their weights
-        (validation_cache.weights_identity) as "policy" (the untrained one) and "teacher"."""
+        (validation_cache.weights_identity) as "policy" (the untrained one) and "teacher";
+        `engine`: the run's sampler where it holds the policy's weights in an engine (vLLM),
+        which then answers for the policy."""
         self.out = Path(run_dir) / VALIDATION_DIR
         self.prompts = list(prompts)
         self.tokenizer = tokenizer
@@ -168,6 +173,7 @@ class Validation(Callback):
         self.cache = cache if answerers else None
         self.answerers = dict(answerers or {})
         self.eos_ids = [int(i) for i in eos_ids]
+        self.engine = engine
         self.sampler = HFSampler(
             batch_size, eos_ids, tokenizer.pad_token_id, show_progress=show_progress, synced_gpus=sharded, gather_whole_up_to=gather_whole_up_to
         )
@@ -253,6 +259,7 @@ class Validation(Callback):
         """What decides the answers besides the model and the prompts (the seed only where sampling)."""
         decoding = {**dataclasses.asdict(self.params), "batch_size": self.batch_size, "eos_ids": self.eos_ids}
         decoding["pad_id"] = self.tokenizer.pad_token_id
+        decoding["decoder"] = type(self.engine).__name__ if self.engine is not None else "HFSampler"
         if not self.params.temperature:
             decoding.pop("seed")
         return decoding
@@ -262,7 +269,7 @@ class Validation(Callback):
         rank decodes (a sharded generate is a collective) unless every rank found its share kept."""
         desc = f"validation: {who}"
         if self.cache is None or frozen is None:
-            return self.sampler.generate(answerer, prompts, self.params, desc=desc)
+            return self._decode(answerer, prompts, who, desc)
         key = self.cache.key(self.answerers[frozen], prompts, self._decoding())
         kept = self.cache.load(key)
         found = kept is not None if strategy is None else strategy.reduce_boolean_decision(kept is not None, all=True)
@@ -270,10 +277,16 @@ class Validation(Callback):
             if strategy is None or strategy.global_rank == 0:
                 log.info("validation: the %s's held-out answers from the cache (%s): not decoded again; figures recomputed", who, self.cache.path(key))
             return [Generation(a.response_ids, [], a.finished) for a in kept]
-        generations = self.sampler.generate(answerer, prompts, self.params, desc=desc)
+        generations = self._decode(answerer, prompts, who, desc)
         decided_by = self.cache.decided_by(self.answerers[frozen], prompts, self._decoding())
         self.cache.store(key, [FrozenAnswer(list(g.response_ids), g.finished) for g in generations], decided_by)
         return generations
+
+    def _decode(self, answerer, prompts: list[Sequence[int]], who: str, desc: str) -> list[Generation]:
+        if who == "policy" and self.engine is not None:
+            self.engine.update_weights(answerer)  # collective on sharded ranks, as in sampling
+            return self.engine.generate(answerer, prompts, self.params, desc=desc)
+        return self.sampler.generate(answerer, prompts, self.params, desc=desc)
 
     @oom_phase(VALIDATION)
     def validate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:

