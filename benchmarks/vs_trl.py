@@ -6,6 +6,7 @@ interleaved runs (A B A B ...), each run in a fresh process.
     python benchmarks/vs_trl.py --peer sdft --mode full_logits
     python benchmarks/vs_trl.py --peer distillation      # DistillationTrainer
     python benchmarks/vs_trl.py --peer sdft --model tiny --pairs 2   # a quick look
+    python benchmarks/vs_trl.py --peer sdft --validation # both at their defaults: ours validates
 
 The same work on both sides: SmolLM2-135M in float32, the first `--samples` bundled prompts, the
 default principle, placed in the user turn on both sides (this project's `guide.placement=user`
@@ -26,7 +27,11 @@ stand-in for an aligned model of the same size), which costs exactly what any sa
 What is timed: for the peers, `Trainer.train` from `on_train_begin` to `on_train_end` (sampling,
 teacher passes, training; model loading and the trainer's set-up excluded); for this project the
 epoch's weight push + sampling + guide scoring + training (`time/*` of the run; model loading,
-Lightning's set-up and validation excluded, validation is off).
+Lightning's set-up and validation excluded, validation is off). With `--validation` each side does
+its defaults: this project validates on the held-out prompts before training and after the epoch
+(its seconds are counted), TRL's trainers do not evaluate (`eval_strategy="no"` is their default).
+Validation's cache of frozen answers (val.cache_dir) is a fresh directory warmed by one uncounted
+run of ours, as every run after a machine's first finds it.
 """
 
 from __future__ import annotations
@@ -71,19 +76,35 @@ def principle() -> str:
 def run_ours(args) -> dict:
     from iq_lightning.config import build_run_config
     from iq_lightning.run import train
+    from iq_lightning.validation import Validation
 
     overrides = [
         f"model={args.model}", "epochs=1", f"samples_per_epoch={args.samples}", f"sampler.max_new_tokens={args.tokens}",
-        f"micro_batch_size={args.micro_batch}", f"lr={LR}", "logger=none", "save_final=false", "val.every_n_epochs=0",
+        f"micro_batch_size={args.micro_batch}", f"lr={LR}", "logger=none", "save_final=false",
         "credit_maps_per_epoch=0", "guide.placement=user",
     ]
+    if not args.validation:
+        overrides.append("val.every_n_epochs=0")
     cfg = common.compose(overrides)
+    val_seconds = [0.0]
+    validate = Validation.validate
+
+    def timed_validate(self, *a, **kw):  # the validations before training and after the epoch
+        started = time.perf_counter()
+        try:
+            return validate(self, *a, **kw)
+        finally:
+            val_seconds[0] += time.perf_counter() - started
+
+    Validation.validate = timed_validate
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(build_run_config(cfg, run_dir), show_progress=False)
     stats = result.datamodule.epoch_stats
     metrics = result.module.trainer.callback_metrics
     phases = {k: float(stats[f"time/{k}_s"]) for k in ("weight_sync", "sample", "score")}
     phases["train"] = float(metrics["time/train_s"])
+    if args.validation:
+        phases["validation"] = val_seconds[0]
     return {"seconds": sum(phases.values()), "phases": phases}
 
 
@@ -218,6 +239,8 @@ def child(side: str, args) -> dict:
         command = [sys.executable, __file__, "--child", side, "--json", result.name, "--peer", args.peer, "--mode", args.mode,
                    "--model", args.model, "--samples", str(args.samples), "--tokens", str(args.tokens),
                    "--micro-batch", str(args.micro_batch), "--seed", str(args.seed)]
+        if args.validation:
+            command.append("--validation")
         if args.sdft_generation_batch:
             command += ["--sdft-generation-batch", str(args.sdft_generation_batch)]
         # The checkout's package first, whatever the environment has installed.
@@ -258,6 +281,7 @@ def main() -> None:
     parser.add_argument("--sdft-generation-batch", type=int, default=None,
                         help="SDFT's generation_batch_size (default: --samples, the epoch in one batch, as here; "
                         "--micro-batch samples each step's prompts apart and skips the importance-sampling pass)")
+    parser.add_argument("--validation", action="store_true", help="this project validates as by default (counted); the peers do not evaluate, as by default")
     parser.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -272,6 +296,9 @@ def main() -> None:
     times: dict[str, list[float]] = {"peer": [], "ours": []}
     phases: dict[str, list[dict]] = {"peer": [], "ours": []}
     checks = []
+    if args.validation:
+        os.environ["IQ_LIGHTNING_VALIDATION_CACHE"] = tempfile.mkdtemp(prefix="vs_trl_validation_cache_")
+        print(f"warm-up (not counted): ours, {child('ours', args)['seconds']:.1f} s", flush=True)
     for i in range(args.pairs):
         for side in ("peer", "ours"):
             run = child(side, args)
