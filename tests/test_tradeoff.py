@@ -23,7 +23,7 @@ def _run(out: Path, name: str, seed: int, answers: list[tuple[str, bool]], nll: 
 
     run = out / name / f"seed{seed}"
     (run / "validation").mkdir(parents=True)
-    rows = [{"epoch": 3, "prompt_id": f"p{i}", "answer": a, "passes": p, "repetition": repeated(a), "nll_w": 1.0} for i, (a, p) in enumerate(answers)]
+    rows = [{"epoch": 3, "prompt_id": f"p{i}", "answer": a, "passes": p, "repetition": repeated(a), "nll_w": 1.0, "tokens": 10 + i} for i, (a, p) in enumerate(answers)]
     (run / "validation" / "epoch_003.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = [{**r, "answer": ENGLISH, "passes": False, "repetition": 0.0} for r in rows]
     (run / "validation" / "epoch_-01.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
@@ -75,6 +75,8 @@ def test_table_pools_seeds_and_marks_the_front(sweep):
     assert order == ["fluent", "worse", "shy", "looped"]  # by clean passes
     assert "Above the teacher's principle rate at or below its NLL under pi_w and repetition: shy." not in table
     assert "Above the teacher's principle rate at or below its NLL under pi_w and repetition: none." in table  # shy's 0.25 < 0.5
+    # the teacher's passing answers alone (even rows: NLL 0.5, no repetition), 2 of 4 in each of 2 runs
+    assert "The teacher's passing answers alone (4): NLL under pi_w 0.500, repetition 0.000; above the teacher's principle rate at or below these: none." in table
     assert _script(sweep, "--front").split() == ["shy", "fluent"]
     assert _script(sweep, "--front", "--rate", "principle").split() == ["shy", "looped"]
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "principle_baseline
 from choose_lr import clean_passes, teacher_bar  # noqa: E402
 
 from iq_lightning.evaluation.ratings import wilson_interval  # noqa: E402
+from iq_lightning.files import read_jsonl  # noqa: E402
 from iq_lightning.validation import VALIDATION_DIR, read_summary  # noqa: E402
 
 
@@ -75,9 +76,36 @@ def settings(out: Path) -> list[tuple[str, str]]:
     return [(d.name, "") for d in sorted(out.iterdir()) if d.is_dir() and any(d.glob("seed*"))]
 
 
-def collect(out: Path) -> tuple[list[Point], Point, Point]:
-    """The settings' points (those with a finished validation), the base's and the teacher's."""
-    points, base, teacher = [], Point("base"), Point("teacher")
+@dataclass
+class Passing:
+    """The teacher's own passing answers, pooled over seeds: for a language principle the fair bar
+    for NLL under pi_w and repetition (its failing answers are in the base's language, which pi_w
+    finds more plausible than its own French)."""
+
+    tokens: int = 0
+    nll_sum: float = 0.0
+    repetition: list[float] = field(default_factory=list)
+
+    def add(self, answers: Path) -> None:
+        for r in read_jsonl(answers):
+            if r.get("passes"):
+                self.tokens += r["tokens"]
+                self.nll_sum += r["nll_w"] * r["tokens"]
+                self.repetition.append(r["repetition"])
+
+    @property
+    def nll(self) -> float | None:
+        return self.nll_sum / self.tokens if self.tokens else None
+
+    @property
+    def mean_repetition(self) -> float | None:
+        return sum(self.repetition) / len(self.repetition) if self.repetition else None
+
+
+def collect(out: Path) -> tuple[list[Point], Point, Point, Passing]:
+    """The settings' points (those with a finished validation), the base's and the teacher's, and
+    the teacher's passing answers."""
+    points, base, teacher, passing = [], Point("base"), Point("teacher"), Passing()
     reference_seeds: set[str] = set()
     for name, overrides in settings(out):
         point = Point(name, overrides)
@@ -98,9 +126,10 @@ def collect(out: Path) -> tuple[list[Point], Point, Point]:
             taught = next((r for r in rows if r["who"] == "teacher"), None)
             if taught is not None:
                 teacher.add(run.name, taught, run / VALIDATION_DIR / "teacher.jsonl", bar)
+                passing.add(run / VALIDATION_DIR / "teacher.jsonl")
         if point.seeds:
             points.append(point)
-    return points, base, teacher
+    return points, base, teacher, passing
 
 
 def front(points: list[Point], which: str, cost: str = "nll") -> list[Point]:
@@ -122,7 +151,7 @@ def spread(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def table(points: list[Point], base: Point, teacher: Point, which: str) -> str:
+def table(points: list[Point], base: Point, teacher: Point, which: str, passing: Passing | None = None) -> str:
     on_front = {p.name for p in front(points, which)}
     label = "clean passes" if which == "clean" else "principle rate"
     lines = [
@@ -150,10 +179,20 @@ def table(points: list[Point], base: Point, teacher: Point, which: str) -> str:
         ]
         verdict = ", ".join(beat) if beat else "none"
         lines.append(f"Above the teacher's principle rate at or below its NLL under pi_w and repetition: {verdict}.")
+    if passing is not None and passing.nll is not None:
+        fair = [
+            p.name
+            for p in points
+            if p.rate("principle") > teacher.rate("principle") and p.mean_nll <= passing.nll and p.mean_repetition <= passing.mean_repetition
+        ]
+        lines.append(
+            f"The teacher's passing answers alone ({len(passing.repetition)}): NLL under pi_w {passing.nll:.3f}, repetition "
+            f"{passing.mean_repetition:.3f}; above the teacher's principle rate at or below these: {', '.join(fair) if fair else 'none'}."
+        )
     return "\n".join(lines)
 
 
-def figures(points: list[Point], base: Point, teacher: Point, which: str, out_dir: Path) -> list[Path]:
+def figures(points: list[Point], base: Point, teacher: Point, which: str, out_dir: Path, passing: Passing | None = None) -> list[Path]:
     """tradeoff_nll.png and tradeoff_repetition.png: rate against each cost, one point per setting
     (error bars: the rate's Wilson interval, the cost's seed range), base and teacher, the front."""
     import matplotlib
@@ -181,6 +220,9 @@ def figures(points: list[Point], base: Point, teacher: Point, which: str, out_di
         for ref, colour, marker in ((base, "black", "s"), (teacher, "tab:red", "*")):
             if ref.seeds:
                 draw(ref, fmt=marker, color=colour, markersize=10)
+        bar = None if passing is None else (passing.nll if cost == "nll" else passing.mean_repetition)
+        if bar is not None:
+            ax.axvline(bar, color="tab:red", linestyle=":", linewidth=1, label="the teacher's passing answers")
         kept = front(points, which, cost)
         if kept:
             fx = [sum(xs(p)) / len(xs(p)) for p in kept]
@@ -206,16 +248,16 @@ def main() -> None:
     parser.add_argument("--front", action="store_true", help="print the front's setting names only")
     parser.add_argument("--figures", type=Path, help="write the two figures into this folder")
     args = parser.parse_args()
-    points, base, teacher = collect(args.out)
+    points, base, teacher, passing = collect(args.out)
     if not points:
         sys.exit(f"error: no finished validation under {args.out}")
     if args.front:
         print(" ".join(p.name for p in front(points, args.rate)))
         return
-    print(table(points, base, teacher, args.rate))
+    print(table(points, base, teacher, args.rate, passing))
     if args.figures:
         args.figures.mkdir(parents=True, exist_ok=True)
-        for path in figures(points, base, teacher, args.rate, args.figures):
+        for path in figures(points, base, teacher, args.rate, args.figures, passing):
             print(f"\n![{path.stem}]({path.name})")
 
 
