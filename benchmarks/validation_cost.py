@@ -50,7 +50,7 @@ def member_wall(run_dir: Path) -> float:
 
 def one_sweep(clone: Path, overrides: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix="validation_cost_"))
-    env = {**os.environ, "IQ_LIGHTNING_VALIDATION_CACHE": str(out / "cache"), "WANDB_MODE": "offline"}
+    env = {**os.environ, "IQ_LIGHTNING_ANSWER_CACHE": str(out / "cache"), "WANDB_MODE": "offline"}
     try:
         started = time.perf_counter()
         done = subprocess.run(

@@ -297,7 +297,7 @@ def main() -> None:
     phases: dict[str, list[dict]] = {"peer": [], "ours": []}
     checks = []
     if args.validation:
-        os.environ["IQ_LIGHTNING_VALIDATION_CACHE"] = tempfile.mkdtemp(prefix="vs_trl_validation_cache_")
+        os.environ["IQ_LIGHTNING_ANSWER_CACHE"] = tempfile.mkdtemp(prefix="vs_trl_validation_cache_")
         print(f"warm-up (not counted): ours, {child('ours', args)['seconds']:.1f} s", flush=True)
     for i in range(args.pairs):
         for side in ("peer", "ours"):

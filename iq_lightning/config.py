@@ -193,7 +193,7 @@ class ValSpec:
     table_rows: int = 16  # rows of the per-epoch W&B validation table
     check: Mapping[str, Any] | None = None  # principle check {kind: auto|language|regex|none, language, pattern, flags}
     cache: bool = True  # keep the teacher's and the untrained policy's answers for later runs (validation_cache.py)
-    cache_dir: str = "~/.cache/iq-lightning/validation"
+    cache_dir: str = "~/.cache/iq-lightning/answers"
 
 
 @dataclass(frozen=True)

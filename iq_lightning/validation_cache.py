@@ -1,4 +1,5 @@
-"""Frozen validation answers, decoded once for every run that would decode them again.
+"""Frozen answers, decoded once for every run that would decode them again: validation's, and
+the evaluation's contestants'.
 
 The teacher (pi_w: the base given the principle, or the aligned model) and the untrained policy
 (epoch -1) answer the held-out prompts the same way in every run of a given model, principle,
@@ -16,6 +17,10 @@ numerics mode, accelerator, sharding, torch and transformers versions). It is wr
 temporary name and renamed when complete (files.published_directory, as the GGUF cache is), so a
 kill mid-write is never read and two ranks or two sweep members writing one key at once end with
 one complete copy. Bump FORMAT when what decides an answer changes in the code.
+
+evaluate.py keeps its contestants' answers here too (evaluation/answers.py), keyed by its own
+generation key's material (weights, principle, data, sampling, seed) and the same context, so two
+evaluations in different out_dirs decode the Prompting and SFT baselines once between them.
 """
 
 from __future__ import annotations
@@ -74,42 +79,56 @@ class AnswerCache:
         self.context = dict(context)
 
     def decided_by(self, answerer: Mapping[str, Any], prompts: Sequence[Sequence[int]], decoding: Mapping[str, Any]) -> dict:
-        return {
-            "format": FORMAT,
-            "answerer": answerer,
-            "prompts": [[int(t) for t in p] for p in prompts],
-            "decoding": dict(decoding),
-            "context": self.context,
-        }
+        """What decides validation's answers: the answerer's weights, the prompt tokens, decoding."""
+        return self.material(answerer=answerer, prompts=[[int(t) for t in p] for p in prompts], decoding=dict(decoding))
+
+    def material(self, **parts: Any) -> dict:
+        """`parts` with the format and the run's context: what a key hashes."""
+        return {"format": FORMAT, **parts, "context": self.context}
 
     def key(self, answerer: Mapping[str, Any], prompts: Sequence[Sequence[int]], decoding: Mapping[str, Any]) -> str:
-        material = json.dumps(self.decided_by(answerer, prompts, decoding), sort_keys=True, default=str)
-        return hashlib.sha256(material.encode()).hexdigest()
+        return self.key_of(self.decided_by(answerer, prompts, decoding))
+
+    @staticmethod
+    def key_of(material: Mapping[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / key
 
     def load(self, key: str) -> list[FrozenAnswer] | None:
         """The kept answers, in prompt order; None on a miss (or an entry that cannot be read)."""
+        rows = self.load_rows(key)
+        try:
+            return None if rows is None else [FrozenAnswer([int(t) for t in r["response_ids"]], bool(r["finished"])) for r in rows]
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("answer cache %s: unreadable (%s); decoding those answers again", self.path(key), exc)
+            return None
+
+    def store(self, key: str, answers: Sequence[FrozenAnswer], decided_by: Mapping[str, Any]) -> Path | None:
+        return self.store_rows(key, [dataclasses.asdict(a) for a in answers], decided_by)
+
+    def load_rows(self, key: str) -> list[dict] | None:
+        """The kept rows; None on a miss (or an entry that cannot be read)."""
         entry = self.path(key)
         if not (entry / COMPLETE).exists():
             return None
         try:
-            return [FrozenAnswer([int(t) for t in r["response_ids"]], bool(r["finished"])) for r in read_jsonl(entry / ANSWERS)]
-        except (OSError, KeyError, TypeError, ValueError) as exc:
-            log.warning("validation cache %s: unreadable (%s); decoding those answers again", entry, exc)
+            return read_jsonl(entry / ANSWERS)
+        except (OSError, ValueError) as exc:
+            log.warning("answer cache %s: unreadable (%s); decoding those answers again", entry, exc)
             return None
 
-    def store(self, key: str, answers: Sequence[FrozenAnswer], decided_by: Mapping[str, Any]) -> Path | None:
-        """Keep `answers` under `key`; None (with a warning, the run goes on) where the cache
-        cannot be written."""
+    def store_rows(self, key: str, rows: Sequence[Mapping[str, Any]], decided_by: Mapping[str, Any]) -> Path | None:
+        """Keep `rows` under `key`; None (with a warning, the run goes on) where the cache cannot
+        be written."""
 
         def fill(directory: Path) -> None:
-            write_jsonl_atomic(directory / ANSWERS, [dataclasses.asdict(a) for a in answers])
+            write_jsonl_atomic(directory / ANSWERS, rows)
             write_text_atomic(directory / DECIDED_BY, json.dumps(decided_by, sort_keys=True, default=str))
 
         try:
             return published_directory(self.path(key), fill, COMPLETE)
         except OSError as exc:
-            log.warning("cannot keep validation answers in %s (%s): the next run decodes them again", self.root, exc.strerror or exc)
+            log.warning("cannot keep answers in %s (%s): the next run decodes them again", self.root, exc.strerror or exc)
             return None

@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Validation's answer cache (val.cache_dir) in a directory of this test session, not the user's.
-os.environ.setdefault("IQ_LIGHTNING_VALIDATION_CACHE", tempfile.mkdtemp(prefix="iq-lightning-validation-cache-"))
+os.environ.setdefault("IQ_LIGHTNING_ANSWER_CACHE", tempfile.mkdtemp(prefix="iq-lightning-answer-cache-"))
 
 from pathlib import Path  # noqa: E402
 

@@ -619,7 +619,7 @@ def test_answers_are_logged_under_their_final_name_and_a_torn_file_does_not_stop
         return gen_spec.output
 
     monkeypatch.setattr(answers_module, "generate_responses", fake_generate)
-    spec = SimpleNamespace(out_dir=tmp_path, model=ModelSpec(), data=DataSpec(), sampler=SamplerSpec(), seed=0)
+    spec = SimpleNamespace(out_dir=tmp_path, model=ModelSpec(), data=DataSpec(), sampler=SamplerSpec(), seed=0, answer_cache_dir=None)
     with caplog.at_level("INFO"):
         key, rows = answers_module.answers(spec, ContestantSpec("sft"), show_progress=False)
     path = tmp_path / "generations" / f"sft-{key}.jsonl"

@@ -187,3 +187,34 @@ def test_with_vllm_the_engine_answers_for_the_current_policy(tmp_path):
     answered = lambda epoch: [r["answer"] for r in read_jsonl(tmp_path / "run" / VALIDATION_DIR / f"epoch_{epoch:03d}.jsonl")]  # noqa: E731
     assert answered(1) == wanted
     assert answered(1) != answered(-1)  # the weights moved: the engine did not answer with stale ones
+
+
+def test_evaluations_in_two_out_dirs_decode_their_baselines_once(tmp_path, monkeypatch):
+    """evaluate.py keeps its contestants' answers in the machine's answer cache too: a second
+    evaluation elsewhere takes the SFT and Prompting answers from it, under its own names."""
+    import iq_lightning.evaluation.answers as answers_module
+    from iq_lightning.evaluation.spec import build_eval_spec
+    from test_evaluate_flow import TINY_EVAL, compose_eval
+
+    cache = tmp_path / "cache"
+
+    def spec(out, *extra):
+        return build_eval_spec(compose_eval(TINY_EVAL + [f"out_dir={out}", f"answer_cache_dir={cache}", *extra]))
+
+    first = spec(tmp_path / "one")
+    decoded = {c.name: answers_module.answers(first, c, show_progress=False)[1] for c in first.contestants}
+    assert sorted(decoded) == ["prompting", "sft"] and len(list(cache.rglob(COMPLETE))) == 2
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(answers_module, "generate_responses", no_generation)
+    second = spec(tmp_path / "two", "contestants.sft=null", "+contestants.base={}", "reference=base")  # the SFT model under another name
+    for c in second.contestants:
+        rows = answers_module.answers(second, c, show_progress=False)[1]
+        source = decoded["sft" if c.name == "base" else c.name]
+        assert {k: {**r, "model": None} for k, r in rows.items()} == {k: {**r, "model": None} for k, r in source.items()}
+        assert {r["model"] for r in rows.values()} == {c.name}
+    off = spec(tmp_path / "three", "answer_cache_dir=null")
+    with pytest.raises(AssertionError, match="decoded again"):
+        answers_module.answers(off, off.contestants[0], show_progress=False)

@@ -1,7 +1,10 @@
 """Contestants' answers for the evaluation prompts, cached on disk: judging again, or with more
 contestants, costs no generation. A cache file is named by a hash of everything that decides
 its answers (model weights' identity, principle, prompts, sampling, decoding), so a changed setting
-writes a new file instead of silently reusing a stale one."""
+writes a new file instead of silently reusing a stale one. The answers are also kept in the
+machine's answer cache (`answer_cache_dir`, validation_cache.py, shared with training's
+validation), with the torch and transformers versions and the device in the key, so another
+evaluation, in another out_dir, decodes none of the answers this one has."""
 
 from __future__ import annotations
 
@@ -11,14 +14,17 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
+import transformers
+
 from iq_lightning.analysis import safe_filename
 from iq_lightning.config import ModelSpec
 from iq_lightning.errors import ConfigError
-from iq_lightning.files import fsync_file, read_jsonl, run_config_path
+from iq_lightning.files import fsync_file, read_jsonl, run_config_path, write_jsonl_atomic
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
 from iq_lightning.evaluation.trained import FINGERPRINT_FILE, read_trained
 from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
-from iq_lightning.validation_cache import weights_identity
+from iq_lightning.validation_cache import AnswerCache, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,8 @@ def contestant_model(contestant: ContestantSpec, base: ModelSpec) -> ModelSpec:
     return model_spec_for(contestant.run_dir, contestant.model_path, base)
 
 
-def generation_key(spec: EvalSpec, contestant: ContestantSpec) -> str:
+def generation_material(spec: EvalSpec, contestant: ContestantSpec) -> dict:
+    """Everything that decides a contestant's answers (generation_key hashes it)."""
     model = contestant_model(contestant, spec.model)
     decided_by = {
         **weights_identity(model),
@@ -74,15 +81,33 @@ def generation_key(spec: EvalSpec, contestant: ContestantSpec) -> str:
     }
     if contestant.decoding.beam_search:  # the default decoding leaves the key (and the caches) as they were
         decided_by["decoding"] = asdict(contestant.decoding)
-    return hashlib.sha256(json.dumps(decided_by, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return decided_by
+
+
+def generation_key(spec: EvalSpec, contestant: ContestantSpec) -> str:
+    return hashlib.sha256(json.dumps(generation_material(spec, contestant), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def machine_cache(spec: EvalSpec) -> AnswerCache | None:
+    """The answer cache shared across evaluations and runs (None: answer_cache_dir=null)."""
+    if not spec.answer_cache_dir:
+        return None
+    context = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.cuda.is_available(), "of": "evaluation"}
+    return AnswerCache(spec.answer_cache_dir, context)
 
 
 def answers(spec: EvalSpec, contestant: ContestantSpec, show_progress: bool = True) -> tuple[str, dict[str, dict]]:
     """(cache key, prompt id -> answer row) for one contestant, generating only on a cache miss."""
     key = generation_key(spec, contestant)
     path = spec.out_dir / "generations" / f"{safe_filename(contestant.name)}-{key}.jsonl"
+    shared = machine_cache(spec)
+    material = shared.material(generation=generation_material(spec, contestant)) if shared else None
+    kept = shared.load_rows(shared.key_of(material)) if shared and not path.is_file() else None
     if path.is_file():
         log.info("%s: cached answers %s", contestant.name, path)
+    elif kept is not None:
+        write_jsonl_atomic(path, [{**row, "model": contestant.name} for row in kept])
+        log.info("%s: answers from the machine's answer cache %s (not decoded again)", contestant.name, shared.path(shared.key_of(material)))
     else:
         partial = path.with_suffix(".partial")  # an interrupted generation is never taken for a cache hit
         generate_responses(
@@ -102,5 +127,7 @@ def answers(spec: EvalSpec, contestant: ContestantSpec, show_progress: bool = Tr
         fsync_file(partial)  # on disk before it is named a cache hit
         partial.replace(path)
         log.info("%s: answers written to %s", contestant.name, path)
+        if shared:
+            shared.store_rows(shared.key_of(material), read_jsonl(path), material)
     rows = read_jsonl(path)
     return key, {row["id"]: row for row in rows}

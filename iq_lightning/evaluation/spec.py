@@ -152,11 +152,13 @@ class EvalSpec:
     credit_maps: int = 3
     seed: int = 0
     beam_sweep: BeamSweepSpec = BeamSweepSpec()
+    # the machine's answer cache, shared with training's validation (validation_cache.py); None: off
+    answer_cache_dir: str | None = None
     # keys set on the command line: they win over what the contestant runs were trained with
     explicit: tuple[str, ...] = ()
 
 
-_TOP = {"reference", "focus", "pairs", "sweep_dir", "alpha", "beta", "credit_maps", "seed", "name", "out_dir", "min_category_count"}
+_TOP = {"reference", "focus", "pairs", "sweep_dir", "alpha", "beta", "credit_maps", "seed", "name", "out_dir", "min_category_count", "answer_cache_dir"}
 _GROUPS = {
     "model", "data", "sampler", "guide", "logger", "judge", "elo", "reward", "contestants", "judge_check", "principle_check", "judge_free",
     "beam_sweep",
