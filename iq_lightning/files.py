@@ -182,7 +182,10 @@ def published_directory(target: Path, fill: Callable[[Path], None], complete: st
         fill(tmp)
         (tmp / complete).write_text(target.name)
         if target.exists() and not (target / complete).exists():
-            shutil.rmtree(target, ignore_errors=True)  # incomplete and not ours: copied in by hand?
+            # Incomplete and not ours (copied in by hand?), or complete where a shared filesystem
+            # has not shown the marker yet: moved aside, never deleted under a reader.
+            with contextlib.suppress(OSError):
+                os.rename(target, target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.aside")
         try:
             os.rename(tmp, target)
         except OSError:

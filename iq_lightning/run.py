@@ -47,7 +47,7 @@ from iq_lightning.strategies import refuse_host_guides, sharding_for, trainer_kw
 from iq_lightning.throughput import ModelFlops
 from iq_lightning.tracking import RunTracking, wandb_init_kwargs
 from iq_lightning.validation import Validation
-from iq_lightning.validation_cache import AnswerCache, weights_identity
+from iq_lightning.validation_cache import AnswerCache, device_identity, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def check_principle_prompt(tokenizer: PreTrainedTokenizerBase, principle: str, p
 
 def context_limits(run: RunConfig, sampler: bool = True) -> dict[str, int]:
     """The token limits a prompt plus its response must fit, by name: the policy's positions, an
-    aligned guide's, and (sampler=False for validation, which decodes with HF) vLLM's max_model_len.
+    aligned guide's, and with sampler=vllm (`sampler`: prompts the engine answers, training's and
+    validation's) vLLM's max_model_len.
     Read from the config alone, as the memory plan does: weights load later, per rank."""
     from iq_lightning.memory_plan import architecture_of
     from iq_lightning.samplers.vllm import max_model_len
@@ -410,19 +411,20 @@ def build_validation(
         table_rows=v.table_rows,
         gather_whole_up_to=gather_whole_up_to,
         show_progress=show_progress,
-        cache=AnswerCache(v.cache_dir, answer_context(run, sharded)) if v.cache else None,
+        cache=AnswerCache(v.cache_dir, answer_context(run)) if v.cache else None,
         answerers=frozen_answerers(run),
         engine=engine,
     )
 
 
-def answer_context(run: RunConfig, sharded: bool) -> dict:
+def answer_context(run: RunConfig) -> dict:
     """What decides every validation answer's arithmetic besides the model and the prompts."""
+    s = run.strategy
+    on_gpu = s.accelerator in ("gpu", "cuda") or (s.accelerator == "auto" and torch.cuda.is_available())
     return {
         "precision": str(run.train.precision),
-        "numerics": run.train.numerics,
-        "accelerator": run.strategy.accelerator,
-        "sharded": sharded,
+        "strategy": s.strategy,
+        **device_identity(on_gpu),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -518,7 +520,7 @@ def _train(run: RunConfig, plan: MemoryPlan, show_progress: bool, overrides: Seq
     if run.val.every_n_epochs:
         held_out, prompts = held_out_prompts(run, tokenizer, prompts)
         val_new_tokens, key = (run.val.max_new_tokens, "val.max_new_tokens") if run.val.max_new_tokens else (run.sampler.max_new_tokens, "sampler.max_new_tokens")
-        held_out = fit_context(held_out, context_limits(run, sampler=False), val_new_tokens, None, winner_length, key, "held-out prompts")
+        held_out = fit_context(held_out, context_limits(run), val_new_tokens, None, winner_length, key, "held-out prompts")
     eos = eos_ids(tokenizer, generation_eos(run.model))
     sampler = build_sampler(
         run.sampler, tokenizer, eos, show_progress=show_progress, model_spec=run.model, seed=run.train.seed, synced_gpus=sharding.sharded,

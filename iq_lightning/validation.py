@@ -255,11 +255,13 @@ class Validation(Callback):
                 )
         return rows
 
-    def _decoding(self) -> dict:
-        """What decides the answers besides the model and the prompts (the seed only where sampling)."""
+    def _decoding(self, who: str) -> dict:
+        """What decides `who`'s answers besides the model and the prompts (the seed only where
+        sampling; the engine's version and options where it answers)."""
         decoding = {**dataclasses.asdict(self.params), "batch_size": self.batch_size, "eos_ids": self.eos_ids}
         decoding["pad_id"] = self.tokenizer.pad_token_id
-        decoding["decoder"] = type(self.engine).__name__ if self.engine is not None else "HFSampler"
+        engine = who == "policy" and self.engine is not None
+        decoding["decoder"] = self.engine.identity() if engine else self.sampler.identity()
         if not self.params.temperature:
             decoding.pop("seed")
         return decoding
@@ -270,22 +272,30 @@ class Validation(Callback):
         desc = f"validation: {who}"
         if self.cache is None or frozen is None:
             return self._decode(answerer, prompts, who, desc)
-        key = self.cache.key(self.answerers[frozen], prompts, self._decoding())
+        # A hub model loaded without a pinned revision: the snapshot it came from.
+        answerer_id = {**self.answerers[frozen], "commit": getattr(getattr(answerer, "config", None), "_commit_hash", None)}
+        key = self.cache.key(answerer_id, prompts, self._decoding(who))
         kept = self.cache.load(key)
+        if kept is not None and len(kept) != len(prompts):
+            log.warning("validation: the answer cache's %s holds %d answers for %d prompts; decoding them again", self.cache.path(key), len(kept), len(prompts))
+            kept = None
         found = kept is not None if strategy is None else strategy.reduce_boolean_decision(kept is not None, all=True)
         if found:
             if strategy is None or strategy.global_rank == 0:
                 log.info("validation: the %s's held-out answers from the cache (%s): not decoded again; figures recomputed", who, self.cache.path(key))
             return [Generation(a.response_ids, [], a.finished) for a in kept]
         generations = self._decode(answerer, prompts, who, desc)
-        decided_by = self.cache.decided_by(self.answerers[frozen], prompts, self._decoding())
+        decided_by = self.cache.decided_by(answerer_id, prompts, self._decoding(who))
         self.cache.store(key, [FrozenAnswer(list(g.response_ids), g.finished) for g in generations], decided_by)
         return generations
 
     def _decode(self, answerer, prompts: list[Sequence[int]], who: str, desc: str) -> list[Generation]:
         if who == "policy" and self.engine is not None:
             self.engine.update_weights(answerer)  # collective on sharded ranks, as in sampling
-            return self.engine.generate(answerer, prompts, self.params, desc=desc)
+            try:
+                return self.engine.generate(answerer, prompts, self.params, desc=desc)
+            finally:
+                self.engine.sleep()  # as after sampling: training's memory plan counts it asleep
         return self.sampler.generate(answerer, prompts, self.params, desc=desc)
 
     @oom_phase(VALIDATION)

@@ -16,7 +16,10 @@ the seed where sampling, batch size, EOS and pad ids) and what decides the arith
 numerics mode, accelerator, sharding, torch and transformers versions). It is written under a
 temporary name and renamed when complete (files.published_directory, as the GGUF cache is), so a
 kill mid-write is never read and two ranks or two sweep members writing one key at once end with
-one complete copy. Bump FORMAT when what decides an answer changes in the code.
+one complete copy. The code that decides an answer is in the key too (CODE: the samplers, the
+model loading with the tiny model's initialisation, the prompts' encoding and the bundled data, by
+content), so an upgrade never reuses answers an older version decoded; bump FORMAT for anything
+else that changes them.
 
 evaluate.py keeps its contestants' answers here too (evaluation/answers.py), keyed by its own
 generation key's material (weights, principle, data, sampling, seed) and the same context, so two
@@ -34,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from iq_lightning.files import published_directory, read_jsonl, write_jsonl_atomic, write_text_atomic
+from iq_lightning.files import published_directory, write_jsonl_atomic, write_text_atomic
+from iq_lightning.numerics import identity as cpu_identity
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,30 @@ FORMAT = 1
 COMPLETE = "answers.complete"
 ANSWERS = "answers.jsonl"
 DECIDED_BY = "decided_by.json"  # what the key hashes, for a human wondering why two runs missed
+
+
+PACKAGE = Path(__file__).resolve().parent
+CODE_FILES = ("samplers/base.py", "samplers/hf.py", "samplers/vllm.py", "generation.py", "models.py", "data.py", "guides.py", "sharded.py")
+
+
+def code_identity() -> str:
+    """A hash of the package's files that decide an answer, and of its bundled data."""
+    digest = hashlib.sha256()
+    for path in [PACKAGE / name for name in CODE_FILES] + sorted((PACKAGE / "resources").glob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def device_identity(on_gpu: bool) -> dict:
+    """What decides the arithmetic where the answers are computed: the GPU and CUDA, or the CPU's
+    kernels (numerics.identity: AVX-512 and AVX2 round differently), not its thread count."""
+    import torch
+
+    if on_gpu and torch.cuda.is_available():
+        return {"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
+    kernels = {k: v for k, v in cpu_identity().items() if k != "threads"}
+    return {"device": "cpu", **kernels}
 
 
 @dataclass(frozen=True)
@@ -62,12 +90,26 @@ def weights_identity(model_spec: Any) -> dict:
         identity["files"] = sorted(
             (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")
         )
+    if model_spec.source == "pretrained" and not path.is_dir() and model_spec.revision is None:
+        # A hub model with no pinned revision: the snapshot the hub cache holds now, if any.
+        identity["snapshot"] = _hub_snapshot(model_spec.name_or_path)
     if model_spec.source == "package_gguf":
         try:
             identity["package"] = importlib.metadata.version(model_spec.name_or_path)
         except importlib.metadata.PackageNotFoundError:
             pass
     return identity
+
+
+def _hub_snapshot(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = [r for r in scan_cache_dir().repos if r.repo_id == repo_id and r.repo_type == "model"]
+    except Exception:  # no hub cache at all: the name is all there is
+        return None
+    refs = sorted(rev.commit_hash for repo in repos for rev in repo.revisions if "main" in rev.refs)
+    return refs[-1] if refs else None
 
 
 class AnswerCache:
@@ -83,8 +125,8 @@ class AnswerCache:
         return self.material(answerer=answerer, prompts=[[int(t) for t in p] for p in prompts], decoding=dict(decoding))
 
     def material(self, **parts: Any) -> dict:
-        """`parts` with the format and the run's context: what a key hashes."""
-        return {"format": FORMAT, **parts, "context": self.context}
+        """`parts` with the format, the code and the run's context: what a key hashes."""
+        return {"format": FORMAT, "code": code_identity(), **parts, "context": self.context}
 
     def key(self, answerer: Mapping[str, Any], prompts: Sequence[Sequence[int]], decoding: Mapping[str, Any]) -> str:
         return self.key_of(self.decided_by(answerer, prompts, decoding))
@@ -109,12 +151,17 @@ class AnswerCache:
         return self.store_rows(key, [dataclasses.asdict(a) for a in answers], decided_by)
 
     def load_rows(self, key: str) -> list[dict] | None:
-        """The kept rows; None on a miss (or an entry that cannot be read)."""
+        """The kept rows; None on a miss, or for an entry that cannot be read whole (it is then
+        decoded again; the entry, maybe another process's, is never written to)."""
         entry = self.path(key)
         if not (entry / COMPLETE).exists():
             return None
         try:
-            return read_jsonl(entry / ANSWERS)
+            text = (entry / ANSWERS).read_text(encoding="utf-8")
+            rows = [json.loads(line) for line in text.splitlines()]
+            if not text.endswith("\n") or not all(isinstance(r, dict) for r in rows):
+                raise ValueError("a row is cut off or is not an object")
+            return rows
         except (OSError, ValueError) as exc:
             log.warning("answer cache %s: unreadable (%s); decoding those answers again", entry, exc)
             return None

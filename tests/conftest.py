@@ -10,8 +10,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Validation's answer cache (val.cache_dir) in a directory of this test session, not the user's.
-os.environ.setdefault("IQ_LIGHTNING_ANSWER_CACHE", tempfile.mkdtemp(prefix="iq-lightning-answer-cache-"))
+# The answer cache (val.cache_dir, answer_cache_dir) in a directory of this test session, never the user's.
+os.environ["IQ_LIGHTNING_ANSWER_CACHE"] = tempfile.mkdtemp(prefix="iq-lightning-answer-cache-")
 
 from pathlib import Path  # noqa: E402
 

@@ -49,6 +49,47 @@ def test_store_then_load_and_a_miss(tmp_path):
     assert json.loads((cache.path(key) / "decided_by.json").read_text())["prompts"] == PROMPTS
 
 
+def test_an_entry_that_cannot_be_read_whole_is_a_miss_and_left_as_it_is(tmp_path):
+    cache = AnswerCache(tmp_path, {})
+    key = cache.key(ANSWERER, PROMPTS, DECODING)
+    cache.store(key, ANSWERS, {})
+    answers = cache.path(key) / "answers.jsonl"
+    for broken in (answers.read_text()[:-5], "not json\n", "[1, 2]\n"):
+        answers.write_text(broken)
+        assert cache.load(key) is None and answers.read_text() == broken  # a miss, and not "repaired" in place
+
+
+def test_an_incomplete_directory_in_the_way_is_moved_aside_not_deleted(tmp_path):
+    cache = AnswerCache(tmp_path, {})
+    key = cache.key(ANSWERER, PROMPTS, DECODING)
+    cache.path(key).mkdir(parents=True)
+    (cache.path(key) / "answers.jsonl").write_text("{}\n")  # no completion marker
+    cache.store(key, ANSWERS, {})
+    assert cache.load(key) == ANSWERS
+    aside = [p for p in cache.path(key).parent.iterdir() if p.name.endswith(".aside")]
+    assert len(aside) == 1 and (aside[0] / "answers.jsonl").read_text() == "{}\n"
+
+
+def test_what_decides_a_run_s_frozen_answers_is_in_its_key(tmp_path):
+    """The run's own context and answerers (run.answer_context, run.frozen_answerers) change with
+    every setting that changes the answers, and not with alpha."""
+    from iq_lightning.run import answer_context, frozen_answerers
+
+    def identity(*extra):
+        run = build_run_config(compose(TINY + list(extra)), tmp_path)
+        return answer_context(run), frozen_answerers(run)
+
+    base = identity()
+    assert identity("alpha=2.0") == base
+    assert identity("precision=bf16-true")[0] != base[0]
+    assert identity("model.tiny.seed=1")[1]["policy"] != base[1]["policy"]
+    assert identity("model.lora.enabled=true")[1]["policy"] != base[1]["policy"]
+    assert identity("guide.dtype=bfloat16")[1]["teacher"] != base[1]["teacher"]
+    aligned = identity("guide=aligned_model", "guide.model.source=tiny", "+guide.model.tiny.seed=3")[1]
+    assert aligned["teacher"] != base[1]["teacher"] and aligned["policy"] == base[1]["policy"]
+    assert base[0]["device"] == "cpu" and base[0]["cpu_capability"]  # the kernels, not only the mode
+
+
 def _store_slowly(root, key, barrier, pause):
     import iq_lightning.validation_cache as vc
 

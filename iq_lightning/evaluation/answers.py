@@ -24,7 +24,7 @@ from iq_lightning.files import fsync_file, read_jsonl, run_config_path, write_js
 from iq_lightning.evaluation.spec import ContestantSpec, EvalSpec
 from iq_lightning.evaluation.trained import FINGERPRINT_FILE, read_trained
 from iq_lightning.generation import GenerateSpec, generate_responses, model_spec_for
-from iq_lightning.validation_cache import AnswerCache, weights_identity
+from iq_lightning.validation_cache import AnswerCache, device_identity, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,21 @@ def generation_key(spec: EvalSpec, contestant: ContestantSpec) -> str:
     return hashlib.sha256(json.dumps(generation_material(spec, contestant), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _machine_wide(spec: EvalSpec) -> dict:
+    """What the out_dir's own key could leave out and a machine-wide one cannot: the batch size
+    (left padding moves greedy answers) and a local data file's content (edited in place)."""
+    extra: dict = {"batch_size": spec.sampler.batch_size}
+    path = Path(spec.data.path) if spec.data.path else None
+    if path is not None and path.is_file():
+        extra["data_file"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return extra
+
+
 def machine_cache(spec: EvalSpec) -> AnswerCache | None:
     """The answer cache shared across evaluations and runs (None: answer_cache_dir=null)."""
     if not spec.answer_cache_dir:
         return None
-    context = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.cuda.is_available(), "of": "evaluation"}
+    context = {"torch": torch.__version__, "transformers": transformers.__version__, **device_identity(on_gpu=True), "of": "evaluation"}
     return AnswerCache(spec.answer_cache_dir, context)
 
 
@@ -101,7 +111,7 @@ def answers(spec: EvalSpec, contestant: ContestantSpec, show_progress: bool = Tr
     key = generation_key(spec, contestant)
     path = spec.out_dir / "generations" / f"{safe_filename(contestant.name)}-{key}.jsonl"
     shared = machine_cache(spec)
-    material = shared.material(generation=generation_material(spec, contestant)) if shared else None
+    material = shared.material(generation=generation_material(spec, contestant), **_machine_wide(spec)) if shared else None
     kept = shared.load_rows(shared.key_of(material)) if shared and not path.is_file() else None
     if path.is_file():
         log.info("%s: cached answers %s", contestant.name, path)

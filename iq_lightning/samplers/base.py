@@ -78,6 +78,11 @@ class Sampler(ABC):
     def close(self) -> None:
         """Release engine resources at the end of a run."""
 
+    def identity(self) -> dict:
+        """What decides this backend's answers besides the model, the prompts and SamplingParams
+        (validation_cache.py keys kept answers by it)."""
+        return {"backend": type(self).__name__}
+
 
 def cut_at_eos(tokens: Sequence[int], eos_ids: set[int]) -> tuple[int, bool]:
     """Length of the response up to and including the first EOS, and whether there was one."""

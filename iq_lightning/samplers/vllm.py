@@ -354,6 +354,11 @@ class VLLMSampler(Sampler):
             results.append(Generation(tokens, logprobs, finished=bool(tokens) and tokens[-1] in eos))
         return results
 
+    def identity(self) -> dict:
+        """The engine's version and options: its dtype, kernels and batching decide its answers."""
+        vllm = _import_vllm()
+        return {"backend": type(self).__name__, "vllm": vllm.__version__, "options": self.options}
+
     def close(self) -> None:
         if self.llm is not None:
             if self._keep_process_group:
