@@ -75,7 +75,7 @@ def test_the_runs_principle_data_check_alpha_and_beta_are_used_and_named(tmp_pat
         "+val.check={kind: regex, pattern: '^[^.]*\\.$'}", final=False,
     )
     spec = _spec(f"+contestants.iq.run_dir={run}", tmp_path=tmp_path)
-    assert spec.guide.principle != ONE_SENTENCE and spec.alpha == 1.5  # evaluate.yaml's own, before
+    assert spec.guide.principle != ONE_SENTENCE and spec.alpha == 1.2  # evaluate.yaml's own, before
     settings = settings_from_runs(spec, list(spec.contestants))
     s = settings.spec
     assert s.guide.principle == ONE_SENTENCE and s.guide.placement == "system"
@@ -129,8 +129,8 @@ def test_a_sweep_keeps_each_runs_alpha_for_its_credit_maps(tmp_path):
         make_run(sweep / str(i), f"alpha={alpha}", final=False).joinpath("final").mkdir()
     spec = _spec(f"sweep_dir={sweep}", tmp_path=tmp_path)
     settings = settings_from_runs(spec, list(spec.contestants) + sweep_contestants(sweep))
-    assert settings.credit == {"sft": (1.5, 0.1), "prompting": (1.5, 0.1), "alpha=1": (1.0, 0.1), "alpha=3": (3.0, 0.1)}
-    assert "| alpha (credit maps) | alpha=1: 1; alpha=3: 3; the others: 1.5 | each run's own record" in "\n".join(settings.markdown())
+    assert settings.credit == {"sft": (1.2, 0.1), "prompting": (1.2, 0.1), "alpha=1": (1.0, 0.1), "alpha=3": (3.0, 0.1)}
+    assert "| alpha (credit maps) | alpha=1: 1; alpha=3: 3; the others: 1.2 | each run's own record" in "\n".join(settings.markdown())
 
 
 def test_the_fingerprint_name_is_the_one_the_run_writes():

@@ -292,7 +292,7 @@ def test_a_refused_restart_leaves_every_file_of_the_run_directory_as_it_was(refe
     before = _files(run_dir)
     refused = _train(run_dir, "alpha=2.0")
     assert refused.returncode == 2
-    assert "alpha: 1.5 -> 2.0" in _one_error(refused)
+    assert "alpha: 1.2 -> 2.0" in _one_error(refused)
     changed = sorted(name for name, data in _files(run_dir).items() if before.get(name) != data)
     assert not changed, changed  # the parent rewrote .hydra/config.yaml and overrides.yaml here
     fewer = _train(run_dir, "epochs=1")
@@ -300,7 +300,7 @@ def test_a_refused_restart_leaves_every_file_of_the_run_directory_as_it_was(refe
     assert "3 epochs done; epochs must be >= 3" in _one_error(fewer)
     assert _files(run_dir) == before
     # The run's own record, what evaluation reads: the settings it trained with.
-    assert "alpha: 1.5" in before["config.yaml"].decode().splitlines() and ".hydra/config.yaml" not in before
+    assert "alpha: 1.2" in before["config.yaml"].decode().splitlines() and ".hydra/config.yaml" not in before
 
 
 def test_a_second_process_on_a_run_directory_is_refused_and_a_killed_holder_leaves_no_lock(reference, wrapper, tmp_path):

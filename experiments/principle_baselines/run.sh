@@ -18,7 +18,7 @@ for objective in inverse_q distill sft dpo ppo; do
   for lr in $LRS; do
     dir="$out/$objective/lr$lr"
     [ -f "$dir/final/config.json" ] && continue   # finished: a rerun continues the others
-    python train.py objective=$objective lr=$lr passes_per_epoch=1 val.every_n_epochs=4 logger=csv hydra.run.dir="$dir" "$@"
+    python train.py objective=$objective alpha=1.5 lr=$lr passes_per_epoch=1 val.every_n_epochs=4 logger=csv hydra.run.dir="$dir" "$@"
   done
 done
 python experiments/principle_baselines/choose_lr.py "$out" > "$out/selected.tsv"

@@ -227,7 +227,7 @@ def figures(points: list[Point], base: Point, teacher: Point, which: str, out_di
         if kept:
             fx = [sum(xs(p)) / len(xs(p)) for p in kept]
             ax.step(fx, [p.rate(which) for p in kept], where="post", color="tab:green", linewidth=1.2, label="Pareto front")
-            ax.legend(loc="lower right", fontsize=8)
+            ax.legend(loc="upper right", fontsize=8)
         ax.set_xlabel(xlabel + ", lower is better")
         ax.set_ylabel(f"{label} on held-out prompts, higher is better")
         ax.set_ylim(-0.03, 1.03)
