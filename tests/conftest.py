@@ -32,6 +32,13 @@ def _own_wandb_service_per_process(monkeypatch):
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _own_answer_cache(monkeypatch, tmp_path_factory):
+    """Each test its own answer cache (val.cache_dir, answer_cache_dir): a test that fakes the
+    generation must not hand its fake answers to the tests after it."""
+    monkeypatch.setenv("IQ_LIGHTNING_ANSWER_CACHE", str(tmp_path_factory.mktemp("answers")))
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of the default tiny spec; tests must not train it in place."""

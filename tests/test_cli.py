@@ -217,7 +217,7 @@ HELP_EXPECTS = {
         "has": [
             "data\n", "*bundled", "hh_rlhf", "guide\n", "*principle", "sampler\n", "vllm", "strategy\n", "deepspeed_zero3",
             "logger\n", "model\n", "*smollm2", "tiny", "experiment\n", "paper_hh",
-            "alpha=1.5", "the paper uses 1.0-1.5", "reduction=token_mean", "sum | token_mean | sequence_mean",
+            "alpha=1.2", "the paper uses 1.0-1.5", "reduction=token_mean", "sum | token_mean | sequence_mean",
             "beta=0.1", "scale of the reported token credit", "guide.placement=system", "system | user",
             "Examples:", "python train.py -m alpha=1.0,1.2,1.4",
         ],
