@@ -13,7 +13,7 @@ from conftest import CONF, REPO, compose
 from iq_lightning.config import build_run_config
 from iq_lightning.run import train
 
-TINY_TRAIN = ["model=tiny", "samples_per_epoch=4", "micro_batch_size=2", "sampler.max_new_tokens=8", "logger=csv", "credit_maps_per_epoch=2"]
+TINY_TRAIN = ["model=tiny", "lr=1e-4", "samples_per_epoch=4", "micro_batch_size=2", "sampler.max_new_tokens=8", "logger=csv", "credit_maps_per_epoch=2"]
 TINY_EVAL = ["model=tiny", "data.limit=6", "sampler.max_new_tokens=8", "elo.permutations=50"]
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from conftest import REPO
 
 ARGS = [
-    "model=tiny",
+    "model=tiny", "lr=1e-4",
     "epochs=3",
     "samples_per_epoch=4",
     "micro_batch_size=2",

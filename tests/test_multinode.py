@@ -34,7 +34,7 @@ from conftest import REPO, has_module
 from iq_lightning.cli import ExternalLaunch, external_launch, own_log_overrides, shared_run_dir_error
 
 COMMON = [
-    "model=tiny", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "alpha=3.0", "logger=csv",
+    "model=tiny", "lr=1e-4", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "alpha=3.0", "logger=csv",
     "val.every_n_epochs=0", "credit_maps_per_epoch=0", "strategy.accelerator=cpu",
 ]
 ZERO3 = [*COMMON, "strategy=deepspeed_zero3", "strategy.devices=2"]

@@ -22,7 +22,7 @@ from iq_lightning.run import train
 
 # 2 optimizer steps per epoch (8 samples, micro-batch 4); nothing but training and checkpoints.
 TINY = [
-    "model=tiny",
+    "model=tiny", "lr=1e-4",
     "samples_per_epoch=8",
     "micro_batch_size=4",
     "sampler.max_new_tokens=8",

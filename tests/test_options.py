@@ -50,7 +50,7 @@ def test_defaults_are_off_and_the_options_reach_the_objective(tmp_path):
     run = build_run_config(compose(["model=tiny"]), tmp_path)
     objective = build_objective(run.objective, run.train.alpha, run.train.reduction)
     assert (objective.penalty, objective.target_clip, run.train.alpha_warmup_epochs, run.val.top_p) == ("squared", None, 0, 1.0)
-    assert principle_weights(run.guide, run.train.alpha) == ((run.guide.principle,), (1.5,))
+    assert principle_weights(run.guide, run.train.alpha) == ((run.guide.principle,), (1.2,))
     run = build_run_config(compose(["model=tiny", "objective.penalty=huber", "objective.huber_delta=0.5", "objective.target_clip=2"]), tmp_path)
     objective = build_objective(run.objective, run.train.alpha, run.train.reduction)
     assert isinstance(objective, InverseQ) and (objective.penalty, objective.huber_delta, objective.target_clip) == ("huber", 0.5, 2.0)

@@ -54,7 +54,7 @@ else:
 exec(compile(open({train!r}).read(), {train!r}, "exec"), {{"__name__": "__main__", "__file__": {train!r}}})
 '''
 
-ARGS = ["model=tiny", "epochs=1", "samples_per_epoch=4", "micro_batch_size=2", "sampler.max_new_tokens=6", "logger=csv",
+ARGS = ["model=tiny", "lr=1e-4", "epochs=1", "samples_per_epoch=4", "micro_batch_size=2", "sampler.max_new_tokens=6", "logger=csv",
         "val.prompts=2", "val.batch_size=2", "strategy.accelerator=cpu"]
 # One shared-core 2-process run takes about 20 s; a hang would last the gloo timeout (30 min).
 PROMPT_S = 120

@@ -18,7 +18,7 @@ from iq_lightning.config import build_run_config
 from iq_lightning.errors import ConfigError
 from iq_lightning.numerics import PORTABLE_ENV, check
 
-RUN = ["model=tiny", "epochs=1", "samples_per_epoch=4", "micro_batch_size=2", "sampler.max_new_tokens=8",
+RUN = ["model=tiny", "lr=1e-4", "epochs=1", "samples_per_epoch=4", "micro_batch_size=2", "sampler.max_new_tokens=8",
        "logger=csv", "val.every_n_epochs=0", "credit_maps_per_epoch=0"]
 
 

@@ -28,7 +28,7 @@ from iq_lightning.models import build_tiny
 from test_cli import _train
 
 COMMON = [
-    "model=tiny", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "alpha=3.0",
+    "model=tiny", "lr=1e-4", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "alpha=3.0",
     "logger=csv", "strategy.accelerator=cpu", "strategy.devices=2",
 ]
 SHARDED = ["deepspeed_zero3", "fsdp"]

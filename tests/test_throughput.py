@@ -79,7 +79,7 @@ def test_logprob_gap_is_the_masked_mean_absolute_difference():
 
 # --- in runs ------------------------------------------------------------------------------------
 
-TINY = ["model=tiny", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "alpha=3.0", "logger=csv"]
+TINY = ["model=tiny", "lr=1e-4", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "alpha=3.0", "logger=csv"]
 
 
 def _run(tmp: Path, *extra: str):

@@ -18,7 +18,7 @@ from conftest import CONF, REPO, compose
 from iq_lightning.config import TrainSpec, build_run_config
 from iq_lightning.rollouts import Rollout, write_rollouts
 
-TINY = ["model=tiny", "logger=none", "alpha=1.2", "samples_per_epoch=4", "sampler.temperature=0.7"]
+TINY = ["model=tiny", "lr=1e-4", "logger=none", "alpha=1.2", "samples_per_epoch=4", "sampler.temperature=0.7"]
 
 
 def _run_config(run_dir: Path, *overrides: str):

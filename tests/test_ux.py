@@ -17,7 +17,7 @@ from iq_lightning.config import TinySpec, build_run_config
 from iq_lightning.errors import ConfigError
 from iq_lightning.quoting import hydra_value
 
-TINY = ["model=tiny", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "logger=csv"]
+TINY = ["model=tiny", "lr=1e-4", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "logger=csv"]
 SENTENCE = "Always reply in German, whatever the language."
 
 

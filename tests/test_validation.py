@@ -14,7 +14,7 @@ from iq_lightning.models import build_tiny, frozen_copy
 from iq_lightning.run import held_out_prompts, train
 from iq_lightning.validation import AnswerFigures, answer_figures, read_summary, summarize
 
-TINY = ["model=tiny", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "alpha=3.0", "logger=csv", "save_final=false"]
+TINY = ["model=tiny", "lr=1e-4", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "alpha=3.0", "logger=csv", "save_final=false"]
 
 
 def test_answer_figures_against_float64():

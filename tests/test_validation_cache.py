@@ -17,7 +17,7 @@ from iq_lightning.run import train
 from iq_lightning.validation import VALIDATION_DIR, read_summary
 from iq_lightning.validation_cache import COMPLETE, AnswerCache, FrozenAnswer
 
-TINY = ["model=tiny", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "logger=csv", "save_final=false", "val.prompts=4"]
+TINY = ["model=tiny", "lr=1e-4", "samples_per_epoch=8", "micro_batch_size=4", "sampler.max_new_tokens=8", "logger=csv", "save_final=false", "val.prompts=4"]
 ANSWERER = {"model": {"source": "tiny", "seed": 0}}
 PROMPTS = [[1, 2, 3], [4, 5]]
 DECODING = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "batch_size": 4, "eos_ids": [2], "pad_id": 0}
