@@ -66,15 +66,22 @@ def describe(name: str, values: list[float], unit: str, digits: int = 1) -> str:
     return f"{name} median {f(statistics.median(values))}{unit} (min {f(min(values))}, max {f(max(values))})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def clones_from_command_line(description: str, runs: int, runs_help: str) -> tuple[argparse.Namespace, dict[str, Path]]:
+    """(arguments, {"A": this clone, "B": --vs}) of a benchmark that runs two clones in turn, each
+    clone's GGUF conversion warmed first."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vs", type=Path, help="a second clone, run in turn with this one")
-    parser.add_argument("--runs", type=int, default=3, help="counted runs per clone")
+    parser.add_argument("--runs", type=int, default=runs, help=runs_help)
     parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = parser.parse_args()
     clones = {"A": REPO} | ({"B": args.vs.resolve()} if args.vs else {})
     for clone in clones.values():
         warm_conversion(clone)
+    return args, clones
+
+
+def main() -> None:
+    args, clones = clones_from_command_line(__doc__, 3, "counted runs per clone")
     walls: dict[str, list[float]] = {k: [] for k in clones}
     peaks: dict[str, list[float]] = {k: [] for k in clones}
     for i in range(args.runs):

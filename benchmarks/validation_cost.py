@@ -15,7 +15,6 @@ last metrics row's neighbours: the member's own train.log times) and validation'
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import shutil
@@ -28,9 +27,8 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from default_run import warm_conversion  # noqa: E402
+from default_run import clones_from_command_line  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 ALPHAS = "1.2,1.5"
 
 
@@ -67,14 +65,7 @@ def one_sweep(clone: Path, overrides: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vs", type=Path, help="a second clone, its sweeps alternating with this one's")
-    parser.add_argument("--runs", type=int, default=2, help="sweeps per clone")
-    parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
-    args = parser.parse_args()
-    clones = {"A": REPO} | ({"B": args.vs.resolve()} if args.vs else {})
-    for clone in clones.values():
-        warm_conversion(clone)
+    args, clones = clones_from_command_line(__doc__, 2, "sweeps per clone")
     sweeps: dict[str, list[dict]] = {k: [] for k in clones}
     for i in range(args.runs):
         for key, clone in clones.items():

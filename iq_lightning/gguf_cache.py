@@ -40,8 +40,6 @@ def converted(gguf: Path, root: Path, convert: Callable[[Path], None]) -> Path |
     """The converted directory of `gguf` under `root`, made with `convert(directory)` on a miss;
     None (the caller loads the GGUF itself) where the cache cannot be written."""
     target = root / f"{gguf.stem}-{cache_key(gguf)}"
-    if (target / COMPLETE).exists():
-        return target
 
     def convert_into(directory: Path) -> None:
         log.info("converting %s once into %s (later runs load it in under a second)", gguf.name, target)

@@ -76,10 +76,10 @@ def check_principle_prompt(tokenizer: PreTrainedTokenizerBase, principle: str, p
         ) from None
 
 
-def context_limits(run: RunConfig, sampler: bool = True) -> dict[str, int]:
+def context_limits(run: RunConfig) -> dict[str, int]:
     """The token limits a prompt plus its response must fit, by name: the policy's positions, an
-    aligned guide's, and with sampler=vllm (`sampler`: prompts the engine answers, training's and
-    validation's) vLLM's max_model_len.
+    aligned guide's, and with sampler=vllm (the engine answers training's and validation's prompts)
+    vLLM's max_model_len.
     Read from the config alone, as the memory plan does: weights load later, per rank."""
     from iq_lightning.memory_plan import architecture_of
     from iq_lightning.samplers.vllm import max_model_len
@@ -88,7 +88,7 @@ def context_limits(run: RunConfig, sampler: bool = True) -> dict[str, int]:
     limits = {"model max_position_embeddings": positions}
     if run.guide.kind == "aligned_model":
         limits["guide.model max_position_embeddings"] = architecture_of(run.guide.model, "guide.model").max_position_embeddings
-    if sampler and run.sampler.backend == "vllm":
+    if run.sampler.backend == "vllm":
         limits["vLLM max_model_len"] = max_model_len(run.sampler.options, positions)
     return limits
 

@@ -274,7 +274,8 @@ class Validation(Callback):
             return self._decode(answerer, prompts, who, desc)
         # A hub model loaded without a pinned revision: the snapshot it came from.
         answerer_id = {**self.answerers[frozen], "commit": getattr(getattr(answerer, "config", None), "_commit_hash", None)}
-        key = self.cache.key(answerer_id, prompts, self._decoding(who))
+        decided_by = self.cache.decided_by(answerer_id, prompts, self._decoding(who))
+        key = self.cache.key_of(decided_by)
         kept = self.cache.load(key)
         if kept is not None and len(kept) != len(prompts):
             log.warning("validation: the answer cache's %s holds %d answers for %d prompts; decoding them again", self.cache.path(key), len(kept), len(prompts))
@@ -285,7 +286,6 @@ class Validation(Callback):
                 log.info("validation: the %s's held-out answers from the cache (%s): not decoded again; figures recomputed", who, self.cache.path(key))
             return [Generation(a.response_ids, [], a.finished) for a in kept]
         generations = self._decode(answerer, prompts, who, desc)
-        decided_by = self.cache.decided_by(answerer_id, prompts, self._decoding(who))
         self.cache.store(key, [FrozenAnswer(list(g.response_ids), g.finished) for g in generations], decided_by)
         return generations
 

@@ -12,8 +12,9 @@ fresh ones, and a cached validation's figures are bitwise those of a computed on
 An entry is a directory named by the SHA-256 of everything that decides the answers (`key`): the
 answering model's weights identity, the exact prompt token ids it answers (the principle, its
 placement and the chat template are in them), the decoding (max_new_tokens, temperature, top_p,
-the seed where sampling, batch size, EOS and pad ids) and what decides the arithmetic (precision,
-numerics mode, accelerator, sharding, torch and transformers versions). It is written under a
+the seed where sampling, batch size, EOS and pad ids, the decoder) and what decides the arithmetic
+(precision, strategy, the device: GPU and CUDA or the CPU's kernels, torch and transformers
+versions). It is written under a
 temporary name and renamed when complete (files.published_directory, as the GGUF cache is), so a
 kill mid-write is never read and two ranks or two sweep members writing one key at once end with
 one complete copy. The code that decides an answer is in the key too (CODE: the samplers, the
@@ -29,6 +30,7 @@ evaluations in different out_dirs decode the Prompting and SFT baselines once be
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -52,8 +54,10 @@ PACKAGE = Path(__file__).resolve().parent
 CODE_FILES = ("samplers/base.py", "samplers/hf.py", "samplers/vllm.py", "generation.py", "models.py", "data.py", "guides.py", "sharded.py")
 
 
+@functools.lru_cache(maxsize=1)
 def code_identity() -> str:
-    """A hash of the package's files that decide an answer, and of its bundled data."""
+    """A hash of the package's files that decide an answer, and of its bundled data (read once per
+    process: every key names it)."""
     digest = hashlib.sha256()
     for path in [PACKAGE / name for name in CODE_FILES] + sorted((PACKAGE / "resources").glob("*")):
         if path.is_file():

@@ -112,12 +112,13 @@ def answers(spec: EvalSpec, contestant: ContestantSpec, show_progress: bool = Tr
     path = spec.out_dir / "generations" / f"{safe_filename(contestant.name)}-{key}.jsonl"
     shared = machine_cache(spec)
     material = shared.material(generation=generation_material(spec, contestant), **_machine_wide(spec)) if shared else None
-    kept = shared.load_rows(shared.key_of(material)) if shared and not path.is_file() else None
+    shared_key = shared.key_of(material) if shared else None
+    kept = shared.load_rows(shared_key) if shared and not path.is_file() else None
     if path.is_file():
         log.info("%s: cached answers %s", contestant.name, path)
     elif kept is not None:
         write_jsonl_atomic(path, [{**row, "model": contestant.name} for row in kept])
-        log.info("%s: answers from the machine's answer cache %s (not decoded again)", contestant.name, shared.path(shared.key_of(material)))
+        log.info("%s: answers from the machine's answer cache %s (not decoded again)", contestant.name, shared.path(shared_key))
     else:
         partial = path.with_suffix(".partial")  # an interrupted generation is never taken for a cache hit
         generate_responses(
@@ -138,6 +139,6 @@ def answers(spec: EvalSpec, contestant: ContestantSpec, show_progress: bool = Tr
         partial.replace(path)
         log.info("%s: answers written to %s", contestant.name, path)
         if shared:
-            shared.store_rows(shared.key_of(material), read_jsonl(path), material)
+            shared.store_rows(shared_key, read_jsonl(path), material)
     rows = read_jsonl(path)
     return key, {row["id"]: row for row in rows}
